@@ -1,0 +1,120 @@
+"""Token shards in llm.c's layout: a header of 256 little-endian int32, then the tokens.
+
+header[0] magic (20240520 for uint16 tokens, 20240801 for uint32), header[1] version (1 or 7),
+header[2] number of tokens. Readers check all of it before trusting a byte.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from llm.errors import InputError
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+FORMATS = {  # token dtype -> (magic, version)
+    np.dtype("<u2"): (20240520, 1),
+    np.dtype("<u4"): (20240801, 7),
+}
+VALIDATE_BLOCK = 1 << 24  # tokens scanned at a time when checking ids, to bound RAM
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits in 16 bits, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def make_header(dtype: np.dtype, num_tokens: int) -> bytes:
+    magic, version = FORMATS[np.dtype(dtype)]
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = magic, version, num_tokens
+    return header.tobytes()
+
+
+class ShardWriter:
+    """Streams tokens of one split into {split}_NNNNNN.bin files of at most `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.dtype, self.shard_tokens = Path(out_dir), split, np.dtype(dtype), shard_tokens
+        self.paths: list[Path] = []
+        self.file = None
+        self.in_shard = 0
+        self.total = 0
+
+    def _open(self) -> None:
+        path = self.out_dir / shard_name(self.split, len(self.paths))
+        self.paths.append(path)
+        self.file = open(path, "wb")  # noqa: SIM115 (kept open across write calls)
+        self.file.write(make_header(self.dtype, 0))
+        self.in_shard = 0
+
+    def _close_shard(self) -> None:
+        self.file.seek(0)
+        self.file.write(make_header(self.dtype, self.in_shard))
+        self.file.close()
+        self.file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens).astype(self.dtype, copy=False)
+        while tokens.size:
+            if self.file is None:
+                self._open()
+            take = min(tokens.size, self.shard_tokens - self.in_shard)
+            self.file.write(tokens[:take].tobytes())
+            self.in_shard += take
+            self.total += take
+            tokens = tokens[take:]
+            if self.in_shard == self.shard_tokens:
+                self._close_shard()
+
+    def close(self) -> list[Path]:
+        """Finish the last shard; a split with no tokens still gets one (empty) shard."""
+        if self.file is None and not self.paths:
+            self._open()
+        if self.file is not None:
+            self._close_shard()
+        return self.paths
+
+
+def read_header(path: Path) -> tuple[np.dtype, int]:
+    """(token dtype, number of tokens) after checking magic, version and file size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read token shard ({err.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise InputError(f"{path}: corrupt token shard: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+    magic, version, num_tokens = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    dtype = next((dt for dt, (m, _) in FORMATS.items() if m == magic), None)
+    if dtype is None:
+        raise InputError(f"{path}: not a token shard: magic {magic} is neither 20240520 nor 20240801")
+    if version != FORMATS[dtype][1]:
+        raise InputError(f"{path}: corrupt token shard: version {version} does not go with magic {magic}")
+    expected = HEADER_BYTES + num_tokens * dtype.itemsize
+    if num_tokens < 0 or size != expected:
+        raise InputError(
+            f"{path}: corrupt or truncated token shard: header says {num_tokens} tokens "
+            f"({expected} bytes), file has {size} bytes"
+        )
+    return dtype, num_tokens
+
+
+def open_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map a shard's tokens (read-only). With `vocab_size`, also check every id is below it."""
+    dtype, num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    if vocab_size is not None:
+        for start in range(0, num_tokens, VALIDATE_BLOCK):
+            largest = int(tokens[start : start + VALIDATE_BLOCK].max())
+            if largest >= vocab_size:
+                raise InputError(f"{path}: corrupt token shard: id {largest} is not below vocab size {vocab_size}")
+    return tokens

@@ -1,0 +1,153 @@
+"""Encode the cleaned corpus into train/val token shards, in parallel worker processes.
+
+Documents stream from the Parquet shards into batches of about `batch_chars` characters; workers encode
+batches and results are written in submission order, with a bounded number in flight, so the output is
+byte-identical whatever the number of workers and RAM does not grow with the corpus.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from llm.clean import iter_documents
+from llm.config import EOT, DataConfig, TokenizeConfig
+from llm.errors import ConfigError
+from llm.fileio import atomic_dir, write_json_atomic
+from llm.shards import ShardWriter, token_dtype
+from llm.split import is_val
+from llm.tokenizer import PieceEncoder, file_sha256, load_tokenizer
+
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass
+class EncodedBatch:
+    tokens: dict[str, np.ndarray]  # split -> ids, each document preceded by <|endoftext|>
+    documents: dict[str, int]
+    bytes: dict[str, int]  # UTF-8 bytes of the documents' text
+
+
+def encode_documents(encoder: PieceEncoder, docs: list[tuple[bool, str]], eot_id: int, dtype: np.dtype) -> EncodedBatch:
+    """Encode (is_val, text) documents into one token array per split, <|endoftext|> before each."""
+    ids, doc_lengths = encoder.encode([text for _, text in docs])
+    doc_starts = np.cumsum(doc_lengths) - doc_lengths
+    with_eot = np.insert(ids, doc_starts, eot_id).astype(dtype, copy=False)
+    doc_is_val = np.array([val for val, _ in docs], dtype=bool)
+    token_is_val = np.repeat(doc_is_val, doc_lengths + 1)
+    doc_bytes = np.array([len(text.encode()) for _, text in docs], dtype=np.int64)
+    return EncodedBatch(
+        tokens={"train": with_eot[~token_is_val], "val": with_eot[token_is_val]},
+        documents={"train": int((~doc_is_val).sum()), "val": int(doc_is_val.sum())},
+        bytes={"train": int(doc_bytes[~doc_is_val].sum()), "val": int(doc_bytes[doc_is_val].sum())},
+    )
+
+
+def batch_documents(docs: Iterable[tuple[str, str]], data: DataConfig, batch_chars: int) -> Iterator[list]:
+    """Group (id, text) into lists of (is_val, text) of about `batch_chars` characters."""
+    batch, size = [], 0
+    for doc_id, text in docs:
+        batch.append((is_val(doc_id, data.seed, data.val_fraction), text))
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def encoder_pool(workers: int, *init_args) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` encoding processes, or None to encode in this process when one is asked for."""
+    if workers <= 1:
+        yield None
+        return
+    # spawn, not fork: a forked child would inherit the tokenizer's Rust thread pool in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
+        yield pool
+
+
+# Each worker process loads the tokenizer once.
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, eot_id: int, dtype: str, max_piece_chars: int) -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # parallelism comes from the processes; set before first use
+    encoder = PieceEncoder(load_tokenizer(Path(tokenizer_path)), max_piece_chars)
+    _worker.update(encoder=encoder, eot_id=eot_id, dtype=np.dtype(dtype))
+
+
+def _encode_in_worker(docs: list[tuple[bool, str]]) -> EncodedBatch:
+    return encode_documents(_worker["encoder"], docs, _worker["eot_id"], _worker["dtype"])
+
+
+def map_in_order(fn: Callable, items: Iterable, pool: ProcessPoolExecutor, in_flight: int) -> Iterator:
+    """pool.map that reads `items` lazily: at most `in_flight` submitted and not yet yielded."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def tokenize_corpus(
+    clean_dir: Path, tokenizer_path: Path, out_dir: Path, data: DataConfig, cfg: TokenizeConfig
+) -> dict:
+    """Write {train,val}_NNNNNN.bin shards and meta.json into `out_dir` (replaced whole); return meta."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT)
+    dtype = token_dtype(vocab_size)
+    workers = cfg.num_workers or os.cpu_count() or 1
+    batches = batch_documents(iter_documents(clean_dir), data, cfg.batch_chars)
+
+    with atomic_dir(out_dir) as staging:
+        writers = {split: ShardWriter(staging, split, dtype, cfg.shard_tokens) for split in SPLITS}
+        counts = {split: collections.Counter() for split in SPLITS}
+        with encoder_pool(workers, str(tokenizer_path), eot_id, dtype.str, cfg.max_piece_chars) as pool:
+            if pool is None:
+                encoder = PieceEncoder(tokenizer, cfg.max_piece_chars)
+                results = (encode_documents(encoder, batch, eot_id, dtype) for batch in batches)
+            else:
+                results = map_in_order(_encode_in_worker, batches, pool, in_flight=2 * workers)
+            for result in results:
+                for split in SPLITS:
+                    writers[split].write(result.tokens[split])
+                    counts[split]["documents"] += result.documents[split]
+                    counts[split]["bytes"] += result.bytes[split]
+        shards = {split: [path.name for path in writers[split].close()] for split in SPLITS}
+        total_docs = sum(counts[split]["documents"] for split in SPLITS)
+        for split in SPLITS:
+            if counts[split]["documents"] == 0:
+                raise ConfigError(
+                    "data.val_fraction",
+                    f"the {split} split has no documents ({total_docs} in all); change data.val_fraction or "
+                    "data.seed, or add documents",
+                )
+        meta = {
+            "format": "llm.c token shards: 256 int32 header (magic, version, num_tokens), then tokens",
+            "vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "eot_id": eot_id,
+            "tokenizer_sha256": file_sha256(tokenizer_path),
+            "shard_tokens": cfg.shard_tokens,
+            "splits": {
+                split: {
+                    "documents": counts[split]["documents"],
+                    "tokens": writers[split].total,
+                    "bytes": counts[split]["bytes"],
+                    "shards": shards[split],
+                }
+                for split in SPLITS
+            },
+        }
+        write_json_atomic(staging / "meta.json", meta)
+    return meta

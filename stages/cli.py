@@ -1,0 +1,35 @@
+"""The one Typer app every stage registers on, and how errors become exit codes."""
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from llm.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="GPT from scratch: the pipeline's stages. Each reads params.yaml (--params) and its inputs.",
+)
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read", dir_okay=False)
+
+
+def stage(fn: Callable) -> Callable:
+    """Register `fn` as a command. An InputError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return app.command(name=fn.__name__.replace("_", "-"))(run)

@@ -1,0 +1,53 @@
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from llm.config import TokenizerConfig
+from llm.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small multilingual corpus: enough merges to make BPE non-trivial, seconds to train.
+SAMPLE_TEXTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles.\n",
+    "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
+    "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n",
+    "Le cœur a ses raisons que la raison ne connaît point. Ça va très bien, merci.\n",
+    "Ein Mann, der recht zu wirken denkt, muss auf das beste Werkzeug halten. Größe und Übermut.\n",
+    "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。 東京は日本の首都です。\n",
+    "في البدء كانت الكلمة، والكلمة كانت عند الله.\n",
+    "सत्यमेव जयते। वसुधैव कुटुम्बकम्।\n",
+    "def main():\n    for i in range(10):\n        print(i  *  2)\t# tabs\tand  spaces\n",
+    "Emoji 🎭🎭 and flags 🇬🇧, zero-width joiners 👩‍💻, combining e\u0301 and 1234567890.\n",
+]
+
+
+@functools.cache
+def _sample_tokenizer_json(vocab_size: int) -> str:
+    cfg = TokenizerConfig(vocab_size=vocab_size, min_frequency=1)
+    return train_tokenizer(SAMPLE_TEXTS * 3, cfg).to_str()
+
+
+@pytest.fixture
+def sample_tokenizer_path(tmp_path: Path) -> Path:
+    path = tmp_path / "tokenizer.json"
+    path.write_text(_sample_tokenizer_json(400))
+    return path
+
+
+def write_params(path: Path, **overrides: dict) -> Path:
+    """params.yaml from the repo's defaults with per-section overrides."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

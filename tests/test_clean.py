@@ -1,0 +1,155 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import llm.clean
+from llm.clean import NEUTRALISER, CleanStats, clean_corpus, clean_text, iter_documents, strip_gutenberg
+from llm.config import EOT, CleanConfig
+from llm.errors import InputError
+
+SPECIAL = (EOT,)
+
+
+def clean(text: str) -> str:
+    return clean_text(text, SPECIAL, CleanStats())
+
+
+def test_bom_is_stripped():
+    assert clean("\ufeffHello") == "Hello"
+
+
+def test_newlines_are_normalised():
+    assert clean("a\r\nb\rc\nd") == "a\nb\nc\nd"
+
+
+def test_text_is_nfc():
+    assert clean("Cafe\u0301") == "Caf\u00e9"
+
+
+def test_control_characters_removed_but_tab_and_newline_kept():
+    stats = CleanStats()
+    assert clean_text("a\x00b\x07c\td\ne\x1bf\x7fg\x85h", SPECIAL, stats) == "abc\td\nefgh"
+    assert stats.control_chars_removed == 5
+
+
+def test_gutenberg_header_and_footer_removed():
+    text = (
+        "The Project Gutenberg eBook of Hamlet\nlicense blah\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK HAMLET ***\n"
+        "To be, or not to be.\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK HAMLET ***\nmore license\n"
+    )
+    body, stripped = strip_gutenberg(text)
+    assert stripped and body.strip() == "To be, or not to be."
+    assert strip_gutenberg("plain text, no markers") == ("plain text, no markers", False)
+
+
+def test_literal_special_token_is_neutralised_and_counted():
+    stats = CleanStats()
+    out = clean_text(f"one {EOT} two {EOT}", SPECIAL, stats)
+    assert EOT not in out
+    assert out.replace(NEUTRALISER, "") == f"one {EOT} two {EOT}"
+    assert stats.special_tokens_neutralised == 2
+
+
+def write_parquet(path, texts):
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path)
+
+
+@pytest.fixture
+def messy_raw(tmp_path):
+    """A raw folder with every kind of bad input the issue names, and the good documents among them."""
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    good = {
+        "good.txt": "A good plain document with enough characters to pass the filter.",
+        "bom.txt": "\ufeffA document that starts with a byte order mark and is otherwise fine.",
+        "crlf.md": "Line one of a Windows file,\r\nline two of a Windows file, long enough.",
+        "sub/nested.txt": f"A document typing the token {EOT} in its text, which must stay plain text.",
+    }
+    for name, text in good.items():
+        (raw / name).write_bytes(text.encode())
+    (raw / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10)
+    (raw / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, encoded in Latin-1, not UTF-8".encode("latin-1"))
+    (raw / "empty.txt").write_bytes(b"")
+    (raw / "short.txt").write_bytes(b"tiny")
+    (raw / "dup.txt").write_bytes(good["good.txt"].encode() + b"\r\n")  # same after normalisation
+    (raw / "big.txt").write_bytes(b"x" * (50 << 20))  # a 50 MB single line
+    lines = [
+        json.dumps({"text": "First JSONL document, a perfectly reasonable line of text here."}),
+        '{"text": "malformed, the closing brace is missing"',
+        json.dumps({"no_text": "a record without the field"}),
+        "",
+        json.dumps({"text": "Second JSONL document, also a perfectly reasonable line of text."}),
+    ]
+    (raw / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    write_parquet(raw / "table.parquet", ["A Parquet row that is long enough to be kept by the filter.", None])
+    pq.write_table(pa.table({"body": ["wrong column name"]}), raw / "nocol.parquet")
+    (raw / "notes.csv").write_text("a,b\n1,2\n")
+    return raw
+
+
+def test_messy_folder_is_cleaned_and_every_drop_reported(messy_raw, tmp_path):
+    out = tmp_path / "clean"
+    stats = clean_corpus(messy_raw, out, CleanConfig(min_chars=20), SPECIAL)
+
+    docs = dict(iter_documents(out))
+    # dup.txt and good.txt are equal after normalisation: the first in sorted order is kept.
+    expected_ids = {"dup.txt", "bom.txt", "crlf.md", "sub/nested.txt", "big.txt", "docs.jsonl:1",
+                    "docs.jsonl:5", "table.parquet:0"}
+    assert set(docs) == expected_ids, "every good document is kept, nothing else"
+    assert docs["bom.txt"].startswith("A document")
+    assert "\r" not in docs["crlf.md"]
+    assert EOT not in docs["sub/nested.txt"]
+    assert len(docs["big.txt"]) == 50 << 20
+
+    assert stats.dropped == {
+        "binary": 1, "invalid_utf8": 1, "empty": 1, "too_short": 1, "duplicate": 1, "malformed_jsonl": 1,
+        "missing_text": 2, "missing_text_column": 1, "unsupported_file": 1,
+    }
+    assert stats.documents_out == len(expected_ids)
+    assert stats.documents_in == stats.documents_out + sum(stats.dropped.values())
+    assert stats.special_tokens_neutralised == 1
+    assert {f["file"] for f in stats.bad_files} >= {"binary.txt", "latin1.txt", "docs.jsonl:2", "notes.csv"}
+    assert stats.bytes_out == sum(len(text.encode()) for text in docs.values())
+
+
+def test_output_shards_have_the_schema_and_roll_over(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(40):
+        (raw / f"doc{i:02d}.txt").write_text(f"document {i} " + "word " * 60_000)
+    out = tmp_path / "clean"
+    stats = clean_corpus(raw, out, CleanConfig(min_chars=1, shard_mb=1), SPECIAL)
+    shards = sorted(out.glob("part-*.parquet"))
+    assert stats.shards == len(shards) > 1
+    assert pq.read_schema(shards[0]).names == ["id", "source", "text"]
+    assert [doc_id for doc_id, _ in iter_documents(out)] == [f"doc{i:02d}.txt" for i in range(40)]
+
+
+def test_clean_replaces_output_whole_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        (raw / f"{i}.txt").write_text(f"document {i}, long enough to keep around")
+    out = tmp_path / "clean"
+    clean_corpus(raw, out, CleanConfig(min_chars=1), SPECIAL)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(InputError, match="missing"):
+        clean_corpus(tmp_path / "missing", out, CleanConfig(min_chars=1), SPECIAL)
+    calls = []
+
+    def fail_on_third(text, *args):
+        calls.append(text)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return text
+
+    monkeypatch.setattr(llm.clean, "clean_text", fail_on_third)
+    with pytest.raises(RuntimeError):
+        clean_corpus(raw, out, CleanConfig(min_chars=1), SPECIAL)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

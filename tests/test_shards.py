@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from llm.errors import InputError
+from llm.shards import HEADER_BYTES, ShardWriter, make_header, open_shard, read_header, token_dtype
+
+
+@pytest.mark.parametrize(("vocab_size", "dtype", "magic", "version"), [(50_257, "<u2", 20240520, 1),
+                                                                       (65_536, "<u2", 20240520, 1),
+                                                                       (65_537, "<u4", 20240801, 7)])
+def test_header_and_memmap_round_trip(tmp_path, vocab_size, dtype, magic, version):
+    assert token_dtype(vocab_size) == np.dtype(dtype)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, size=10_000).astype(dtype)
+    writer = ShardWriter(tmp_path, "train", token_dtype(vocab_size), shard_tokens=1 << 20)
+    writer.write(tokens)
+    [path] = writer.close()
+
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [magic, version, tokens.size]
+    assert not header[3:].any()
+    assert path.stat().st_size == HEADER_BYTES + tokens.size * np.dtype(dtype).itemsize
+    loaded = open_shard(path, vocab_size=vocab_size)
+    assert isinstance(loaded, np.memmap)
+    np.testing.assert_array_equal(loaded, tokens)
+
+
+def test_shards_respect_the_size_limit_and_concatenate_back(tmp_path):
+    tokens = np.arange(1000, dtype="<u2")
+    writer = ShardWriter(tmp_path, "val", np.dtype("<u2"), shard_tokens=300)
+    for start in range(0, 1000, 170):  # writes that straddle shard boundaries
+        writer.write(tokens[start : start + 170])
+    paths = writer.close()
+    assert [p.name for p in paths] == [f"val_{i:06d}.bin" for i in range(4)]
+    assert [read_header(p)[1] for p in paths] == [300, 300, 300, 100]
+    np.testing.assert_array_equal(np.concatenate([open_shard(p) for p in paths]), tokens)
+
+
+def test_an_empty_split_still_gets_a_valid_shard(tmp_path):
+    [path] = ShardWriter(tmp_path, "val", np.dtype("<u2"), 100).close()
+    assert read_header(path)[1] == 0
+    assert open_shard(path).size == 0
+
+
+@pytest.fixture
+def good_shard(tmp_path):
+    writer = ShardWriter(tmp_path, "train", np.dtype("<u2"), 1000)
+    writer.write(np.arange(100, dtype="<u2"))
+    return writer.close()[0]
+
+
+def corrupt(path, data: bytes, offset: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_truncated_shard_is_rejected_with_its_name(good_shard):
+    with open(good_shard, "r+b") as f:
+        f.truncate(HEADER_BYTES + 150)
+    with pytest.raises(InputError, match=rf"{good_shard.name}.*truncated"):
+        open_shard(good_shard)
+
+
+def test_short_header_is_rejected(good_shard):
+    good_shard.write_bytes(b"\x00" * 10)
+    with pytest.raises(InputError, match="shorter than its 1024-byte header"):
+        read_header(good_shard)
+
+
+def test_bad_magic_and_version_are_rejected(good_shard):
+    corrupt(good_shard, np.array([12345], "<i4").tobytes())
+    with pytest.raises(InputError, match="magic 12345"):
+        open_shard(good_shard)
+    corrupt(good_shard, make_header(np.dtype("<u2"), 100)[:4] + np.array([7], "<i4").tobytes())
+    with pytest.raises(InputError, match="version 7"):
+        open_shard(good_shard)
+
+
+def test_ids_beyond_the_vocab_are_rejected(good_shard):
+    assert open_shard(good_shard, vocab_size=100).size == 100
+    with pytest.raises(InputError, match="id 99 is not below vocab size 99"):
+        open_shard(good_shard, vocab_size=99)
+
+
+def test_missing_shard_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        open_shard(tmp_path / "nope.bin")

@@ -1,0 +1,96 @@
+"""The commands as users and DVC run them: `python -m stages ...`, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, read_json, write_params
+
+COMMANDS = ["fetch", "clean", "tokenizer", "tokenize"]
+
+
+def stage(cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_help_lists_every_command(tmp_path):
+    result = stage(tmp_path, "--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+        assert stage(tmp_path, command, "--help").returncode == 0
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"tokenizer": {"vocab_size": 256}}, "tokenizer.vocab_size"),
+    ({"data": {"val_fraction": 0.0}}, "data.val_fraction"),
+    ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+    ({"clean": {"min_char": 10}}, "clean.min_char"),
+    ({"clean": {"min_chars": "ten"}}, "clean.min_chars"),
+    ({"tokenizer": {"special_tokens": ["<|pad|>"]}}, "tokenizer.special_tokens"),
+    ({"trian": {"lr": 1.0}}, "trian"),
+])
+def test_invalid_params_exit_2_naming_the_key_before_any_work(tmp_path, overrides, key):
+    assert_rejected(tmp_path, "clean", overrides, key)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_validates_params_first(tmp_path, command):
+    assert_rejected(tmp_path, command, {"tokenizer": {"vocab_size": 100}}, "tokenizer.vocab_size")
+
+
+def assert_rejected(tmp_path, command, overrides, key):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("some text")
+    overrides = {**overrides, "data": {"source": str(src), **overrides.get("data", {})}}
+    params = write_params(tmp_path / "params.yaml", **overrides)
+    result = stage(tmp_path, command, "--params", str(params))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and key in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "params.yaml"], "nothing written"
+
+
+def test_missing_params_file_and_missing_key(tmp_path):
+    result = stage(tmp_path, "clean", "--params", "nope.yaml")
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
+    params = write_params(tmp_path / "params.yaml")
+    params.write_text(params.read_text().replace("  min_chars:", "  # min_chars:"))
+    result = stage(tmp_path, "clean")
+    assert result.returncode == 2 and "clean.min_chars: missing key" in result.stderr
+
+
+def test_stage_run_before_its_inputs_exist_exits_2(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    for command, missing in [("clean", "data/raw"), ("tokenizer", "data/clean"), ("tokenize", "tokenizer.json")]:
+        result = stage(tmp_path, command)
+        assert result.returncode == 2, result.stderr
+        assert missing in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_tokenizer_exits_2(tmp_path, sample_tokenizer_path):
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "bad.json").write_text("{not json")
+    result = stage(tmp_path, "tokenize", "--tokenizer", "bad.json")
+    assert result.returncode == 2 and "bad.json" in result.stderr
+
+
+def test_data_stages_end_to_end_on_a_local_corpus(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(30):
+        (src / f"{i}.txt").write_text(f"Play number {i}. " + "Now is the winter of our discontent. " * (i + 5))
+    write_params(tmp_path / "params.yaml", data={"source": str(src), "val_fraction": 0.2},
+                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10})
+    for command in COMMANDS:
+        result = stage(tmp_path, command)
+        assert result.returncode == 0, result.stderr
+    clean = read_json(tmp_path / "metrics/clean.json")
+    assert clean["documents_in"] == clean["documents_out"] == 30
+    tok = read_json(tmp_path / "metrics/tokenizer.json")
+    assert tok["vocab_size"] == 300 and tok["val_bytes_per_token"] > 1.5
+    meta = read_json(tmp_path / "data/tokens/meta.json")
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 30
+    assert (tmp_path / "models/tokenizer/tokenizer.json").is_file()

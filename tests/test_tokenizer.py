@@ -1,0 +1,79 @@
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm.config import EOT, TokenizerConfig
+from llm.tokenizer import PieceEncoder, load_tokenizer, split_pieces, split_text, train_tokenizer
+from tests.conftest import SAMPLE_TEXTS
+
+# Scripts the issue names, plus the whitespace that makes pre-tokenization subtle.
+ALPHABET = st.sampled_from(
+    list(string.ascii_letters + string.digits + string.punctuation)
+    + list("天地玄黄宇宙東京日本") + list("البدءكانت") + list("सत्यमेवजयते") + ["🎭", "👩\u200d💻", "🇬🇧"]
+    + ["\u0301", "\u0308", " ", " ", " ", "  ", "\t", "\n", "\n\n", "\r", "\r\n", "\u00a0", "\u3000", "'s", "'ll"]
+)
+TEXTS = st.lists(ALPHABET, max_size=80).map("".join) | st.text(max_size=200)
+SLOW_OK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SLOW_OK
+@given(text=TEXTS)
+def test_decode_encode_round_trips_any_unicode(sample_tokenizer_path, text):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+@SLOW_OK
+@given(text=TEXTS)
+def test_piece_encoder_matches_whole_text_encoding(sample_tokenizer_path, text):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    ids, lengths = PieceEncoder(tokenizer).encode([text, text + " tail"])
+    whole = tokenizer.encode(text).ids
+    assert ids[: len(whole)].tolist() == whole
+    assert lengths.tolist() == [len(whole), len(tokenizer.encode(text + " tail").ids)]
+
+
+@SLOW_OK
+@given(text=TEXTS, max_chars=st.integers(1, 16))
+def test_split_keeps_every_character(text, max_chars):
+    assert "".join(split_text(text, max_chars)) == text
+    assert "".join(split_pieces(text, max_chars)) == text
+    assert all(len(piece) <= 2 * max_chars for piece in split_text(text, max_chars))
+
+
+def test_empty_string_round_trips(sample_tokenizer_path):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    assert tokenizer.encode("").ids == []
+    assert tokenizer.decode([]) == ""
+
+
+def test_special_token_in_text_is_never_a_control_token(sample_tokenizer_path):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    eot_id = tokenizer.token_to_id(EOT)
+    ids = tokenizer.encode(f"before {EOT} after").ids
+    assert eot_id not in ids
+    assert tokenizer.decode(ids) == f"before {EOT} after"
+    encoded, _ = PieceEncoder(tokenizer).encode([f"a{EOT}b", EOT])
+    assert eot_id not in encoded.tolist()
+
+
+def test_special_tokens_take_the_lowest_ids_and_vocab_size_is_met():
+    cfg = TokenizerConfig(vocab_size=300, min_frequency=1, special_tokens=(EOT, "<|pad|>"))
+    tokenizer = train_tokenizer(SAMPLE_TEXTS, cfg)
+    assert tokenizer.token_to_id(EOT) == 0
+    assert tokenizer.token_to_id("<|pad|>") == 1
+    assert tokenizer.get_vocab_size() == 300
+
+
+def test_training_is_byte_identical_for_the_same_input():
+    cfg = TokenizerConfig(vocab_size=350, min_frequency=1)
+    first = train_tokenizer(iter(SAMPLE_TEXTS * 2), cfg).to_str()
+    second = train_tokenizer(iter(SAMPLE_TEXTS * 2), cfg).to_str()
+    assert first == second
+
+
+def test_merges_compress_text(sample_tokenizer_path):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    text = SAMPLE_TEXTS[0]
+    assert len(tokenizer.encode(text).ids) < 0.6 * len(text.encode())
