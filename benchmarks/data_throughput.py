@@ -4,7 +4,7 @@
 
 Each stage runs as `python -m stages ...` in a subprocess, as DVC runs it; peak RSS is the largest sum
 of resident memory over the stage's whole process tree (the encoding workers included), sampled every
-50 ms. The tokenizer is trained on a small sample: its speed is not what this measures.
+200 ms. The tokenizer is trained on a small sample: its speed is not what this measures.
 """
 
 import argparse
@@ -65,7 +65,7 @@ def run_stage(args: list[str], cwd: Path) -> tuple[float, float]:
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"stage {args[0]} failed with exit code {proc.returncode}")
     return time.perf_counter() - start, peak / 2**20

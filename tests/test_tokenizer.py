@@ -42,6 +42,15 @@ def test_split_keeps_every_character(text, max_chars):
     assert all(len(piece) <= 2 * max_chars for piece in split_text(text, max_chars))
 
 
+def test_split_text_cuts_only_where_no_merge_can_cross(sample_tokenizer_path):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    # The tail after the last safe cut is short: it must stay whole rather than be cut mid-word.
+    text = "To be or not to be, " * 60 + "Romeo.\n\n[Exeunt.]"
+    pieces = split_text(text, 1024)
+    assert len(pieces) > 1
+    assert [i for piece in pieces for i in tokenizer.encode(piece).ids] == tokenizer.encode(text).ids
+
+
 def test_empty_string_round_trips(sample_tokenizer_path):
     tokenizer = load_tokenizer(sample_tokenizer_path)
     assert tokenizer.encode("").ids == []
