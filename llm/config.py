@@ -13,6 +13,7 @@ from llm.errors import ConfigError
 
 EOT = "<|endoftext|>"
 MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
+MAX_BLOCK_SIZE = 1 << 16  # positions (learned or rotary tables) are allocated up front
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,95 @@ class TokenizeConfig:
                 raise ConfigError(f"tokenize.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError("tokenize.num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+ARCHS = ("gpt2", "llama")
+DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU)
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads; n_embd must divide evenly
+    n_embd: int = 384  # width of the residual stream
+    block_size: int = 256  # context length in tokens
+    dropout: float = 0.0  # on embeddings, attention and residual branches while training
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError("model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError("model.n_embd", f"must be divisible by model.n_head ({self.n_embd} % {self.n_head})")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.n_head", "llama's rotary embeddings need an even head size (n_embd / n_head)")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ConfigError("model.block_size", f"must be <= {MAX_BLOCK_SIZE}, got {self.block_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    nproc_per_node: int = 1  # processes per machine, as torchrun's --nproc_per_node
+    strategy: str = "ddp"  # ddp | fsdp, when more than one process
+    batch_size: int = 16  # sequences per micro-step, per process
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate, after warmup
+    min_lr: float = 1e-4  # learning rate at max_steps, after cosine decay
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay, on weights with 2 or more dimensions only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    eval_interval: int = 100  # steps between validation losses (and at the end)
+    eval_batches: int = 8  # fixed validation batches per evaluation
+    log_interval: int = 10  # steps between log lines and MLflow metrics
+    checkpoint_interval: int = 200  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in models/checkpoints/
+    seed: int = 1337  # initial weights, data windows and dropout
+
+    def validate(self) -> None:
+        for name in ("nproc_per_node", "batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("train.strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lr <= 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("train.min_lr", f"must be in [0, train.lr], got {self.min_lr}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError("train.warmup_steps", f"must be in [0, train.max_steps], got {self.warmup_steps}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # a relative sqlite path is taken from the repository root
+    experiment: str = "gpt-from-scratch"  # MLflow experiment the runs go into
+
+    def validate(self) -> None:
+        if not self.tracking_uri.strip():
+            raise ConfigError("mlflow.tracking_uri", "must not be empty")
+        if not self.experiment.strip():
+            raise ConfigError("mlflow.experiment", "must not be empty")
 
 
 T = TypeVar("T")

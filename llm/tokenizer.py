@@ -125,7 +125,7 @@ class PieceEncoder:
     up to `cache_size` pieces across calls), and gathers the ids with numpy. Several times faster than
     `encode_batch` on natural text, with identical ids (see split_pieces)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_piece_chars: int = 4096, cache_size: int = 1 << 18) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_piece_chars: int = 4096, cache_size: int = 1 << 17) -> None:
         self.tokenizer, self.max_piece_chars, self.cache_size = tokenizer, max_piece_chars, cache_size
         self.cache: dict[str, list[int]] = {}
 

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import yaml
 
-from llm.config import CleanConfig, DataConfig, TokenizeConfig, TokenizerConfig, from_mapping
+from llm.config import (
+    CleanConfig,
+    DataConfig,
+    MlflowConfig,
+    ModelConfig,
+    TokenizeConfig,
+    TokenizerConfig,
+    TrainConfig,
+    from_mapping,
+)
 from llm.errors import ConfigError, InputError
 
 
@@ -15,6 +24,12 @@ class Params:
     clean: CleanConfig
     tokenizer: TokenizerConfig
     tokenize: TokenizeConfig
+    model: ModelConfig
+    train: TrainConfig
+    mlflow: MlflowConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 SECTIONS = {field.name: field.type for field in dataclasses.fields(Params)}

@@ -1,0 +1,59 @@
+"""Training batches: random windows of block_size + 1 tokens from memory-mapped token shards.
+
+A batch is a pure function of (seed, step, rank, micro_step): runs are reproducible, and a resumed run
+draws exactly the windows an uninterrupted one would, with no data position to save.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.errors import InputError
+from llm.shards import open_shard
+
+VAL_STREAM = 1 << 30  # step number reserved for the fixed validation batches
+
+
+def read_meta(tokens_dir: Path) -> dict:
+    path = Path(tokens_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; run the tokenize stage first") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable token metadata ({err})") from None
+
+
+class TokenWindows:
+    """Samples (x, y) windows from one split's shards; a window never crosses a shard boundary."""
+
+    def __init__(self, tokens_dir: Path, split: str, block_size: int, vocab_size: int) -> None:
+        meta = read_meta(tokens_dir)
+        names = meta["splits"][split]["shards"]
+        self.shards = [open_shard(Path(tokens_dir) / name, vocab_size=vocab_size) for name in names]
+        self.block_size = block_size
+        # Number of window starts in each shard; shards too short for one window are never drawn.
+        starts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.float64)
+        if starts.sum() == 0:
+            raise InputError(f"{tokens_dir}: the {split} split has fewer than block_size + 1 = {block_size + 1} "
+                             "tokens in every shard; lower model.block_size or add data")
+        self.shard_weights = starts / starts.sum()
+        self.num_tokens = sum(len(s) for s in self.shards)
+
+    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, micro_step: int = 0,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y of shape (batch_size, block_size), y shifted by one token; int64 on `device`."""
+        rng = np.random.default_rng([seed, step, rank, micro_step])
+        which = rng.choice(len(self.shards), size=batch_size, p=self.shard_weights)
+        rows = np.empty((batch_size, self.block_size + 1), dtype=np.int64)
+        for i, shard_index in enumerate(which):
+            shard = self.shards[shard_index]
+            start = rng.integers(0, len(shard) - self.block_size)
+            rows[i] = shard[start : start + self.block_size + 1]
+        window = torch.from_numpy(rows)
+        x, y = window[:, :-1], window[:, 1:]
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.contiguous(), y.contiguous()

@@ -1,0 +1,67 @@
+"""MLflow: one run per training. Only this module imports mlflow."""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from llm.config import MlflowConfig
+from llm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """A relative sqlite path (sqlite:///mlflow.db) becomes absolute under `root`, so runs started from
+    DVC's temporary experiment folders log to the project's one database."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((Path(root) / uri.removeprefix(prefix)).resolve())
+    if "://" not in uri:  # a plain folder path, as mlflow accepts
+        return str((Path(root) / uri).resolve())
+    return uri
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class MlflowRun:
+    """Opens the run at construction (after checking the tracking server answers); log_* afterwards."""
+
+    def __init__(self, cfg: MlflowConfig, root: Path, params: dict[str, Any], tags: dict[str, str],
+                 run_name: str | None = None) -> None:
+        # Fail fast rather than retry for minutes against an unreachable server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            mlflow.set_experiment(cfg.experiment)
+        except Exception as err:  # mlflow raises many kinds: connection, sqlalchemy, permission
+            raise ConfigError("mlflow.tracking_uri", f"{self.uri} is not usable: {str(err).splitlines()[0]}") from None
+        self.run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+        self.run_id = self.run.info.run_id
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.mlflow.log_artifacts(str(path), artifact_path)
+        else:
+            self.mlflow.log_artifact(str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)

@@ -1,0 +1,243 @@
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, clipping, bf16 autocast,
+periodic evaluation, checkpoints and exact resume."""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.checkpoint import checkpoint_dirs, load_checkpoint, read_state, save_checkpoint
+from llm.config import TrainConfig
+from llm.data import VAL_STREAM, TokenWindows, read_meta
+from llm.model import GPT, GPTConfig
+from llm.parallel import apply_activation_checkpointing, compile_model
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.max_steps - cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from): a datasheet for known GPUs, else measured here with
+    large matmuls in `dtype`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name and dtype == "bfloat16":
+                return flops, f"datasheet {key} bf16 dense"
+    return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device.type}"
+
+
+def measure_matmul_flops(device: torch.device, dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.type == "cuda" and count % 10:
+            continue
+        _sync(device)
+    _sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path) -> str:
+    """What a checkpoint must share with this run to be resumed: the model, the data, and every setting
+    that shapes the trajectory (not logging, checkpointing, compile or activation checkpointing)."""
+    meta = read_meta(tokens_dir)
+    shaping = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in {"compile", "activation_checkpointing", "eval_interval", "eval_batches", "log_interval",
+                            "checkpoint_interval", "keep_checkpoints", "nproc_per_node", "strategy"}}
+    data = {"tokenizer_sha256": meta["tokenizer_sha256"], "splits": meta["splits"]}
+    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: GPT  # the trained model, uncompiled
+    metrics: dict[str, Any]  # what metrics/train.json holds
+    history: list[dict[str, Any]]  # one row per log step: step, train_loss, val_loss, lr, tokens_per_sec, ...
+    step_losses: list[float]  # the training loss of every step this process ran
+    resumed_from: int  # step the run resumed from (0: a fresh start)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, device: torch.device) -> float:
+    """Mean loss over `cfg.eval_batches` fixed validation batches (the same ones at every evaluation)."""
+    model.eval()
+    total = 0.0
+    for i in range(cfg.eval_batches):
+        x, y = data.batch(cfg.batch_size, cfg.seed, VAL_STREAM, micro_step=i, device=device)
+        with autocast(device, cfg.dtype):
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train()
+    return total / cfg.eval_batches
+
+
+def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path, device: torch.device,
+          on_log: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
+
+    `on_log` receives each log row (also the moment to send metrics to a tracker). `stop_after` ends
+    the run after that many steps, as an interruption would (tests use it to check resume)."""
+    fingerprint = run_fingerprint(model_cfg, cfg, tokens_dir)
+    train_data = TokenWindows(tokens_dir, "train", model_cfg.block_size, model_cfg.vocab_size)
+    val_data = TokenWindows(tokens_dir, "val", model_cfg.block_size, model_cfg.vocab_size)
+
+    def fresh() -> tuple[GPT, torch.optim.AdamW]:
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_cfg).to(device)
+        return model, configure_optimizer(model, cfg, device)
+
+    model, optimizer = fresh()
+    start_step, tokens_seen = 0, 0
+    for path in checkpoint_dirs(checkpoint_dir):
+        state = read_state(path)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            log.warning("checkpoint %s is from a different model, data or training config: not resuming; "
+                        "starting fresh and removing the old checkpoints", path)
+            for old in checkpoint_dirs(checkpoint_dir):
+                shutil.rmtree(old)
+            break
+        try:
+            state = load_checkpoint(path, model, optimizer)
+        except Exception as err:  # damaged or truncated: any error from json, torch or safetensors
+            log.warning("checkpoint %s is damaged (%s): trying the previous one", path, str(err).splitlines()[0])
+            model, optimizer = fresh()
+            continue
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
+        break
+
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    step_model = compile_model(model) if cfg.compile else model
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size
+    flops_per_token = model.flops_per_token()
+    peak, peak_source = peak_flops(device, cfg.dtype)
+    log.info("model %s: %.2fM parameters, %d tokens per step, peak %.1f TFLOP/s (%s)", model_cfg.arch,
+             model.num_params() / 1e6, tokens_per_step, peak / 1e12, peak_source)
+
+    history: list[dict[str, Any]] = []
+    step_losses: list[float] = []
+    pending_losses: list[torch.Tensor] = []  # read back once per log interval: one device sync
+    val_loss, total_time, total_tokens = float("nan"), 0.0, 0
+    last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
+    interval_start, interval_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start_step, last_step):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = train_data.batch(cfg.batch_size, cfg.seed, step, micro_step=micro, device=device)
+            with autocast(device, cfg.dtype):
+                _, loss = step_model(x, y)
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending_losses.append(loss_sum / cfg.grad_accum_steps)
+        done = step + 1
+        tokens_seen += tokens_per_step
+        interval_steps += 1
+
+        evaluate_now = done % cfg.eval_interval == 0 or done == cfg.max_steps
+        if done % cfg.log_interval == 0 or done == last_step or evaluate_now:
+            losses = [value.item() for value in pending_losses]
+            pending_losses.clear()
+            step_losses.extend(losses)
+            _sync(device)
+            seconds = time.perf_counter() - interval_start
+            tokens_per_sec = interval_steps * tokens_per_step / seconds
+            if step > start_step:  # the first interval pays for compilation and warm-up
+                total_time += seconds
+                total_tokens += interval_steps * tokens_per_step
+            if evaluate_now:
+                val_loss = evaluate_loss(step_model, val_data, cfg, device)
+            row = {
+                "step": done,
+                "train_loss": sum(losses) / len(losses),
+                "val_loss": val_loss if evaluate_now else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": flops_per_token * tokens_per_sec / peak,
+                "tokens_seen": tokens_seen,
+            }
+            history.append(row)
+            if on_log is not None:
+                on_log(row)
+        if done % cfg.checkpoint_interval == 0 or done == last_step:
+            save_checkpoint(checkpoint_dir, done, model, optimizer,
+                            {"fingerprint": fingerprint, "tokens_seen": tokens_seen}, cfg.keep_checkpoints)
+        if done % cfg.log_interval == 0 or done == last_step or evaluate_now:
+            interval_start, interval_steps = time.perf_counter(), 0
+
+    tokens_per_sec = total_tokens / total_time if total_time else 0.0
+    final_train = history[-1]["train_loss"] if history else float("nan")
+    metrics = {
+        "train_loss": final_train,
+        "val_loss": val_loss,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": flops_per_token * tokens_per_sec / peak,
+        "steps": last_step,
+        "tokens_seen": tokens_seen,
+        "parameters": model.num_params(),
+        "flops_per_token": flops_per_token,
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "resumed_from_step": start_step,
+    }
+    return TrainResult(model, metrics, history, step_losses, start_step)
