@@ -3,6 +3,7 @@ periodic evaluation, checkpoints and exact resume."""
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+@functools.cache
 def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from): a datasheet for known GPUs, else measured here with
     large matmuls in `dtype`."""
@@ -65,8 +67,9 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
 
 def measure_matmul_flops(device: torch.device, dtype: str, n: int = 2048, seconds: float = 1.0) -> float:
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=torch_dtype)
-    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG (dropout) untouched
+    a = torch.randn(n, n, device=device, dtype=torch_dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype, generator=generator)
     for _ in range(2):
         a @ b
     _sync(device)
@@ -121,12 +124,13 @@ def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, 
     return total / cfg.eval_batches
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path, device: torch.device,
+def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path, device: torch.device | str,
           on_log: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> TrainResult:
     """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
 
     `on_log` receives each log row (also the moment to send metrics to a tracker). `stop_after` ends
     the run after that many steps, as an interruption would (tests use it to check resume)."""
+    device = torch.device(device)
     fingerprint = run_fingerprint(model_cfg, cfg, tokens_dir)
     train_data = TokenWindows(tokens_dir, "train", model_cfg.block_size, model_cfg.vocab_size)
     val_data = TokenWindows(tokens_dir, "val", model_cfg.block_size, model_cfg.vocab_size)

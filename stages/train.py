@@ -1,0 +1,104 @@
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+import typer
+
+from llm.checkpoint import save_weights
+from llm.data import read_meta
+from llm.errors import InputError
+from llm.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
+from llm.model import GPTConfig
+from llm.progress import TrainProgress
+from llm.tokenizer import file_sha256, load_tokenizer
+from llm.tracking import MlflowRun
+from llm.train import train as train_model
+from stages.cli import PARAMS, stage
+from stages.params import load_params
+
+log = logging.getLogger(__name__)
+
+PLOT_COLUMNS = ["step", "train_loss", "val_loss", "lr", "tokens_per_sec"]
+
+
+def project_root() -> Path:
+    """The outermost folder above the working directory that holds .dvc/: the repository, also when DVC
+    runs an experiment in a temporary copy inside it."""
+    here = Path.cwd().resolve()
+    roots = [p for p in (here, *here.parents) if (p / ".dvc").is_dir()]
+    return roots[-1] if roots else here
+
+
+def git_commit(root: Path) -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+@stage
+def train(
+    params: Path = PARAMS,
+    tokens: Path = typer.Option(Path("data/tokens"), help="token shards and meta.json"),
+    tokenizer: Path = typer.Option(Path("models/tokenizer/tokenizer.json"), help="the tokenizer"),
+    checkpoints: Path = typer.Option(Path("models/checkpoints"), help="checkpoints, kept between runs to resume"),
+    out: Path = typer.Option(Path("models/final"), help="final model: config.json, model.safetensors, tokenizer.json"),
+    metrics: Path = typer.Option(Path("metrics/train.json"), help="final training metrics"),
+    plots: Path = typer.Option(Path("plots/train.csv"), help="loss curves: one row per log step"),
+) -> None:
+    """Train the transformer on the token shards; resume from a compatible checkpoint; log to MLflow."""
+    cfg = load_params(params)
+    tok = load_tokenizer(tokenizer)
+    meta = read_meta(tokens)
+    if meta["tokenizer_sha256"] != file_sha256(tokenizer):
+        raise InputError(f"{tokens}/meta.json: shards were made with another tokenizer than {tokenizer}; "
+                         "rerun the tokenize stage")
+    model_cfg = GPTConfig(**dataclasses.asdict(cfg.model), vocab_size=tok.get_vocab_size())
+    model_cfg.validate()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    root = project_root()
+    tags = {"git_commit": git_commit(root), "device": str(device)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    tracked = {**cfg.to_dict(), "data_tokenizer_sha256": meta["tokenizer_sha256"],
+               "data_train_tokens": meta["splits"]["train"]["tokens"], "git_commit": tags["git_commit"]}
+    run = MlflowRun(cfg.mlflow, root, tracked, tags, run_name=os.environ.get("DVC_EXP_NAME"))
+    log.info("MLflow run %s in experiment %r at %s", run.run_id, cfg.mlflow.experiment, run.uri)
+
+    def on_log(row: dict) -> None:
+        progress.update(row)
+        run.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    try:
+        with TrainProgress(cfg.train.max_steps) as progress:
+            result = train_model(model_cfg, cfg.train, tokens, checkpoints, device, on_log=on_log)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+
+    with atomic_dir(out) as staging:
+        (staging / "config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+        save_weights(result.model, staging / "model.safetensors")
+        shutil.copyfile(tokenizer, staging / "tokenizer.json")
+        (staging / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": run.uri}) + "\n")
+    write_json_atomic(metrics, {**result.metrics, "mlflow_run_id": run.run_id})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "val_loss": "" if row["val_loss"] is None else row["val_loss"]} for row in result.history)
+    write_bytes_atomic(plots, table.getvalue().encode())
+
+    run.log_artifact(out / "config.json")
+    run.log_artifact(out / "tokenizer.json")
+    run.log_artifact(plots)
+    run.log_artifact(out, "model")
+    run.finish()
+    m = result.metrics
+    log.info("done: %d steps, train loss %.4f, val loss %.4f, %.0f tokens/s, MFU %.1f%%", m["steps"],
+             m["train_loss"], m["val_loss"], m["tokens_per_sec"], 100 * m["mfu"])

@@ -1,0 +1,121 @@
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from llm.checkpoint import checkpoint_dirs
+from llm.config import TrainConfig
+from llm.data import TokenWindows
+from llm.model import GPTConfig
+from llm.shards import ShardWriter
+from llm.train import train
+
+VOCAB = 64
+
+
+@pytest.fixture
+def tokens_dir(tmp_path):
+    """Learnable synthetic shards: a noisy cycle through the vocabulary, documents split by id 0."""
+    rng = np.random.default_rng(0)
+    out = tmp_path / "tokens"
+    out.mkdir()
+    splits = {}
+    for split, size in (("train", 20_000), ("val", 4_000)):
+        stream = (np.arange(size) * 3 + rng.integers(0, 2, size)) % (VOCAB - 1) + 1
+        stream[::500] = 0
+        writer = ShardWriter(out, split, np.dtype("<u2"), shard_tokens=7_000)
+        writer.write(stream)
+        names = [p.name for p in writer.close()]
+        splits[split] = {"documents": size // 500, "tokens": size, "bytes": size, "shards": names}
+    meta = {"vocab_size": VOCAB, "dtype": "uint16", "eot_id": 0, "tokenizer_sha256": "test", "splits": splits}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def model_config(arch="gpt2", **overrides) -> GPTConfig:
+    return GPTConfig(**{"arch": arch, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.1,
+                        "vocab_size": VOCAB, **overrides})
+
+
+def train_config(**overrides) -> TrainConfig:
+    fields = {"batch_size": 4, "grad_accum_steps": 2, "max_steps": 12, "lr": 3e-3, "min_lr": 3e-4,
+              "warmup_steps": 2, "dtype": "float32", "eval_interval": 6, "eval_batches": 2, "log_interval": 1,
+              "checkpoint_interval": 4, "keep_checkpoints": 5, "seed": 3, **overrides}
+    return TrainConfig(**fields)
+
+
+def run(tokens_dir, ckpt, cfg=None, model=None, **kwargs):
+    return train(model or model_config(), cfg or train_config(), tokens_dir, ckpt, "cpu", **kwargs)
+
+
+def test_windows_are_a_pure_function_of_seed_step_rank(tokens_dir):
+    data = TokenWindows(tokens_dir, "train", block_size=32, vocab_size=VOCAB)
+    x1, y1 = data.batch(8, seed=1, step=5, rank=0)
+    x2, _ = data.batch(8, seed=1, step=5, rank=0)
+    x3, _ = data.batch(8, seed=1, step=5, rank=1)
+    assert x1.shape == (8, 32) and (x1 == x2).all() and not (x1 == x3).all()
+    assert (x1[:, 1:] == y1[:, :-1]).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_variants_train_and_the_loss_falls(tokens_dir, tmp_path, arch, dtype):
+    cfg = train_config(max_steps=60, dtype=dtype, eval_interval=60, checkpoint_interval=60)
+    result = run(tokens_dir, tmp_path / "ckpt", cfg, model_config(arch, dropout=0.0))
+    losses = result.step_losses
+    assert len(losses) == 60
+    assert np.mean(losses[-5:]) < losses[0] - 1.0
+    assert result.metrics["val_loss"] < np.log(VOCAB) - 1.0
+    assert result.metrics["tokens_seen"] == 60 * 4 * 2 * 32
+    assert result.metrics["tokens_per_sec"] > 0 and 0 < result.metrics["mfu"] < 1
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path):
+    full = run(tokens_dir, tmp_path / "full")
+    interrupted_dir = tmp_path / "interrupted"
+    first = run(tokens_dir, interrupted_dir, stop_after=6)
+    # Simulate a crash after step 6 but before its checkpoint landed: the newest is then step 4.
+    [newest, *_] = checkpoint_dirs(interrupted_dir)
+    assert newest.name == "step_00000006"
+    newest.rename(newest.with_name(".crashed"))
+    resumed = run(tokens_dir, interrupted_dir)
+    assert resumed.resumed_from == 4
+    np.testing.assert_allclose(first.step_losses[:4] + resumed.step_losses, full.step_losses, rtol=0, atol=1e-6)
+    assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
+    assert resumed.metrics["tokens_seen"] == full.metrics["tokens_seen"]
+
+
+def test_an_incompatible_checkpoint_is_not_resumed(tokens_dir, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    run(tokens_dir, ckpt, stop_after=4)
+    with caplog.at_level(logging.WARNING):
+        result = run(tokens_dir, ckpt, train_config(lr=1e-3))
+    assert result.resumed_from == 0
+    assert "different model, data or training config" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert run(tokens_dir, ckpt, model=model_config(n_embd=64)).resumed_from == 0
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tokens_dir, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    run(tokens_dir, ckpt, stop_after=8)
+    newest = checkpoint_dirs(ckpt)[0]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        result = run(tokens_dir, ckpt)
+    assert result.resumed_from == 4
+    assert "damaged" in caplog.text
+
+
+def test_checkpoints_are_pruned_and_hold_no_pickled_code(tokens_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run(tokens_dir, ckpt, dataclasses.replace(train_config(), keep_checkpoints=2))
+    kept = checkpoint_dirs(ckpt)
+    assert [p.name for p in kept] == ["step_00000012", "step_00000008"]
+    assert sorted(p.name for p in kept[0].iterdir()) == ["model.safetensors", "optimizer.pt", "state.json"]
+    import torch
+
+    torch.load(kept[0] / "optimizer.pt", weights_only=True)  # loads without unpickling arbitrary objects
