@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 
+import llm.data
+import llm.model
 from llm.checkpoint import checkpoint_dirs, load_checkpoint, read_state, save_checkpoint
 from llm.config import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows, read_meta
@@ -23,6 +26,9 @@ from llm.model import GPT, GPTConfig
 from llm.parallel import apply_activation_checkpointing, compile_model
 
 log = logging.getLogger(__name__)
+
+# Modules whose code shapes a run's trajectory: a checkpoint made by other code is not resumed.
+CODE = {"model": llm.model, "train": sys.modules[__name__], "data": llm.data}
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
@@ -90,14 +96,17 @@ def _sync(device: torch.device) -> None:
 
 
 def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path) -> str:
-    """What a checkpoint must share with this run to be resumed: the model, the data, and every setting
-    that shapes the trajectory (not logging, checkpointing, compile or activation checkpointing)."""
+    """What a checkpoint must share with this run to be resumed: the model, the data, the code of the
+    model and the loop, and every setting that shapes the trajectory (not logging, checkpointing, compile
+    or activation checkpointing). So a run whose params or code changed starts fresh, as DVC expects."""
     meta = read_meta(tokens_dir)
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items()
                if k not in {"compile", "activation_checkpointing", "eval_interval", "eval_batches", "log_interval",
                             "checkpoint_interval", "keep_checkpoints", "nproc_per_node", "strategy"}}
     data = {"tokenizer_sha256": meta["tokenizer_sha256"], "splits": meta["splits"]}
-    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data}, sort_keys=True)
+    code = {name: hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest() for name, module in CODE.items()}
+    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data, "code": code},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -141,7 +150,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
         return model, configure_optimizer(model, cfg, device)
 
     model, optimizer = fresh()
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, state = 0, 0, {}
     for path in checkpoint_dirs(checkpoint_dir):
         state = read_state(path)
         if state is not None and state.get("fingerprint") != fingerprint:
@@ -173,7 +182,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     history: list[dict[str, Any]] = []
     step_losses: list[float] = []
     pending_losses: list[torch.Tensor] = []  # read back once per log interval: one device sync
-    val_loss, total_time, total_tokens = float("nan"), 0.0, 0
+    val_loss, tokens_per_sec, total_time, total_tokens = float("nan"), 0.0, 0.0, 0
     last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
     interval_start, interval_steps = time.perf_counter(), 0
     model.train()
@@ -224,13 +233,24 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
             if on_log is not None:
                 on_log(row)
         if done % cfg.checkpoint_interval == 0 or done == last_step:
+            run_tokens_per_sec = total_tokens / total_time if total_time else tokens_per_sec
+            snapshot = {"train_loss": history[-1]["train_loss"] if history else None, "val_loss": val_loss,
+                        "tokens_per_sec": run_tokens_per_sec}
             save_checkpoint(checkpoint_dir, done, model, optimizer,
-                            {"fingerprint": fingerprint, "tokens_seen": tokens_seen}, cfg.keep_checkpoints)
+                            {"fingerprint": fingerprint, "tokens_seen": tokens_seen, "metrics": snapshot,
+                             "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg)},
+                            cfg.keep_checkpoints)
         if done % cfg.log_interval == 0 or done == last_step or evaluate_now:
             interval_start, interval_steps = time.perf_counter(), 0
 
     tokens_per_sec = total_tokens / total_time if total_time else 0.0
     final_train = history[-1]["train_loss"] if history else float("nan")
+    if start_step == last_step:  # nothing left to do: the resumed checkpoint already finished the run
+        log.info("the checkpoint at step %d already completes this run", start_step)
+        resumed = state.get("metrics", {})
+        val_loss = evaluate_loss(step_model, val_data, cfg, device)
+        final_train = resumed.get("train_loss") or float("nan")
+        tokens_per_sec = resumed.get("tokens_per_sec") or 0.0
     metrics = {
         "train_loss": final_train,
         "val_loss": val_loss,

@@ -3,6 +3,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -87,7 +88,11 @@ def train(
         save_weights(result.model, staging / "model.safetensors")
         shutil.copyfile(tokenizer, staging / "tokenizer.json")
         (staging / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": run.uri}) + "\n")
-    write_json_atomic(metrics, {**result.metrics, "mlflow_run_id": run.run_id})
+    # Bits per byte, from the sampled val loss and the val split's tokens per byte (EOT ids included).
+    val = meta["splits"]["val"]
+    val_bpb = result.metrics["val_loss"] * val["tokens"] / val["bytes"] / math.log(2)
+    run.log_metrics({"val_bpb": val_bpb}, step=result.metrics["steps"])
+    write_json_atomic(metrics, {**result.metrics, "val_bpb": val_bpb, "mlflow_run_id": run.run_id})
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -100,5 +105,5 @@ def train(
     run.log_artifact(out, "model")
     run.finish()
     m = result.metrics
-    log.info("done: %d steps, train loss %.4f, val loss %.4f, %.0f tokens/s, MFU %.1f%%", m["steps"],
-             m["train_loss"], m["val_loss"], m["tokens_per_sec"], 100 * m["mfu"])
+    log.info("done: %d steps, train loss %.4f, val loss %.4f (%.3f bits per byte), %.0f tokens/s, MFU %.1f%%",
+             m["steps"], m["train_loss"], m["val_loss"], val_bpb, m["tokens_per_sec"], 100 * m["mfu"])

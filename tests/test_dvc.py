@@ -23,9 +23,9 @@ def run(cmd: list[str], cwd: Path) -> str:
     return result.stdout
 
 
-def repro(repo: Path) -> set[str]:
-    """Run `dvc repro`; return the stages whose commands actually ran."""
-    return set(re.findall(r"Running stage '(\w+)'", run(["dvc", "repro"], repo)))
+def repro(repo: Path, *targets: str) -> set[str]:
+    """Run `dvc repro [targets]`; return the stages whose commands actually ran."""
+    return set(re.findall(r"Running stage '(\w+)'", run(["dvc", "repro", *targets], repo)))
 
 
 def edit_params(repo: Path, section: str, key: str, value) -> None:
@@ -52,6 +52,10 @@ def repo(tmp_path):
     params["clean"]["min_chars"] = 10
     params["tokenizer"].update(vocab_size=300, min_frequency=1)
     params["tokenize"]["num_workers"] = 1
+    params["model"].update(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    params["train"].update(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
+                           checkpoint_interval=2, dtype="float32")
+    params["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
@@ -60,21 +64,28 @@ def repo(tmp_path):
 
 
 def test_repro_reruns_only_what_a_change_affects(repo):
-    assert repro(repo) == {"fetch", "clean", "tokenizer", "tokenize"}
+    assert repro(repo) == {"fetch", "clean", "tokenizer", "tokenize", "train"}
     assert read_json(repo / "metrics/clean.json")["documents_out"] == 24
+    assert read_json(repo / "metrics/train.json")["steps"] == 4
     assert repro(repo) == set(), "a no-op repro does nothing"
     assert "up to date" in run(["dvc", "status"], repo)
 
     (repo / "params.yaml").write_text("# a comment only\n" + (repo / "params.yaml").read_text())
     assert repro(repo) == set()
 
+    # The data stages, up to tokenize: each change reruns its stage and what depends on it.
     edit_params(repo, "tokenizer", "vocab_size", 280)
-    assert repro(repo) == {"tokenizer", "tokenize"}
+    assert repro(repo, "tokenize") == {"tokenizer", "tokenize"}
     assert read_json(repo / "data/tokens/meta.json")["vocab_size"] == 280
 
     edit_params(repo, "clean", "min_chars", 200)  # drops the shortest plays
-    assert repro(repo) == {"clean", "tokenizer", "tokenize"}
+    assert repro(repo, "tokenize") == {"clean", "tokenizer", "tokenize"}
     assert read_json(repo / "metrics/clean.json")["dropped"]["too_short"] > 0
 
     edit_params(repo, "tokenize", "shard_tokens", 1000)
-    assert repro(repo) == {"tokenize"}
+    assert repro(repo, "tokenize") == {"tokenize"}
+
+    assert repro(repo) == {"train"}, "new token shards retrain"
+    edit_params(repo, "train", "lr", 0.01)
+    assert repro(repo) == {"train"}
+    assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0, "new params start a fresh run"

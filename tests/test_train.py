@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from llm.checkpoint import checkpoint_dirs
 from llm.config import TrainConfig
@@ -116,6 +117,14 @@ def test_checkpoints_are_pruned_and_hold_no_pickled_code(tokens_dir, tmp_path):
     kept = checkpoint_dirs(ckpt)
     assert [p.name for p in kept] == ["step_00000012", "step_00000008"]
     assert sorted(p.name for p in kept[0].iterdir()) == ["model.safetensors", "optimizer.pt", "state.json"]
-    import torch
-
     torch.load(kept[0] / "optimizer.pt", weights_only=True)  # loads without unpickling arbitrary objects
+
+
+def test_rerunning_a_finished_run_resumes_at_its_end_and_reports_its_metrics(tokens_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = run(tokens_dir, ckpt)
+    again = run(tokens_dir, ckpt)
+    assert again.resumed_from == 12 and again.step_losses == []
+    assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], abs=1e-6)
+    assert again.metrics["train_loss"] == pytest.approx(first.metrics["train_loss"])
+    torch.testing.assert_close(again.model.state_dict(), first.model.state_dict())

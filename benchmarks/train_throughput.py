@@ -1,0 +1,77 @@
+"""Training-step throughput: tokens/s and MFU for a model config, dtype and compile setting.
+
+    python benchmarks/train_throughput.py --n-layer 6 --n-embd 384 --n-head 6 --block-size 256 --dtype bfloat16
+
+Random token ids (throughput does not depend on the data); a full optimizer step per iteration
+(forward, backward, clip, AdamW). MFU = model FLOPs per token x tokens/s / peak, the peak measured
+here with large matmuls in the same dtype (or a datasheet figure for known GPUs).
+"""
+
+import argparse
+import time
+
+import torch
+
+from llm.config import TrainConfig
+from llm.model import GPT, GPTConfig
+from llm.parallel import apply_activation_checkpointing, compile_model
+from llm.train import autocast, configure_optimizer, peak_flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="gpt2")
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-head", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=384)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = GPTConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                    block_size=args.block_size, dropout=0.0, vocab_size=args.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    train_cfg = TrainConfig(dtype=args.dtype)
+    optimizer = configure_optimizer(model, train_cfg, device)
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    step_model = compile_model(model) if args.compile else model
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+
+    def step() -> None:
+        with autocast(device, args.dtype):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens_per_sec = args.batch_size * cfg.block_size / seconds
+    peak, source = peak_flops(device, args.dtype)
+    mfu = model.flops_per_token() * tokens_per_sec / peak
+    print(f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size} batch {args.batch_size} "
+          f"{args.dtype} compile={args.compile}: {model.num_params() / 1e6:.1f}M params, "
+          f"{tokens_per_sec:,.0f} tokens/s, {seconds * 1e3:.0f} ms/step, MFU {100 * mfu:.1f}% of "
+          f"{peak / 1e12:.2f} TFLOP/s ({source}), torch threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
