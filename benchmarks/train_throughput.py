@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak, source = peak_flops(device, args.dtype)  # before compilation starts worker processes
     cfg = GPTConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                     block_size=args.block_size, dropout=0.0, vocab_size=args.vocab_size)
     torch.manual_seed(0)
@@ -65,7 +66,6 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_sec = args.batch_size * cfg.block_size / seconds
-    peak, source = peak_flops(device, args.dtype)
     mfu = model.flops_per_token() * tokens_per_sec / peak
     print(f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size} batch {args.batch_size} "
           f"{args.dtype} compile={args.compile}: {model.num_params() / 1e6:.1f}M params, "
