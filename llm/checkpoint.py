@@ -1,9 +1,10 @@
-"""Checkpoints that resume exactly and never execute code when loaded.
+"""Checkpoints that resume exactly, under any world size, and never execute code when loaded.
 
-A checkpoint is a folder step_NNNNNNNN/ written whole and atomically (temp folder, fsync, rename):
-  model.safetensors   weights (float32)
-  optimizer.pt        optimizer state and RNG tensors, read back with torch.load(weights_only=True)
-  state.json          step, tokens seen, fingerprint of the run's config, numpy/python RNG states
+A checkpoint is a folder step_NNNNNNNN/ written whole and atomically (temp folder, fsync, rename) by rank 0
+from full (gathered) state dicts, so a run saved by N processes resumes on M:
+  model.safetensors   weights, float32, by parameter name (a tied alias such as lm_head.weight is stored once)
+  optimizer.pt        optimizer state by parameter name, and the torch RNG; read with torch.load(weights_only=True)
+  state.json          step, tokens seen, fingerprint of the run, configs, numpy/python RNG states
 """
 
 import json
@@ -18,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from llm.distributed import Runtime
 from llm.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -26,66 +35,78 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"step_(\d{8})")
 
 
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: name} for parameters registered under two names (gpt2's lm_head.weight -> wte.weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def gather_weights(model: torch.nn.Module, runtime: Runtime) -> dict[str, torch.Tensor]:
+    """Full float32 weights on CPU, on rank 0 (empty elsewhere); a collective when distributed."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
+    aliases = tied_aliases(model)
+    weights = get_model_state_dict(model, options=options)
+    return {name: t.detach().to("cpu").contiguous() for name, t in weights.items() if name not in aliases}
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, newest first."""
+    """Checkpoints under `root`, newest first."""
     if not Path(root).is_dir():
         return []
     found = [p for p in Path(root).iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """safetensors needs each storage once: tied weights are saved under their first name only."""
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
-    save_file(tensors, str(path))
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors = load_file(str(path))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {name for name in missing if _is_tied(model, name)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model (missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)})")
-
-
-def _is_tied(model: torch.nn.Module, name: str) -> bool:
-    state = model.state_dict()
-    return any(other != name and state[other].data_ptr() == state[name].data_ptr() for other in state)
-
-
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write step_NNNNNNNN/ atomically, then delete all but the newest `keep` checkpoints."""
-    path = Path(root) / f"step_{step:08d}"
-    with atomic_dir(path) as tmp:
-        save_weights(model, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        full_state = {**state, "step": step, "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
-        (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    for old in checkpoint_dirs(root)[keep:]:
-        shutil.rmtree(old)
-    return path
+                    state: dict[str, Any], keep: int, runtime: Runtime) -> None:
+    """Every rank calls this (the state is gathered); rank 0 writes step_NNNNNNNN/ and keeps the newest `keep`."""
+    weights = gather_weights(model, runtime)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if runtime.is_main:
+        with atomic_dir(Path(root) / f"step_{step:08d}") as tmp:
+            save_file(weights, str(tmp / "model.safetensors"))
+            torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            full_state = {**state, "step": step, "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        for old in checkpoint_dirs(root)[keep:]:
+            shutil.rmtree(old)
+    runtime.barrier()
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from `path`; return its state.json. Raises on any damage."""
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(state.json, weights, optimizer bundle) from disk; raises on any damage. No code is executed."""
     state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "model.safetensors"))
     bundle = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    load_weights(model, path / "model.safetensors")
-    optimizer.load_state_dict(bundle["optimizer"])
-    torch.set_rng_state(bundle["torch_rng"])
-    np.random.set_state(_from_json_numpy(state["numpy_rng"]))
-    random.setstate(_from_json_python(state["python_rng"]))
-    return state
+    return state, weights, bundle
+
+
+def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaded: tuple | None,
+                       runtime: Runtime) -> None:
+    """Load what rank 0 read (`loaded`; None on other ranks) into the (possibly sharded) model and optimizer
+    of every rank. A collective when distributed. Rank 0 (or the only process) also restores its RNGs."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.distributed, strict=True)
+    weights, optimizer_state = {}, {}
+    if loaded is not None:
+        state, weights, bundle = loaded
+        weights = {**weights, **{alias: weights[name] for alias, name in tied_aliases(model).items()}}
+        optimizer_state = bundle["optimizer"]
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if loaded is not None:
+        torch.set_rng_state(bundle["torch_rng"])
+        np.random.set_state(_from_json_numpy(state["numpy_rng"]))
+        random.setstate(_from_json_python(state["python_rng"]))
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

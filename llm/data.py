@@ -1,6 +1,6 @@
 """Training batches: random windows of block_size + 1 tokens from memory-mapped token shards.
 
-A batch is a pure function of (seed, step, rank, micro_step): runs are reproducible, and a resumed run
+A batch is a pure function of (seed, step, micro_step, rank, world size): runs are reproducible, and a resumed run
 draws exactly the windows an uninterrupted one would, with no data position to save.
 """
 
@@ -35,23 +35,27 @@ class TokenWindows:
         self.shards = [open_shard(Path(tokens_dir) / name, vocab_size=vocab_size) for name in names]
         self.block_size = block_size
         # Number of window starts in each shard; shards too short for one window are never drawn.
-        starts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.float64)
-        if starts.sum() == 0:
+        self.window_starts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.int64)
+        if self.window_starts.sum() == 0:
             raise InputError(f"{tokens_dir}: the {split} split has fewer than block_size + 1 = {block_size + 1} "
                              "tokens in every shard; lower model.block_size or add data")
-        self.shard_weights = starts / starts.sum()
+        self.shard_weights = self.window_starts / self.window_starts.sum()
         self.num_tokens = sum(len(s) for s in self.shards)
 
-    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, micro_step: int = 0,
+    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, world_size: int = 1, micro_step: int = 0,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y of shape (batch_size, block_size), y shifted by one token; int64 on `device`."""
-        rng = np.random.default_rng([seed, step, rank, micro_step])
-        which = rng.choice(len(self.shards), size=batch_size, p=self.shard_weights)
+        """This rank's x, y of shape (batch_size, block_size), y shifted by one token; int64 on `device`.
+
+        The global batch of batch_size * world_size windows depends on (seed, step, micro_step) alone and
+        rank r takes rows [r * batch_size, (r + 1) * batch_size): N ranks see exactly the windows one
+        process with an N times larger batch would."""
+        rng = np.random.default_rng([seed, step, micro_step])
+        size = batch_size * world_size
+        which = rng.choice(len(self.shards), size=size, p=self.shard_weights)
+        starts = rng.integers(0, self.window_starts[which])
         rows = np.empty((batch_size, self.block_size + 1), dtype=np.int64)
-        for i, shard_index in enumerate(which):
-            shard = self.shards[shard_index]
-            start = rng.integers(0, len(shard) - self.block_size)
-            rows[i] = shard[start : start + self.block_size + 1]
+        for i, row in enumerate(range(rank * batch_size, (rank + 1) * batch_size)):
+            rows[i] = self.shards[which[row]][starts[row] : starts[row] + self.block_size + 1]
         window = torch.from_numpy(rows)
         x, y = window[:, :-1], window[:, 1:]
         if torch.device(device).type == "cuda":

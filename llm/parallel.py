@@ -1,10 +1,14 @@
-"""What is applied to a model from outside it: activation checkpointing and compilation."""
+"""What is applied to a model from outside it: activation checkpointing, DDP or FSDP2, compilation."""
 
+import contextlib
 import functools
 
 import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from llm.distributed import Runtime
 from llm.model import GPT
 
 
@@ -13,6 +17,44 @@ def apply_activation_checkpointing(model: GPT) -> None:
     compute. Parameters and state_dict keys are unchanged."""
     for block in model.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_fsdp(model: GPT, dtype: str) -> None:
+    """FSDP2: shard each block, then the rest (embeddings, final norm, head) as the root group. With
+    bf16, parameters are gathered in bf16 and gradients reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def parallelize(model: GPT, runtime: Runtime, strategy: str, dtype: str, compile: bool,
+                activation_checkpointing: bool) -> torch.nn.Module:
+    """Apply, in order: activation checkpointing, DDP or FSDP2 (when there are several ranks), compile.
+    Returns the module to call in the training step (`model` itself keeps its plain parameter names)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    step_model: torch.nn.Module = model
+    if runtime.distributed and strategy == "fsdp":
+        apply_fsdp(model, dtype)
+    elif runtime.distributed:
+        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=device_ids)
+    if compile:
+        step_model = torch.compile(step_model)
+    return step_model
+
+
+def gradient_sync(step_model: torch.nn.Module, model: GPT, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    ddp = getattr(step_model, "_orig_mod", step_model)
+    if isinstance(ddp, DistributedDataParallel) and not enabled:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
 
 
 def compile_model(model: GPT) -> torch.nn.Module:

@@ -19,11 +19,19 @@ import torch
 
 import llm.data
 import llm.model
-from llm.checkpoint import checkpoint_dirs, load_checkpoint, read_state, save_checkpoint
+from llm.checkpoint import (
+    checkpoint_dirs,
+    gather_weights,
+    read_checkpoint,
+    read_state,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from llm.config import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows, read_meta
+from llm.distributed import Runtime
 from llm.model import GPT, GPTConfig
-from llm.parallel import apply_activation_checkpointing, compile_model
+from llm.parallel import gradient_sync, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +121,8 @@ def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path) ->
 
 @dataclasses.dataclass
 class TrainResult:
-    model: GPT  # the trained model, uncompiled
+    model: GPT  # the trained model, uncompiled (sharded under FSDP)
+    weights: dict[str, torch.Tensor]  # its full weights on rank 0 (empty on other ranks), tied aliases once
     metrics: dict[str, Any]  # what metrics/train.json holds
     history: list[dict[str, Any]]  # one row per log step: step, train_loss, val_loss, lr, tokens_per_sec, ...
     step_losses: list[float]  # the training loss of every step this process ran
@@ -121,64 +130,74 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, device: torch.device) -> float:
-    """Mean loss over `cfg.eval_batches` fixed validation batches (the same ones at every evaluation)."""
+def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, runtime: Runtime) -> float:
+    """Mean loss over `cfg.eval_batches` fixed validation batches (the same ones at every evaluation),
+    averaged over ranks, each rank taking its slice of every batch."""
     model.eval()
-    total = 0.0
+    total = torch.zeros((), device=runtime.device)
     for i in range(cfg.eval_batches):
-        x, y = data.batch(cfg.batch_size, cfg.seed, VAL_STREAM, micro_step=i, device=device)
-        with autocast(device, cfg.dtype):
+        x, y = data.batch(cfg.batch_size, cfg.seed, VAL_STREAM, runtime.rank, runtime.world_size, micro_step=i,
+                          device=runtime.device)
+        with autocast(runtime.device, cfg.dtype):
             _, loss = model(x, y)
-        total += loss.item()
+        total += loss.detach().float()
     model.train()
-    return total / cfg.eval_batches
+    return runtime.mean(total).item() / cfg.eval_batches
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path, device: torch.device | str,
-          on_log: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
+          runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
+          stop_after: int | None = None) -> TrainResult:
     """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
 
-    `on_log` receives each log row (also the moment to send metrics to a tracker). `stop_after` ends
-    the run after that many steps, as an interruption would (tests use it to check resume)."""
-    device = torch.device(device)
+    Every rank of a distributed run calls this; rank 0 alone writes checkpoints and calls `on_log` with each
+    log row (the moment to send metrics to a tracker). `stop_after` ends the run after that many steps, as
+    an interruption would (tests use it to check resume)."""
+    if not isinstance(runtime, Runtime):
+        runtime = Runtime(device=torch.device(runtime))
+    device = runtime.device
     fingerprint = run_fingerprint(model_cfg, cfg, tokens_dir)
     train_data = TokenWindows(tokens_dir, "train", model_cfg.block_size, model_cfg.vocab_size)
     val_data = TokenWindows(tokens_dir, "val", model_cfg.block_size, model_cfg.vocab_size)
 
-    def fresh() -> tuple[GPT, torch.optim.AdamW]:
-        torch.manual_seed(cfg.seed)
-        model = GPT(model_cfg).to(device)
-        return model, configure_optimizer(model, cfg, device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg).to(device)
+    step_model = parallelize(model, runtime, cfg.strategy, cfg.dtype, cfg.compile, cfg.activation_checkpointing)
+    optimizer = configure_optimizer(model, cfg, device)
 
-    model, optimizer = fresh()
-    start_step, tokens_seen, state = 0, 0, {}
-    for path in checkpoint_dirs(checkpoint_dir):
-        state = read_state(path)
-        if state is not None and state.get("fingerprint") != fingerprint:
-            log.warning("checkpoint %s is from a different model, data or training config: not resuming; "
-                        "starting fresh and removing the old checkpoints", path)
-            for old in checkpoint_dirs(checkpoint_dir):
-                shutil.rmtree(old)
+    loaded = None  # read by rank 0 alone, then broadcast into every rank's (possibly sharded) state
+    if runtime.is_main:
+        for path in checkpoint_dirs(checkpoint_dir):
+            state = read_state(path)
+            if state is not None and state.get("fingerprint") != fingerprint:
+                log.warning("checkpoint %s is from a different model, data, training config or code: not "
+                            "resuming; starting fresh and removing the old checkpoints", path)
+                for old in checkpoint_dirs(checkpoint_dir):
+                    shutil.rmtree(old)
+                break
+            try:
+                loaded = read_checkpoint(path)
+            except Exception as err:  # damaged or truncated: any error from json, torch or safetensors
+                log.warning("checkpoint %s is damaged (%s): trying the previous one", path, str(err).splitlines()[0])
+                continue
+            log.info("resuming from %s (step %d of %d)", path, loaded[0]["step"], cfg.max_steps)
             break
-        try:
-            state = load_checkpoint(path, model, optimizer)
-        except Exception as err:  # damaged or truncated: any error from json, torch or safetensors
-            log.warning("checkpoint %s is damaged (%s): trying the previous one", path, str(err).splitlines()[0])
-            model, optimizer = fresh()
-            continue
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
-        break
+    state = loaded[0] if loaded else {}
+    start_step, tokens_seen, state = runtime.broadcast((state.get("step", 0), state.get("tokens_seen", 0), state))
+    if start_step > 0:
+        restore_checkpoint(model, optimizer, loaded, runtime)
+    if runtime.distributed:  # dropout differs across ranks (one process restores its exact RNG instead)
+        torch.manual_seed(hash((cfg.seed, runtime.rank, start_step)) % 2**63)
 
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    step_model = compile_model(model) if cfg.compile else model
-
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * runtime.world_size
+    tokens_per_step = global_batch * model_cfg.block_size
     flops_per_token = model.flops_per_token()
-    peak, peak_source = peak_flops(device, cfg.dtype)
-    log.info("model %s: %.2fM parameters, %d tokens per step, peak %.1f TFLOP/s (%s)", model_cfg.arch,
-             model.num_params() / 1e6, tokens_per_step, peak / 1e12, peak_source)
+    # One rank measures the peak (ranks sharing a CPU would slow each other); MFU is over all devices.
+    peak, peak_source = runtime.broadcast(peak_flops(device, cfg.dtype) if runtime.is_main else None)
+    peak *= runtime.world_size
+    log.info("model %s: %.2fM parameters; global batch %d sequences (%d per rank x %d accumulation x %d ranks) "
+             "= %d tokens per step; peak %.1f TFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, global_batch,
+             cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, tokens_per_step, peak / 1e12, peak_source)
 
     history: list[dict[str, Any]] = []
     step_losses: list[float] = []
@@ -193,10 +212,12 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
-            x, y = train_data.batch(cfg.batch_size, cfg.seed, step, micro_step=micro, device=device)
-            with autocast(device, cfg.dtype):
-                _, loss = step_model(x, y)
-            (loss / cfg.grad_accum_steps).backward()
+            x, y = train_data.batch(cfg.batch_size, cfg.seed, step, runtime.rank, runtime.world_size,
+                                    micro_step=micro, device=device)
+            with gradient_sync(step_model, model, enabled=micro == cfg.grad_accum_steps - 1):
+                with autocast(device, cfg.dtype):
+                    _, loss = step_model(x, y)
+                (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -209,7 +230,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
 
         evaluate_now = done % cfg.eval_interval == 0 or done == cfg.max_steps
         if done % cfg.log_interval == 0 or done == last_step or evaluate_now:
-            losses = [value.item() for value in pending_losses]
+            losses = runtime.mean(torch.stack(pending_losses).float()).tolist()
             pending_losses.clear()
             step_losses.extend(losses)
             _sync(device)
@@ -219,19 +240,19 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
                 total_time += seconds
                 total_tokens += interval_steps * tokens_per_step
             if evaluate_now:
-                val_loss = evaluate_loss(step_model, val_data, cfg, device)
+                val_loss = evaluate_loss(step_model, val_data, cfg, runtime)
             row = {
                 "step": done,
                 "train_loss": sum(losses) / len(losses),
                 "val_loss": val_loss if evaluate_now else None,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                 "tokens_per_sec": tokens_per_sec,
                 "mfu": flops_per_token * tokens_per_sec / peak,
                 "tokens_seen": tokens_seen,
             }
             history.append(row)
-            if on_log is not None:
+            if on_log is not None and runtime.is_main:
                 on_log(row)
         if done % cfg.checkpoint_interval == 0 or done == last_step:
             run_tokens_per_sec = total_tokens / total_time if total_time else tokens_per_sec
@@ -240,7 +261,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
             save_checkpoint(checkpoint_dir, done, model, optimizer,
                             {"fingerprint": fingerprint, "tokens_seen": tokens_seen, "metrics": snapshot,
                              "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg)},
-                            cfg.keep_checkpoints)
+                            cfg.keep_checkpoints, runtime)
         if done % cfg.log_interval == 0 or done == last_step or evaluate_now:
             interval_start, interval_steps = time.perf_counter(), 0
 
@@ -249,7 +270,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     if start_step == last_step:  # nothing left to do: the resumed checkpoint already finished the run
         log.info("the checkpoint at step %d already completes this run", start_step)
         resumed = state.get("metrics", {})
-        val_loss = evaluate_loss(step_model, val_data, cfg, device)
+        val_loss = evaluate_loss(step_model, val_data, cfg, runtime)
         final_train = resumed.get("train_loss") or float("nan")
         tokens_per_sec = resumed.get("tokens_per_sec") or 0.0
     metrics = {
@@ -265,4 +286,4 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
         "peak_flops_source": peak_source,
         "resumed_from_step": start_step,
     }
-    return TrainResult(model, metrics, history, step_losses, start_step)
+    return TrainResult(model, gather_weights(model, runtime), metrics, history, step_losses, start_step)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 import typer
+from safetensors.torch import save_file
 
-from llm.checkpoint import save_weights
 from llm.data import read_meta
+from llm.distributed import distributed_runtime
 from llm.errors import InputError
 from llm.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
 from llm.model import GPTConfig
@@ -52,7 +53,8 @@ def train(
     metrics: Path = typer.Option(Path("metrics/train.json"), help="final training metrics"),
     plots: Path = typer.Option(Path("plots/train.csv"), help="loss curves: one row per log step"),
 ) -> None:
-    """Train the transformer on the token shards; resume from a compatible checkpoint; log to MLflow."""
+    """Train the transformer (launch with torchrun for several processes); resume from a compatible
+    checkpoint; rank 0 writes the outputs and logs to MLflow."""
     cfg = load_params(params)
     tok = load_tokenizer(tokenizer)
     meta = read_meta(tokens)
@@ -61,31 +63,55 @@ def train(
                          "rerun the tokenize stage")
     model_cfg = GPTConfig(**dataclasses.asdict(cfg.model), vocab_size=tok.get_vocab_size())
     model_cfg.validate()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    with distributed_runtime() as runtime:
+        if not runtime.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        run = start_mlflow_run(cfg, meta) if runtime.is_main else None
+
+        def on_log(row: dict) -> None:
+            progress.update(row)
+            run.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            fail_for_testing(row["step"])
+
+        try:
+            with TrainProgress(cfg.train.max_steps, interactive=None if runtime.is_main else False) as progress:
+                result = train_model(model_cfg, cfg.train, tokens, checkpoints, runtime, on_log=on_log)
+        except BaseException:
+            if run is not None:
+                run.finish("FAILED")
+            raise
+        if runtime.is_main:
+            write_outputs(result, model_cfg, meta, run, tokenizer, out, metrics, plots)
+
+
+def start_mlflow_run(cfg, meta: dict) -> MlflowRun:
     root = project_root()
-    tags = {"git_commit": git_commit(root), "device": str(device)}
+    tags = {"git_commit": git_commit(root), "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "world_size": os.environ.get("WORLD_SIZE", "1")}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     tracked = {**cfg.to_dict(), "data_tokenizer_sha256": meta["tokenizer_sha256"],
                "data_train_tokens": meta["splits"]["train"]["tokens"], "git_commit": tags["git_commit"]}
     run = MlflowRun(cfg.mlflow, root, tracked, tags, run_name=os.environ.get("DVC_EXP_NAME"))
     log.info("MLflow run %s in experiment %r at %s", run.run_id, cfg.mlflow.experiment, run.uri)
+    return run
 
-    def on_log(row: dict) -> None:
-        progress.update(row)
-        run.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
-    try:
-        with TrainProgress(cfg.train.max_steps) as progress:
-            result = train_model(model_cfg, cfg.train, tokens, checkpoints, device, on_log=on_log)
-    except BaseException:
-        run.finish("FAILED")
-        raise
+def fail_for_testing(step: int) -> None:
+    """Fault injection for the restart test: LLM_FAIL_AT_STEP=N kills rank 0 once it has logged step N, on
+    torchrun's first attempt only (it counts restarts in TORCHELASTIC_RESTART_COUNT)."""
+    fail_at = os.environ.get("LLM_FAIL_AT_STEP")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if fail_at and first_attempt and step >= int(fail_at):
+        os._exit(17)
 
+
+def write_outputs(result, model_cfg: GPTConfig, meta: dict, run: MlflowRun, tokenizer: Path, out: Path,
+                  metrics: Path, plots: Path) -> None:
     with atomic_dir(out) as staging:
         (staging / "config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-        save_weights(result.model, staging / "model.safetensors")
+        save_file(result.weights, str(staging / "model.safetensors"))
         shutil.copyfile(tokenizer, staging / "tokenizer.json")
         (staging / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": run.uri}) + "\n")
     # Bits per byte, from the sampled val loss and the val split's tokens per byte (EOT ids included).

@@ -51,13 +51,15 @@ def run(tokens_dir, ckpt, cfg=None, model=None, **kwargs):
     return train(model or model_config(), cfg or train_config(), tokens_dir, ckpt, "cpu", **kwargs)
 
 
-def test_windows_are_a_pure_function_of_seed_step_rank(tokens_dir):
+def test_windows_are_a_pure_function_of_seed_step_and_ranks_slice_the_global_batch(tokens_dir):
     data = TokenWindows(tokens_dir, "train", block_size=32, vocab_size=VOCAB)
-    x1, y1 = data.batch(8, seed=1, step=5, rank=0)
-    x2, _ = data.batch(8, seed=1, step=5, rank=0)
-    x3, _ = data.batch(8, seed=1, step=5, rank=1)
+    x1, y1 = data.batch(8, seed=1, step=5)
+    x2, _ = data.batch(8, seed=1, step=5)
+    x3, _ = data.batch(8, seed=1, step=6)
     assert x1.shape == (8, 32) and (x1 == x2).all() and not (x1 == x3).all()
     assert (x1[:, 1:] == y1[:, :-1]).all()
+    halves = [data.batch(4, seed=1, step=5, rank=rank, world_size=2)[0] for rank in (0, 1)]
+    assert (torch.cat(halves) == x1).all(), "2 ranks x 4 windows are the 8 windows of one process"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -94,7 +96,7 @@ def test_an_incompatible_checkpoint_is_not_resumed(tokens_dir, tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         result = run(tokens_dir, ckpt, train_config(lr=1e-3))
     assert result.resumed_from == 0
-    assert "different model, data or training config" in caplog.text
+    assert "different model, data, training config or code" in caplog.text
     with caplog.at_level(logging.WARNING):
         assert run(tokens_dir, ckpt, model=model_config(n_embd=64)).resumed_from == 0
 

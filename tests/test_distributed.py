@@ -1,0 +1,134 @@
+"""torchrun on CPU (Gloo): DDP and FSDP2 match one process, resume across world sizes, survive a dead rank,
+log one MLflow run, and run as two "nodes" on loopback."""
+
+import concurrent.futures
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_json, write_params
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+TRAIN = {"batch_size": 4, "grad_accum_steps": 2, "max_steps": 8, "warmup_steps": 2, "eval_interval": 4,
+         "eval_batches": 2, "log_interval": 1, "checkpoint_interval": 4, "dtype": "float32", "lr": 0.003}
+MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with the data stages run on a small corpus."""
+    work = tmp_path_factory.mktemp("dist")
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(f"Scene {i}. " + "Now is the winter of our discontent, made glorious. " * 40)
+    write_params(work / "params.yaml", data={"source": str(corpus), "val_fraction": 0.25},
+                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in ("fetch", "clean", "tokenizer", "tokenize"):
+        subprocess.run([sys.executable, "-m", "stages", command], cwd=work, env=env, check=True, capture_output=True)
+    return work
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(project: Path, name: str, train: dict | None = None) -> Path:
+    """project/name/ with a params.yaml for a tiny model; train outputs go there too."""
+    out = project / name
+    out.mkdir(exist_ok=True)
+    write_params(out / "params.yaml", data={"val_fraction": 0.25}, tokenizer={"vocab_size": 300}, model=MODEL,
+                 train={**TRAIN, **(train or {})},
+                 mlflow={"tracking_uri": f"sqlite:///{out}/mlflow.db", "experiment": name})
+    return out
+
+
+def launch(project: Path, out: Path, launcher: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), *launcher, "-m", "stages", "train", "--params", str(out / "params.yaml"),
+           "--checkpoints", str(out / "ckpt"), "--out", str(out / "final"), "--metrics", str(out / "train.json"),
+           "--plots", str(out / "train.csv")]
+    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def torchrun(project: Path, name: str, nproc: int, train: dict | None = None, launcher: list[str] | None = None,
+             env: dict | None = None, check: bool = True) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the train stage under torchrun (standalone, `nproc` processes unless `launcher` says otherwise)."""
+    out = prepare(project, name, train)
+    result = launch(project, out, launcher or ["--standalone", f"--nproc_per_node={nproc}"], env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def losses(out: Path) -> list[float]:
+    with open(out / "train.csv") as f:
+        return [float(row["train_loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_twice_the_batch(project, strategy):
+    one, _ = torchrun(project, f"one-{strategy}", 1, {"batch_size": 8})
+    two, _ = torchrun(project, f"two-{strategy}", 2, {"batch_size": 4, "strategy": strategy})
+    assert len(losses(one)) == 8
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert read_json(two / "train.json")["val_loss"] == pytest.approx(read_json(one / "train.json")["val_loss"],
+                                                                       abs=1e-5)
+    assert read_json(two / "train.json")["tokens_seen"] == read_json(one / "train.json")["tokens_seen"]
+
+
+@pytest.mark.parametrize(("first", "second", "strategy"), [(2, 1, "fsdp"), (1, 2, "ddp")])
+def test_a_run_checkpointed_on_n_processes_resumes_on_m(project, first, second, strategy):
+    name = f"resume-{first}to{second}-{strategy}"
+    out, crashed = torchrun(project, name, first, {"strategy": strategy}, env={"LLM_FAIL_AT_STEP": "6"},
+                            check=False)
+    assert crashed.returncode != 0
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["step_00000004"]
+    out, _ = torchrun(project, name, second, {"strategy": strategy})
+    metrics = read_json(out / "train.json")
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
+    assert len(losses(out)) == 4, "only steps 5-8 ran after the resume"
+
+
+def test_a_dead_rank_is_restarted_and_the_run_completes_from_a_checkpoint(project):
+    out, result = torchrun(project, "restart", 2, launcher=["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
+                           env={"LLM_FAIL_AT_STEP": "6"})
+    metrics = read_json(out / "train.json")
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_only_rank_0_creates_an_mlflow_run(project):
+    out, _ = torchrun(project, "mlflow-once", 2)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    [experiment] = [e for e in client.search_experiments() if e.name == "mlflow-once"]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["world_size"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 8
+
+
+def test_two_nodes_on_loopback(project):
+    port = free_port()
+    out = prepare(project, "two-nodes")
+
+    def node(rank: int) -> list[str]:
+        return ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                f"--master_port={port}"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda rank: launch(project, out, node(rank)), (0, 1)))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:] + results[1].stderr[-2000:]
+    metrics = read_json(out / "train.json")
+    assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 4 * 2 * 2 * 32, "global batch spans both nodes"
