@@ -52,6 +52,17 @@ class Runtime:
         return box[0]
 
 
+def rendezvous_store(rank: int, world_size: int) -> dist.Store:
+    """The key-value store the ranks meet in: torchrun's own (agent) store when it hosts one, else rank 0
+    hosts it. Keys are prefixed with torchrun's restart count, so the ranks of a restarted group never
+    read the addresses their dead predecessors left there."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0 and not agent_store,
+                          timeout=PROCESS_GROUP_TIMEOUT)
+    return dist.PrefixStore(f"llm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 @contextlib.contextmanager
 def distributed_runtime() -> Iterator[Runtime]:
     """The runtime for this process: NCCL with one GPU per local rank on CUDA machines, Gloo on CPU.
@@ -65,7 +76,8 @@ def distributed_runtime() -> Iterator[Runtime]:
         device = torch.device("cpu")
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, store=rendezvous_store(rank, world_size), rank=rank, world_size=world_size,
+                                timeout=PROCESS_GROUP_TIMEOUT, device_id=device if backend == "nccl" else None)
         log.info("rank %d of %d (%s, %s)", rank, world_size, backend, device)
     try:
         yield Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
