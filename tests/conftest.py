@@ -1,8 +1,12 @@
 import functools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llm.config import TokenizerConfig
 from llm.tokenizer import train_tokenizer
@@ -40,8 +44,6 @@ def sample_tokenizer_path(tmp_path: Path) -> Path:
 
 def write_params(path: Path, **overrides: dict) -> Path:
     """params.yaml from the repo's defaults with per-section overrides."""
-    import yaml
-
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
@@ -51,3 +53,17 @@ def write_params(path: Path, **overrides: dict) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def data_project(work: Path, **overrides: dict) -> Path:
+    """`work` set up as a project whose data stages (fetch to tokenize) have run on a small corpus."""
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(f"Scene {i}. " + "But soft, what light through yonder window breaks? " * 40)
+    write_params(work / "params.yaml", data={"source": str(corpus), "val_fraction": 0.25},
+                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10}, **overrides)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in ("fetch", "clean", "tokenizer", "tokenize"):
+        subprocess.run([sys.executable, "-m", "stages", command], cwd=work, env=env, check=True, capture_output=True)
+    return work

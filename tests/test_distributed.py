@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, read_json, write_params
+from tests.conftest import ROOT, data_project, read_json, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -24,17 +24,7 @@ MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project folder with the data stages run on a small corpus."""
-    work = tmp_path_factory.mktemp("dist")
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"{i}.txt").write_text(f"Scene {i}. " + "Now is the winter of our discontent, made glorious. " * 40)
-    write_params(work / "params.yaml", data={"source": str(corpus), "val_fraction": 0.25},
-                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for command in ("fetch", "clean", "tokenizer", "tokenize"):
-        subprocess.run([sys.executable, "-m", "stages", command], cwd=work, env=env, check=True, capture_output=True)
-    return work
+    return data_project(tmp_path_factory.mktemp("dist"))
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, read_json, write_params
+from tests.conftest import ROOT, data_project, read_json, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,7 @@ def stage(cwd, *args) -> subprocess.CompletedProcess:
 def workdir(tmp_path_factory):
     """A project folder with the data stages already run on a small corpus."""
     work = tmp_path_factory.mktemp("project")
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"{i}.txt").write_text(f"Scene {i}. " + "But soft, what light through yonder window breaks? " * 40)
-    uri = f"sqlite:///{work}/mlflow.db"
-    write_params(work / "params.yaml", data={"source": str(corpus), "val_fraction": 0.25},
-                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10},
-                 mlflow={"tracking_uri": uri, "experiment": "test"}, **TINY)
-    for command in ("fetch", "clean", "tokenizer", "tokenize"):
-        assert stage(work, command).returncode == 0
-    return work
+    return data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "test"}, **TINY)
 
 
 def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir):
