@@ -13,8 +13,9 @@ import time
 import torch
 
 from llm.config import TrainConfig
+from llm.distributed import Runtime
 from llm.model import GPT, GPTConfig
-from llm.parallel import apply_activation_checkpointing, compile_model
+from llm.parallel import parallelize
 from llm.train import autocast, configure_optimizer, peak_flops
 
 
@@ -41,9 +42,8 @@ def main() -> None:
     model = GPT(cfg).to(device)
     train_cfg = TrainConfig(dtype=args.dtype)
     optimizer = configure_optimizer(model, train_cfg, device)
-    if args.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    step_model = compile_model(model) if args.compile else model
+    step_model = parallelize(model, Runtime(device=device), "ddp", args.dtype, args.compile,
+                             args.activation_checkpointing)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
     y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
 

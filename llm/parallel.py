@@ -55,7 +55,3 @@ def gradient_sync(step_model: torch.nn.Module, model: GPT, enabled: bool) -> con
     if isinstance(ddp, DistributedDataParallel) and not enabled:
         return ddp.no_sync()
     return contextlib.nullcontext()
-
-
-def compile_model(model: GPT) -> torch.nn.Module:
-    return torch.compile(model)
