@@ -157,6 +157,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    prompts: tuple[str, ...] = ("ROMEO.\n",)  # one sample per prompt in reports/samples.md; "" starts from EOT
+    max_new_tokens: int = 200  # tokens generated per sample
+    temperature: float = 0.8  # 0 is greedy
+    top_k: int = 50  # sample among the k most likely tokens; 0 turns it off
+    top_p: float = 0.95  # nucleus: the smallest set of tokens holding this much probability; 1.0 turns it off
+    seed: int = 1337  # the same seed gives the same samples
+    attention_text: str = "To be, or not to be, that is the question"  # text of the attention heatmaps
+    max_tokens: int = 0  # val tokens scored: 0 = all of them, else that many from evenly spaced windows
+    batch_size: int = 16  # windows of block_size tokens per forward pass
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ConfigError("evaluate.prompts", "must list at least one prompt")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("top_k", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"evaluate.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError("evaluate.temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("evaluate.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not self.attention_text.strip():
+            raise ConfigError("evaluate.attention_text", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # a relative sqlite path is taken from the repository root
     experiment: str = "gpt-from-scratch"  # MLflow experiment the runs go into

@@ -1,12 +1,13 @@
-"""MLflow: one run per training. Only this module imports mlflow."""
+"""MLflow: one run per training, which evaluation later adds to. Only this module imports mlflow."""
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from llm.config import MlflowConfig
-from llm.errors import ConfigError
+from llm.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,21 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _import_mlflow():
+    # Fail fast rather than retry for minutes against an unreachable server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    return mlflow
+
+
 class MlflowRun:
     """Opens the run at construction (after checking the tracking server answers); log_* afterwards."""
 
     def __init__(self, cfg: MlflowConfig, root: Path, params: dict[str, Any], tags: dict[str, str],
                  run_name: str | None = None) -> None:
-        # Fail fast rather than retry for minutes against an unreachable server.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        import mlflow
-
-        self.mlflow = mlflow
+        self.mlflow = mlflow = _import_mlflow()
         self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
         mlflow.set_tracking_uri(self.uri)
         try:
@@ -65,3 +70,29 @@ class MlflowRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+class ExistingRun:
+    """Adds metrics and artifacts to a run that already exists (the training's), leaving its status and end
+    time alone. Checks at construction that the run can be reached."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = _import_mlflow().MlflowClient(tracking_uri)
+        self.run_id, self.uri = run_id, tracking_uri
+        try:
+            self.client.get_run(run_id)
+        except Exception as err:  # connection errors, missing run, bad database: all mean "cannot log there"
+            raise InputError(f"MLflow run {run_id} at {tracking_uri}: not reachable "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)

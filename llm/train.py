@@ -145,6 +145,12 @@ def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, 
     return runtime.mean(total).item() / cfg.eval_batches
 
 
+def initial_model(model_cfg: GPTConfig, seed: int) -> GPT:
+    """The weights training starts from: a function of the config and train.seed alone."""
+    torch.manual_seed(seed)
+    return GPT(model_cfg)
+
+
 def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
           runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
           stop_after: int | None = None) -> TrainResult:
@@ -160,8 +166,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     train_data = TokenWindows(tokens_dir, "train", model_cfg.block_size, model_cfg.vocab_size)
     val_data = TokenWindows(tokens_dir, "val", model_cfg.block_size, model_cfg.vocab_size)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(model_cfg).to(device)
+    model = initial_model(model_cfg, cfg.seed).to(device)  # the same initial weights on every rank
     step_model = parallelize(model, runtime, cfg.strategy, cfg.dtype, cfg.compile, cfg.activation_checkpointing)
     optimizer = configure_optimizer(model, cfg, device)
 

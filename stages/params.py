@@ -8,6 +8,7 @@ import yaml
 from llm.config import (
     CleanConfig,
     DataConfig,
+    EvaluateConfig,
     MlflowConfig,
     ModelConfig,
     TokenizeConfig,
@@ -26,6 +27,7 @@ class Params:
     tokenize: TokenizeConfig
     model: ModelConfig
     train: TrainConfig
+    evaluate: EvaluateConfig
     mlflow: MlflowConfig
 
     def to_dict(self) -> dict:

@@ -1,23 +1,21 @@
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import torch
 import typer
-from safetensors.torch import save_file
 
 from llm.data import read_meta
 from llm.distributed import distributed_runtime
 from llm.errors import InputError
-from llm.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
+from llm.fileio import write_bytes_atomic, write_json_atomic
 from llm.model import GPTConfig
+from llm.model_io import save_model_dir
 from llm.progress import TrainProgress
 from llm.tokenizer import file_sha256, load_tokenizer
 from llm.tracking import MlflowRun
@@ -109,11 +107,8 @@ def fail_for_testing(step: int) -> None:
 
 def write_outputs(result, model_cfg: GPTConfig, meta: dict, run: MlflowRun, tokenizer: Path, out: Path,
                   metrics: Path, plots: Path) -> None:
-    with atomic_dir(out) as staging:
-        (staging / "config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-        save_file(result.weights, str(staging / "model.safetensors"))
-        shutil.copyfile(tokenizer, staging / "tokenizer.json")
-        (staging / "mlflow_run.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": run.uri}) + "\n")
+    save_model_dir(out, model_cfg, result.weights, tokenizer,
+                   extra={"mlflow_run.json": {"run_id": run.run_id, "tracking_uri": run.uri}})
     # Bits per byte, from the sampled val loss and the val split's tokens per byte (EOT ids included).
     val = meta["splits"]["val"]
     val_bpb = result.metrics["val_loss"] * val["tokens"] / val["bytes"] / math.log(2)

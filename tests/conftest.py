@@ -67,3 +67,32 @@ def data_project(work: Path, **overrides: dict) -> Path:
     for command in ("fetch", "clean", "tokenizer", "tokenize"):
         subprocess.run([sys.executable, "-m", "stages", command], cwd=work, env=env, check=True, capture_output=True)
     return work
+
+
+def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_size: int = 32, seed: int = 0) -> Path:
+    """A models/final-style folder holding a tiny random model (weights spread wider than at init, so that
+    greedy decoding does not just repeat one token) and the given tokenizer."""
+    import torch
+
+    from llm.checkpoint import tied_aliases
+    from llm.model import GPT, GPTConfig
+    from llm.model_io import save_model_dir
+    from llm.tokenizer import load_tokenizer
+
+    vocab_size = load_tokenizer(tokenizer_path).get_vocab_size()
+    cfg = GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=block_size, dropout=0.0,
+                    vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    aliases = tied_aliases(model)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    save_model_dir(out, cfg, weights, tokenizer_path)
+    return out
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, sample_tokenizer_path: Path) -> Path:
+    return make_model_dir(tmp_path / "model", sample_tokenizer_path)

@@ -1,10 +1,17 @@
-"""The train stage as DVC runs it: outputs, metrics, and one MLflow run holding params, metrics, artifacts."""
+"""The train and evaluate stages as DVC runs them: outputs, metrics, and one MLflow run holding the
+training's params, metrics and artifacts, to which evaluation adds its own."""
 
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
+from llm.evaluate import score_shards, token_byte_lengths
+from llm.model_io import load_model_dir
 from tests.conftest import ROOT, data_project, read_json, write_params
 
 pytestmark = pytest.mark.slow
@@ -28,9 +35,16 @@ def workdir(tmp_path_factory):
     return data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "test"}, **TINY)
 
 
-def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir):
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """The project after the train stage has run."""
     result = stage(workdir, "train")
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, trained):
+    result = trained
     assert "step 12/12" in result.stderr, "plain progress lines when not on a terminal"
 
     final = workdir / "models/final"
@@ -70,3 +84,43 @@ def test_an_unusable_tracking_uri_fails_before_training(workdir, tmp_path):
     assert result.returncode == 2
     assert "mlflow.tracking_uri" in result.stderr and result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_evaluate_stage_writes_metrics_reports_and_logs_into_the_training_run(workdir, trained):
+    result = stage(workdir, "evaluate")
+    assert result.returncode == 0, result.stderr
+
+    metrics = read_json(workdir / "metrics/eval.json")
+    meta = read_json(workdir / "data/tokens/meta.json")
+    model, tokenizer = load_model_dir(workdir / "models/final")
+    shards = [workdir / "data/tokens" / name for name in meta["splits"]["val"]["shards"]]
+    direct = score_shards(model, shards, token_byte_lengths(tokenizer))
+    assert metrics["val_tokens"] == direct.tokens == meta["splits"]["val"]["tokens"] - len(shards)
+    assert metrics["val_loss"] == pytest.approx(direct.loss, rel=1e-6)
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert metrics["val_bpb"] == pytest.approx(direct.nats / math.log(2) / direct.bytes, rel=1e-6)
+    assert metrics["val_bytes"] == meta["splits"]["val"]["bytes"]  # every byte of the val text, once
+
+    reports = workdir / "reports"
+    samples = (reports / "samples.md").read_text()
+    prompts = yaml.safe_load((workdir / "params.yaml").read_text())["evaluate"]["prompts"]
+    assert samples.count("## Sample ") == len(prompts)
+    # init, the checkpoint at step 6 (the one at 12 is the final model), final
+    pictures = ["loss.png", "attention_evolution.png", "attention/step_000000.png", "attention/step_000006.png",
+                "attention/final.png"]
+    assert sorted(str(p.relative_to(reports)) for p in reports.rglob("*.png")) == sorted(pictures)
+    for name in pictures:
+        image = np.asarray(Image.open(reports / name).convert("RGB"))
+        assert image.shape[0] > 200 and image.shape[1] > 200
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50, f"{name} looks blank"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.run_id == read_json(workdir / "metrics/train.json")["mlflow_run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval/val_bpb"] == pytest.approx(metrics["val_bpb"])
+    assert run.data.metrics["eval/val_loss"] == pytest.approx(metrics["val_loss"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/samples.md", "eval/loss.png", "eval/attention", "eval/eval.json"} <= logged

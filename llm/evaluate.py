@@ -1,0 +1,119 @@
+"""Scoring a model on token streams: loss (nats per token), perplexity, and bits per UTF-8 byte.
+
+Bits per byte divides the total negative log-likelihood (in bits) by the number of bytes the predicted
+tokens decode to, so models with different tokenizers compare on the same footing. A stream is scored in
+consecutive windows of block_size predictions: every token after the first is predicted exactly once, from
+the tokens before it in its window (at most block_size of them).
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tokenizers.pre_tokenizers import ByteLevel
+
+from llm.errors import InputError
+from llm.model import GPT
+from llm.shards import open_shard
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    nats: float  # summed negative log-likelihood of the predicted tokens
+    tokens: int  # predicted tokens
+    bytes: int  # UTF-8 bytes those tokens decode to (special tokens decode to none)
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bpb(self) -> float:
+        return self.nats / math.log(2) / self.bytes
+
+    def __add__(self, other: "Score") -> "Score":
+        return Score(self.nats + other.nats, self.tokens + other.tokens, self.bytes + other.bytes)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """Bytes each token id decodes to. In a byte-level BPE vocabulary every character of a token stands for
+    one byte; added (special) tokens such as <|endoftext|> stand for no text."""
+    alphabet = set(ByteLevel.alphabet())
+    special = set(tokenizer.get_added_tokens_decoder())
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id in special:
+            continue
+        if not set(token) <= alphabet:
+            raise InputError(f"token {token!r} is not byte-level BPE: bits per byte cannot be computed")
+        lengths[token_id] = len(token)
+    return lengths
+
+
+def stream_windows(num_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive windows over a stream: each holds up to block_size + 1 tokens and the
+    next one starts at the previous one's last token, so each token but the first is a target once."""
+    return [(start, min(start + block_size + 1, num_tokens)) for start in range(0, num_tokens - 1, block_size)]
+
+
+@torch.no_grad()
+def score_windows(model: GPT, stream: np.ndarray, windows: list[tuple[int, int]], byte_lengths: np.ndarray,
+                  batch_size: int = 16) -> Score:
+    """Score the given windows of a token stream; windows of the same length go through the model together."""
+    model.eval()
+    device = model.wte.weight.device
+    total = Score(0.0, 0, 0)
+    by_length: dict[int, list[int]] = {}
+    for start, end in windows:
+        by_length.setdefault(end - start, []).append(start)
+    for length, starts in by_length.items():
+        for i in range(0, len(starts), batch_size):
+            batch = np.stack([stream[s:s + length] for s in starts[i:i + batch_size]]).astype(np.int64)
+            tokens = torch.from_numpy(batch).to(device)
+            logits, _ = model(tokens[:, :-1])
+            targets = tokens[:, 1:]
+            nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            total += Score(float(nats), targets.numel(), int(byte_lengths[batch[:, 1:]].sum()))
+    return total
+
+
+def score_ids(model: GPT, ids: list[int] | np.ndarray, byte_lengths: np.ndarray, batch_size: int = 16) -> Score:
+    stream = np.asarray(ids, dtype=np.int64)
+    return score_windows(model, stream, stream_windows(len(stream), model.config.block_size), byte_lengths,
+                         batch_size)
+
+
+def score_text(model: GPT, tokenizer: Tokenizer, text: str, eot_id: int, batch_size: int = 16) -> Score:
+    """Score a text as a document: its tokens are predicted from <|endoftext|> onwards, as in training."""
+    ids = [eot_id, *tokenizer.encode(text).ids]
+    if len(ids) < 2:
+        raise InputError("the text is empty: nothing to score")
+    return score_ids(model, ids, token_byte_lengths(tokenizer), batch_size)
+
+
+def score_shards(model: GPT, shard_paths: list[Path], byte_lengths: np.ndarray, max_tokens: int = 0,
+                 batch_size: int = 16) -> Score:
+    """Score token shards (each its own stream). With max_tokens > 0 and more tokens than that, score only
+    max_tokens // block_size windows, evenly spaced over all shards (deterministic)."""
+    block = model.config.block_size
+    streams = [open_shard(path, vocab_size=model.config.vocab_size) for path in shard_paths]
+    windows = [(i, w) for i, stream in enumerate(streams) for w in stream_windows(len(stream), block)]
+    if not windows:
+        raise InputError(f"{', '.join(map(str, shard_paths))}: no tokens to score")
+    if max_tokens > 0 and len(windows) * block > max_tokens:
+        keep = np.linspace(0, len(windows) - 1, num=max(1, max_tokens // block)).round().astype(int)
+        windows = [windows[i] for i in np.unique(keep)]
+    total = Score(0.0, 0, 0)
+    for i, stream in enumerate(streams):
+        mine = [w for j, w in windows if j == i]
+        if mine:
+            total += score_windows(model, stream, mine, byte_lengths, batch_size)
+    return total

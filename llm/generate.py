@@ -1,0 +1,84 @@
+"""Autoregressive sampling: temperature, top-k, top-p (nucleus), seeded, with or without a KV cache.
+
+With the cache, the prompt is run once (prefill) and every later step feeds only the newest token. When
+the context window fills up, the cache is re-primed with the most recent half window, so a long generation
+costs one prefill per block_size / 2 tokens. Without the cache every step reruns the last block_size tokens;
+the two agree token for token as long as prompt and continuation fit the window.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from llm.model import GPT
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (V,) with everything outside the top-k tokens, then outside the smallest set of tokens whose
+    probability reaches top_p, set to -inf. top_k=0 and top_p=1.0 turn each filter off."""
+    if top_k > 0 and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the first token stays
+        logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """One token id from logits (V,); temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids continuing prompt_ids (cropped from the left to the context
+    window); stop after yielding eot_id. The same seed gives the same tokens."""
+    if not prompt_ids:
+        raise ValueError("the prompt must hold at least one token (start from <|endoftext|>)")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    model.eval()
+    device = model.wte.weight.device
+    block = model.config.block_size
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    ids = list(prompt_ids)[-block:]
+    cache = model.new_cache() if use_cache else None
+    pending = ids  # tokens the cache has not seen yet
+    for _ in range(max_new_tokens):
+        if cache is None:
+            context = ids[-block:]
+        else:
+            if cache.pos + len(pending) > block:  # window full: re-prime with the recent half
+                cache.pos = 0
+                pending = ids[-max(1, block // 2):]
+            context = pending
+        logits, _ = model(torch.tensor([context], device=device), cache=cache)
+        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        yield token
+        if token == eot_id:
+            return
+        ids.append(token)
+        pending = [token]

@@ -1,0 +1,97 @@
+"""reports/: what a trained model writes (samples.md) and how its attention formed (heatmaps PNG)."""
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from llm.checkpoint import checkpoint_dirs, read_state
+from llm.config import EvaluateConfig
+from llm.errors import InputError
+from llm.generate import generate
+from llm.model import GPT
+from llm.model_io import load_weights
+from llm.plots import plot_attention, plot_attention_evolution, plot_loss
+
+log = logging.getLogger(__name__)
+
+MAX_ATTENTION_TOKENS = 48  # heatmaps beyond this many tokens are unreadable
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, eot_id: int) -> list[int]:
+    """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as every training document does."""
+    return tokenizer.encode(prompt).ids or [eot_id]
+
+
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConfig, eot_id: int) -> str:
+    ids = list(generate(model, prompt_ids(tokenizer, prompt, eot_id), cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eot_id=eot_id))
+    return tokenizer.decode([i for i in ids if i != eot_id])
+
+
+def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int) -> str:
+    c = model.config
+    lines = ["# Samples", "",
+             f"{c.arch}, {c.n_layer} layers x {c.n_head} heads x {c.n_embd}, context {c.block_size}; "
+             f"temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}, seed {cfg.seed}, "
+             f"up to {cfg.max_new_tokens} new tokens. The prompt is in bold.", ""]
+    for i, prompt in enumerate(cfg.prompts, 1):
+        continuation = sample_text(model, tokenizer, prompt, cfg, eot_id)
+        lines += [f"## Sample {i}: {prompt.splitlines()[0] if prompt.strip() else '(empty prompt)'}", "",
+                  "<pre>", f"<b>{_html(prompt)}</b>{_html(continuation)}", "</pre>", ""]
+    return "\n".join(lines)
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
+
+
+def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tuple[str, str, GPT]]:
+    """(title, file stem, model) in training order: the initial weights, each saved checkpoint, the final
+    model. Checkpoints that do not fit the model's config (another run's) are skipped with a warning."""
+    snapshots = [("step 0 (init)", "step_000000", initial)]
+    for path in reversed(checkpoint_dirs(checkpoints)):
+        state = read_state(path)
+        try:
+            weights = load_weights(GPT(model.config), path / "model.safetensors")
+        except InputError as err:
+            log.warning("attention maps: skipping checkpoint %s (%s)", path, err)
+            continue
+        if all(torch.equal(a, b) for a, b in zip(weights.state_dict().values(), model.state_dict().values(),
+                                                 strict=True)):
+            continue  # the last checkpoint often is the final model
+        step = state["step"] if state else int(path.name.removeprefix("step_"))
+        snapshots.append((f"step {step}", f"step_{step:06d}", weights))
+    snapshots.append(("final", "final", model))
+    return snapshots
+
+
+def write_reports(out: Path, model: GPT, initial: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int,
+                  checkpoints: Path, train_csv: Path | None) -> list[Path]:
+    """Write samples.md, loss.png (when the training's loss table exists) and the attention heatmaps into
+    `out`; return the files written."""
+    written = [out / "samples.md"]
+    written[0].write_text(samples_markdown(model, tokenizer, cfg, eot_id))
+    if train_csv is not None and Path(train_csv).is_file():
+        plot_loss(train_csv, out / "loss.png")
+        written.append(out / "loss.png")
+
+    ids = [eot_id, *tokenizer.encode(cfg.attention_text).ids][:min(MAX_ATTENTION_TOKENS, model.config.block_size)]
+    labels = token_labels(tokenizer, ids)
+    evolution = []
+    device = model.wte.weight.device
+    (out / "attention").mkdir(parents=True, exist_ok=True)
+    for title, stem, snapshot in attention_snapshots(model, initial, checkpoints):
+        maps = snapshot.to(device).eval().attention_maps(torch.tensor([ids], device=device)).cpu().numpy()
+        file = out / "attention" / f"{stem}.png"
+        plot_attention(maps, labels, f"attention, {title}: {cfg.attention_text!r}", file)
+        written.append(file)
+        evolution.append((title, maps))
+    plot_attention_evolution(evolution, out / "attention_evolution.png")
+    written.append(out / "attention_evolution.png")
+    return written
