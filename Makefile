@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro test lint clean-venv
+.PHONY: setup browser repro test lint ui clean-venv
 
 setup: $(STAMP)
 
@@ -19,8 +19,20 @@ $(STAMP): pyproject.toml
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+# The browser test drives Debian's Chromium (headless); install it when missing (root, or sudo).
+browser:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+# The MLflow UI on this machine only, against the project's tracking database (mlflow.tracking_uri).
+UI_PORT ?= 5000
+ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
+		--backend-store-uri "$$($(BIN)/python -m stages tracking-uri)"
 
 lint: setup
 	$(BIN)/ruff check llm stages tests benchmarks

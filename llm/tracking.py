@@ -52,6 +52,10 @@ class MlflowRun:
         self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
         mlflow.set_tracking_uri(self.uri)
         try:
+            if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.experiment) is None:
+                # Artifacts beside the database, not in the working directory of the first run (which may
+                # be a temporary DVC experiment folder).
+                mlflow.create_experiment(cfg.experiment, artifact_location=(Path(root) / "mlruns").resolve().as_uri())
             mlflow.set_experiment(cfg.experiment)
         except Exception as err:  # mlflow raises many kinds: connection, sqlalchemy, permission
             raise ConfigError("mlflow.tracking_uri", f"{self.uri} is not usable: {str(err).splitlines()[0]}") from None

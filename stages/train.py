@@ -18,7 +18,7 @@ from llm.model import GPTConfig
 from llm.model_io import save_model_dir
 from llm.progress import TrainProgress
 from llm.tokenizer import file_sha256, load_tokenizer
-from llm.tracking import MlflowRun
+from llm.tracking import MlflowRun, resolve_tracking_uri
 from llm.train import train as train_model
 from stages.cli import PARAMS, stage
 from stages.params import load_params
@@ -94,6 +94,12 @@ def start_mlflow_run(cfg, meta: dict) -> MlflowRun:
     run = MlflowRun(cfg.mlflow, root, tracked, tags, run_name=os.environ.get("DVC_EXP_NAME"))
     log.info("MLflow run %s in experiment %r at %s", run.run_id, cfg.mlflow.experiment, run.uri)
     return run
+
+
+@stage
+def tracking_uri(params: Path = PARAMS) -> None:
+    """Print mlflow.tracking_uri as the stages use it (a relative SQLite path made absolute): `make ui`."""
+    typer.echo(resolve_tracking_uri(load_params(params).mlflow.tracking_uri, project_root()))
 
 
 def fail_for_testing(step: int) -> None:

@@ -1,5 +1,7 @@
-"""`dvc repro` reruns exactly the stages a change affects (run in a temporary git repo)."""
+"""`dvc repro` reruns exactly the stages a change affects, and `dvc exp` runs and compares experiments
+(in a temporary git repo)."""
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +19,8 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
     return result.stdout
@@ -25,7 +28,11 @@ def run(cmd: list[str], cwd: Path) -> str:
 
 def repro(repo: Path, *targets: str) -> set[str]:
     """Run `dvc repro [targets]`; return the stages whose commands actually ran."""
-    return set(re.findall(r"Running stage '(\w+)'", run(["dvc", "repro", *targets], repo)))
+    return ran(run(["dvc", "repro", *targets], repo))
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
 
 
 def edit_params(repo: Path, section: str, key: str, value) -> None:
@@ -55,6 +62,7 @@ def repo(tmp_path):
     params["model"].update(n_layer=1, n_head=2, n_embd=16, block_size=16)
     params["train"].update(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
                            checkpoint_interval=2, dtype="float32")
+    params["evaluate"].update(max_new_tokens=8, prompts=["Act 1.", ""])
     params["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], repo)
@@ -63,29 +71,58 @@ def repo(tmp_path):
     return repo
 
 
-def test_repro_reruns_only_what_a_change_affects(repo):
-    assert repro(repo) == {"fetch", "clean", "tokenizer", "tokenize", "train"}
+def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
+    everything = {"fetch", "clean", "tokenizer", "tokenize", "train", "evaluate"}
+    assert repro(repo) == everything
     assert read_json(repo / "metrics/clean.json")["documents_out"] == 24
     assert read_json(repo / "metrics/train.json")["steps"] == 4
+    assert read_json(repo / "metrics/eval.json")["val_bpb"] > 0
     assert repro(repo) == set(), "a no-op repro does nothing"
     assert "up to date" in run(["dvc", "status"], repo)
 
     (repo / "params.yaml").write_text("# a comment only\n" + (repo / "params.yaml").read_text())
     assert repro(repo) == set()
 
-    # The data stages, up to tokenize: each change reruns its stage and what depends on it.
+    edit_params(repo, "train", "lr", 0.01)
+    assert repro(repo) == {"train", "evaluate"}
+    assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0, "new params start a fresh run"
+
+    edit_params(repo, "evaluate", "temperature", 0.5)
+    assert repro(repo) == {"evaluate"}
+
     edit_params(repo, "tokenizer", "vocab_size", 280)
-    assert repro(repo, "tokenize") == {"tokenizer", "tokenize"}
+    assert repro(repo) == {"tokenizer", "tokenize", "train", "evaluate"}
     assert read_json(repo / "data/tokens/meta.json")["vocab_size"] == 280
 
+    # The data stages, up to tokenize: each change reruns its stage and what depends on it.
     edit_params(repo, "clean", "min_chars", 200)  # drops the shortest plays
     assert repro(repo, "tokenize") == {"clean", "tokenizer", "tokenize"}
     assert read_json(repo / "metrics/clean.json")["dropped"]["too_short"] > 0
 
     edit_params(repo, "tokenize", "shard_tokens", 1000)
     assert repro(repo, "tokenize") == {"tokenize"}
+    assert repro(repo) == {"train", "evaluate"}, "new token shards retrain"
 
-    assert repro(repo) == {"train"}, "new token shards retrain"
-    edit_params(repo, "train", "lr", 0.01)
-    assert repro(repo) == {"train"}
-    assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0, "new params start a fresh run"
+    # Experiments: commit this state as the baseline, run one with another learning rate, compare.
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+
+    output = run(["dvc", "exp", "run", "-n", "lr-low", "-S", "train.lr=0.005"], repo)
+    assert ran(output) == {"train", "evaluate"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.005
+
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    experiments = {}
+    for row in rows:  # the baseline commit (and the workspace), each with its experiments
+        for exp in [row, *[e for ex in row.get("experiments") or [] for e in ex.get("revs", [])]]:
+            data = exp.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/eval.json", {}).get("data", {})
+            if params and metrics:
+                experiments[exp.get("name") or exp["rev"]] = (params["train"]["lr"], metrics["val_bpb"])
+    assert "lr-low" in experiments and experiments["lr-low"][0] == 0.005
+    assert any(lr == 0.01 for name, (lr, _) in experiments.items() if name != "lr-low"), experiments
+    assert all(bpb > 0 for _, bpb in experiments.values())
+
+    diff = run(["dvc", "metrics", "diff", "--json"], repo)  # workspace (lr-low) against the baseline commit
+    assert "metrics/eval.json" in json.loads(diff)

@@ -1,0 +1,66 @@
+"""Decoding speed with and without the KV cache: tokens/s at a number of new tokens.
+
+    python benchmarks/generate_speed.py                       # the default params.yaml model shape
+    python benchmarks/generate_speed.py --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024  # GPT-2 124M
+
+Random weights (speed does not depend on them), greedy decoding from a one-token prompt, never stopping
+early. Both paths run in the same process, alternating, best of --repeats each; the ratio is the figure.
+The two token sequences are checked to be equal.
+"""
+
+import argparse
+import time
+
+import torch
+
+from llm.generate import generate
+from llm.model import GPT, GPTConfig
+
+
+def timed(model: GPT, new_tokens: int, use_cache: bool) -> tuple[float, list[int]]:
+    if model.wte.weight.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    ids = list(generate(model, [0], new_tokens, use_cache=use_cache))
+    if model.wte.weight.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="gpt2")
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The context must hold the prompt and every new token, so both paths see the same text.
+    block_size = max(args.block_size, args.new_tokens + 1)
+    cfg = GPTConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                    block_size=block_size, dropout=0.0, vocab_size=args.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    print(f"{args.arch} {args.n_layer}x{args.n_embd}, {model.num_params() / 1e6:.1f} M params, block {block_size}, "
+          f"{args.new_tokens} new tokens, {device.type}, {torch.get_num_threads()} threads")
+    timed(model, 8, True)  # warm-up
+    best = {True: float("inf"), False: float("inf")}
+    outputs = {}
+    for _ in range(args.repeats):
+        for use_cache in (True, False):
+            seconds, outputs[use_cache] = timed(model, args.new_tokens, use_cache)
+            best[use_cache] = min(best[use_cache], seconds)
+    assert outputs[True] == outputs[False], "cached and uncached greedy decoding differ"
+    for use_cache in (True, False):
+        print(f"{'with cache' if use_cache else 'no cache':>10}: {args.new_tokens / best[use_cache]:8.1f} tokens/s "
+              f"({best[use_cache]:.2f} s)")
+    print(f"speed-up with the KV cache: {best[False] / best[True]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

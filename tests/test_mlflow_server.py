@@ -1,0 +1,153 @@
+"""Two trainings with different learning rates against a real MLflow tracking server, checked through its
+REST API and in a real browser (headless Chromium on the compare view)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.tracking import flatten
+from stages.params import load_params
+from tests.conftest import ROOT, data_project, read_json
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TINY = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+    "train": {"batch_size": 2, "max_steps": 6, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1,
+              "log_interval": 2, "checkpoint_interval": 3, "dtype": "float32"},
+    "evaluate": {"max_new_tokens": 8},
+}
+RATES = {"lr-small": 0.001, "lr-large": 0.01}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    """GET (or POST a JSON body to) the MLflow REST API."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, with its own database and artifact store."""
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
+        cwd=home, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "w"))  # noqa: SIM115
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"MLflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def runs(server, tmp_path_factory):
+    """Train and evaluate twice on the same data, once per learning rate; (project, {run name: run id})."""
+    work = data_project(tmp_path_factory.mktemp("project"), mlflow={"tracking_uri": server, "experiment": "lr"},
+                        **TINY)
+    ids = {}
+    for name, lr in RATES.items():
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["train"]["lr"] = lr
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(params))
+        out = work / name
+        paths = {"train": ["--out", out / "final", "--metrics", out / "train.json", "--plots", out / "train.csv",
+                           "--checkpoints", out / "checkpoints"],
+                 "evaluate": ["--model", out / "final", "--metrics", out / "eval.json", "--reports", out / "reports",
+                              "--checkpoints", out / "checkpoints", "--train-plots", out / "train.csv"]}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_EXP_NAME": name}  # the run name, as `dvc exp run` sets it
+        for command, options in paths.items():
+            result = subprocess.run([sys.executable, "-m", "stages", command, "--params", f"{name}.yaml",
+                                     *map(str, options)], cwd=work, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+        ids[name] = read_json(out / "train.json")["mlflow_run_id"]
+        assert read_json(out / "eval.json")["mlflow_run_id"] == ids[name]
+    return work, ids
+
+
+def test_both_runs_carry_params_loss_history_eval_metrics_and_artifacts(server, runs):
+    work, ids = runs
+    experiment = api(server, "experiments/get-by-name?experiment_name=lr")["experiment"]
+    found = api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    assert sorted(run["info"]["run_name"] for run in found) == sorted(RATES)
+
+    expected_keys = set(flatten(load_params(work / "lr-small.yaml").to_dict()))
+    for name, run_id in ids.items():
+        run = api(server, f"runs/get?run_id={run_id}")["run"]
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert expected_keys <= set(params), expected_keys - set(params)
+        assert float(params["train.lr"]) == RATES[name]
+
+        history = api(server, f"metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
+        assert [m["step"] for m in history] == [2, 4, 6]
+        assert all(m["value"] > 0 for m in history)
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["eval/val_bpb"] == pytest.approx(read_json(work / name / "eval.json")["val_bpb"])
+        assert {"eval/val_loss", "eval/val_perplexity", "val_loss", "tokens_per_sec"} <= set(metrics)
+
+        top = {f["path"] for f in api(server, f"artifacts/list?run_id={run_id}")["files"]}
+        assert {"config.json", "tokenizer.json", "train.csv", "model", "eval"} <= top
+        evaluation = {f["path"] for f in api(server, f"artifacts/list?run_id={run_id}&path=eval")["files"]}
+        assert {"eval/samples.md", "eval/loss.png", "eval/attention", "eval/eval.json"} <= evaluation
+    small, large = (api(server, f"runs/get?run_id={ids[n]}")["run"] for n in RATES)
+    assert small["data"]["metrics"] != large["data"]["metrics"], "different learning rates, different runs"
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_the_compare_view_shows_both_runs_and_the_metric_in_a_browser(server, runs, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed: `make setup-test` installs it"
+    work, ids = runs
+    experiment = api(server, "experiments/get-by-name?experiment_name=lr")["experiment"]
+    query = urllib.parse.urlencode({"runs": json.dumps(list(ids.values())),
+                                    "experiments": json.dumps([experiment["experiment_id"]])})
+    url = f"{server}/#/compare-runs?{query}"
+    browser = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1400",
+               "--virtual-time-budget=30000"]
+
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for name in RATES:
+        assert name in dom.stdout, f"run {name} not on the compare page"
+    assert "eval/val_bpb" in dom.stdout
+
+    screenshot = tmp_path / "compare.png"
+    shot = subprocess.run([*browser, f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=180)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    if os.environ.get("LLM_SCREENSHOT_DIR"):  # to look at it: LLM_SCREENSHOT_DIR=docs pytest ...
+        shutil.copy(screenshot, Path(os.environ["LLM_SCREENSHOT_DIR"]) / "mlflow-compare.png")
