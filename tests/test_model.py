@@ -126,3 +126,20 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     decay = [lr_at(step, cfg) for step in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_maps_are_the_probabilities_forward_applies(arch):
+    model = make(arch).eval()
+    idx = torch.randint(0, 97, (1, 12))
+    maps = model.attention_maps(idx)
+    assert maps.shape == (2, 2, 12, 12)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 12))
+    assert torch.all(maps.triu(diagonal=1) == 0), "no attention to future positions"
+    # Weighting the first layer's values by its map gives the attention output forward computes.
+    block = model.blocks[0]
+    x, rope = model.embed(idx)
+    h = block.ln_1(x)
+    _, _, v = block.attn.qkv(h, rope)
+    y = (maps[0] @ v[0]).transpose(0, 1).reshape(12, -1)
+    torch.testing.assert_close(block.attn.c_proj(y)[None], block.attn(h, rope), atol=1e-5, rtol=1e-5)
