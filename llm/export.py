@@ -1,0 +1,195 @@
+"""Export a trained GPT as a Hugging Face `transformers` folder, written by hand (transformers is not imported).
+
+The folder loads offline with `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`:
+
+  config.json              GPT2LMHeadModel (gpt2) or LlamaForCausalLM (llama), float32
+  model.safetensors        the weights under transformers' names, metadata {"format": "pt"}
+  generation_config.json   bos/eos = <|endoftext|>
+  tokenizer.json           our tokenizer, copied as is
+  tokenizer_config.json    PreTrainedTokenizerFast over tokenizer.json; special_tokens_map.json
+
+Weight names, ours -> transformers (i is the layer):
+
+  gpt2   wte, wpe, ln_f                 -> transformer.wte, transformer.wpe, transformer.ln_f
+         blocks.i.{ln_1, ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}
+                                        -> transformer.h.i.{same names}
+         lm_head (tied to wte)          -> not stored; tie_word_embeddings restores it
+  llama  wte, ln_f, lm_head             -> model.embed_tokens, model.norm, lm_head
+         blocks.i.ln_1, blocks.i.ln_2   -> model.layers.i.input_layernorm, model.layers.i.post_attention_layernorm
+         blocks.i.attn.c_attn (3C, C)   -> model.layers.i.self_attn.{q,k,v}_proj, its rows cut in three
+         blocks.i.attn.c_proj           -> model.layers.i.self_attn.o_proj
+         blocks.i.mlp.{gate, up, down}  -> model.layers.i.mlp.{gate,up,down}_proj
+
+Layouts: GPT-2's linear layers are Conv1D, which store the weight as (in, out), so ours, nn.Linear's (out, in), are
+transposed. Llama's are nn.Linear and keep their layout; its rotary embedding rotates (first half, second half) of
+each head with inv_freq = 1 / 10000^(2j / head_dim), as ours does, so q and k need no permutation.
+
+Tokenizer: text is encoded with split_special_tokens, as our load_tokenizer does: the string "<|endoftext|>" in
+input text is plain text; only code emits the <|endoftext|> id. No BOS or EOS is added to encodings.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llm.checkpoint import tied_aliases
+from llm.config import EOT
+from llm.errors import InputError
+from llm.fileio import atomic_dir
+from llm.model import GPT
+from llm.tokenizer import load_tokenizer
+
+ROPE_THETA = 10_000.0  # llm.model.rope_tables' default
+NORM_EPS = 1e-5  # nn.LayerNorm's default, and the eps of our RMSNorm
+
+
+def export_hf(model: GPT, tokenizer_path: Path, out: Path) -> None:
+    """Write `out` (replaced whole, atomically) as a transformers model folder for `model` and its tokenizer."""
+    cfg = model.config
+    if cfg.arch not in ("gpt2", "llama"):
+        raise InputError(f"cannot export arch {cfg.arch!r} to transformers: only gpt2 and llama")
+    tokenizer = load_tokenizer(tokenizer_path)  # raises InputError without <|endoftext|>
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise InputError(f"{tokenizer_path}: {tokenizer.get_vocab_size()} tokens, but the model has "
+                         f"vocab_size {cfg.vocab_size}; is this the tokenizer it was trained with?")
+    eot_id = tokenizer.token_to_id(EOT)
+    weights = _our_weights(model)
+    if cfg.arch == "gpt2":
+        config, tensors = _gpt2_config(model, eot_id), _gpt2_tensors(weights, cfg.n_layer)
+    else:
+        config, tensors = _llama_config(model, eot_id), _llama_tensors(weights, cfg.n_layer)
+    if weights:
+        raise ValueError(f"weights with no transformers name: {sorted(weights)}")
+
+    with atomic_dir(out) as staging:
+        _write_json(staging / "config.json", config)
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(staging / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
+        shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        _write_json(staging / "tokenizer_config.json", _tokenizer_config(cfg.block_size))
+        _write_json(staging / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+
+
+def _our_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """Float32 CPU copies of the weights by our names, a tied alias (gpt2's lm_head.weight) left out. Each is a
+    contiguous tensor of its own: safetensors refuses tensors that share storage."""
+    aliases = tied_aliases(model)
+    return {name: tensor.detach().to("cpu", torch.float32).contiguous().clone()
+            for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+def _gpt2_tensors(weights: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """Pops every entry of `weights` it maps."""
+    tensors = {f"transformer.{name}": weights.pop(name) for name in
+               ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        for part in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            ours, theirs = f"blocks.{i}.{part}", f"transformer.h.{i}.{part}"
+            weight = weights.pop(f"{ours}.weight")
+            is_linear = not part.startswith("ln_")
+            tensors[f"{theirs}.weight"] = weight.t().contiguous() if is_linear else weight  # Conv1D: (in, out)
+            tensors[f"{theirs}.bias"] = weights.pop(f"{ours}.bias")
+    return tensors
+
+
+def _llama_tensors(weights: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """Pops every entry of `weights` it maps."""
+    tensors = {
+        "model.embed_tokens.weight": weights.pop("wte.weight"),
+        "model.norm.weight": weights.pop("ln_f.weight"),
+        "lm_head.weight": weights.pop("lm_head.weight"),
+    }
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        # Rows: q, then k, then v. Cloned, as each chunk is a view into the fused weight.
+        q, k, v = (part.clone() for part in weights.pop(f"{ours}.attn.c_attn.weight").chunk(3, dim=0))
+        tensors |= {
+            f"{theirs}.input_layernorm.weight": weights.pop(f"{ours}.ln_1.weight"),
+            f"{theirs}.post_attention_layernorm.weight": weights.pop(f"{ours}.ln_2.weight"),
+            f"{theirs}.self_attn.q_proj.weight": q,
+            f"{theirs}.self_attn.k_proj.weight": k,
+            f"{theirs}.self_attn.v_proj.weight": v,
+            f"{theirs}.self_attn.o_proj.weight": weights.pop(f"{ours}.attn.c_proj.weight"),
+        }
+        for part in ("gate", "up", "down"):
+            tensors[f"{theirs}.mlp.{part}_proj.weight"] = weights.pop(f"{ours}.mlp.{part}.weight")
+    return tensors
+
+
+def _common_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    return {
+        "vocab_size": model.config.vocab_size,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "dtype": "float32",
+        "torch_dtype": "float32",  # the name transformers 4 reads; 5 reads dtype
+        "use_cache": True,
+    }
+
+
+def _gpt2_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.mlp_hidden,
+        "activation_function": "gelu_new",  # the tanh approximation, as our MLP's F.gelu(approximate="tanh")
+        "layer_norm_epsilon": NORM_EPS,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        **_common_config(model, eot_id),
+    }
+
+
+def _llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": NORM_EPS,
+        # transformers 5 reads rope_parameters; transformers 4 reads the top-level rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_theta": ROPE_THETA,
+        "attention_bias": False,
+        "attention_dropout": cfg.dropout,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        **_common_config(model, eot_id),
+    }
+
+
+def _tokenizer_config(block_size: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # the generic class: runs tokenizer.json as it is
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
+        "model_max_length": block_size,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "split_special_tokens": True,  # as load_tokenizer: "<|endoftext|>" in text is plain text
+        "clean_up_tokenization_spaces": False,  # decode(encode(s)) == s
+    }
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

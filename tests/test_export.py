@@ -1,0 +1,151 @@
+"""Hugging Face export: transformers loads the folder offline and computes what our model and tokenizer do."""
+
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm.config import EOT
+from llm.errors import InputError
+from llm.export import export_hf
+from llm.generate import generate
+from llm.model_io import load_model_dir
+from tests.conftest import ROOT, make_model_dir
+
+TEXT = ("Hello, world!  Two  spaces,\n\nblank lines\tand tabs. 天地玄黄 東京は日本の首都です。 "
+        "في البدء كانت الكلمة. सत्यमेव जयते। Emoji 🎭👩‍💻🇬🇧, accents: Ça va, naïve, e\u0301, Größe.\n")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the env is read once, at import
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the export must load without the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def exported(request, tmp_path, sample_tokenizer_path):
+    """(our model, our tokenizer, the exported folder) for a tiny model whose every weight is perturbed off its
+    init (biases and norm weights included), so that a tensor mapped wrongly changes the logits."""
+    model_dir = make_model_dir(tmp_path / "model", sample_tokenizer_path, arch=request.param, block_size=64)
+    model, tokenizer = load_model_dir(model_dir)
+    out = tmp_path / "hf"
+    export_hf(model, model_dir / "tokenizer.json", out)
+    return model.eval(), tokenizer, out
+
+
+def load_hf(out):
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return hf.eval()
+
+
+@torch.no_grad()
+def test_transformers_computes_our_logits(exported):
+    model, _, out = exported
+    hf = load_hf(out)
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[model.config.arch]
+    assert hf.dtype == torch.float32
+    torch.manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))  # the full window
+    torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_transformers_greedy_generation_equals_ours(exported):
+    model, tokenizer, out = exported
+    hf = load_hf(out)
+    eot_id = tokenizer.token_to_id(EOT)
+    prompt = tokenizer.encode("To be, or not to be").ids
+    ours = list(generate(model, prompt, 20, eot_id=eot_id))  # stops after <|endoftext|>, as generate does
+    input_ids = torch.tensor([prompt])
+    theirs = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=20, do_sample=False,
+                         eos_token_id=eot_id, pad_token_id=eot_id)
+    assert theirs[0, len(prompt):].tolist() == ours
+    assert len(set(ours)) > 3, "a degenerate model would make this comparison weak"
+
+
+def test_transformers_tokenizer_encodes_and_decodes_as_ours(exported):
+    model, tokenizer, out = exported
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    eot_id = tokenizer.token_to_id(EOT)
+    for text in (TEXT, f"a literal {EOT} in text is text"):
+        ids = hf_tokenizer(text)["input_ids"]  # with its default add_special_tokens=True: no BOS is added
+        assert ids == tokenizer.encode(text).ids
+        assert hf_tokenizer.decode(ids) == text
+    assert eot_id not in hf_tokenizer(EOT)["input_ids"]  # only code emits <|endoftext|>, as in our tokenizer
+    assert hf_tokenizer.bos_token == hf_tokenizer.eos_token == EOT
+    assert hf_tokenizer.bos_token_id == hf_tokenizer.eos_token_id == eot_id
+    assert hf_tokenizer.model_max_length == model.config.block_size
+
+
+def test_weights_file_and_configs(exported):
+    model, tokenizer, out = exported
+    with safe_open(out / "model.safetensors", framework="pt") as weights:
+        assert weights.metadata() == {"format": "pt"}
+        names = set(weights.keys())
+        assert {weights.get_tensor(name).dtype for name in names} == {torch.float32}
+    config = json.loads((out / "config.json").read_text())
+    eot_id = tokenizer.token_to_id(EOT)
+    assert config["bos_token_id"] == config["eos_token_id"] == eot_id
+    if model.config.arch == "gpt2":
+        assert "lm_head.weight" not in names and config["tie_word_embeddings"]  # restored from wte
+        assert len(names) == 4 + 12 * model.config.n_layer
+    else:
+        assert "lm_head.weight" in names and not config["tie_word_embeddings"]
+        assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
+        assert len(names) == 3 + 9 * model.config.n_layer
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == generation["eos_token_id"] == eot_id
+
+
+def test_export_replaces_the_folder_whole(tmp_path, sample_tokenizer_path):
+    model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.bin").write_text("from an earlier export")
+    export_hf(model, sample_tokenizer_path, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
+
+
+def test_unsupported_arch_or_tokenizer_is_an_input_error(tmp_path, sample_tokenizer_path):
+    model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
+    no_eot = tmp_path / "no_eot.json"
+    no_eot.write_text(Tokenizer(models.BPE()).to_str())
+    with pytest.raises(InputError, match=EOT):
+        export_hf(model, no_eot, tmp_path / "hf")
+    model.config = dataclasses.replace(model.config, arch="mamba")
+    with pytest.raises(InputError, match="mamba"):
+        export_hf(model, sample_tokenizer_path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_hf_command_writes_a_loadable_folder(tmp_path, tiny_model_dir):
+    out = tmp_path / "hf"
+    command = [sys.executable, "-m", "stages", "export-hf", "--model", str(tiny_model_dir), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert result.returncode == 0, result.stderr
+    hf = load_hf(out)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert AutoTokenizer.from_pretrained(out).eos_token == EOT
+
+    missing = subprocess.run([*command[:5], str(tmp_path / "nope"), "--out", str(tmp_path / "hf2")],
+                             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert missing.returncode == 2 and "config.json" in missing.stderr
+    assert not (tmp_path / "hf2").exists()
