@@ -12,9 +12,10 @@ import argparse
 import time
 
 import torch
+from model_args import add_model_args, model_config
 
 from llm.generate import generate
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
 
 
 def timed(model: GPT, new_tokens: int, use_cache: bool) -> tuple[float, list[int]]:
@@ -29,12 +30,7 @@ def timed(model: GPT, new_tokens: int, use_cache: bool) -> tuple[float, list[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="gpt2")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    add_model_args(parser, n_layer=4, n_head=4, n_embd=256)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -42,8 +38,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The context must hold the prompt and every new token, so both paths see the same text.
     block_size = max(args.block_size, args.new_tokens + 1)
-    cfg = GPTConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                    block_size=block_size, dropout=0.0, vocab_size=args.vocab_size)
+    cfg = model_config(args, block_size)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     print(f"{args.arch} {args.n_layer}x{args.n_embd}, {model.num_params() / 1e6:.1f} M params, block {block_size}, "

@@ -11,22 +11,18 @@ import argparse
 import time
 
 import torch
+from model_args import add_model_args, model_config
 
 from llm.config import TrainConfig
 from llm.distributed import Runtime
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
 from llm.parallel import parallelize
 from llm.train import autocast, configure_optimizer, peak_flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="gpt2")
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=384)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    add_model_args(parser, n_layer=6, n_head=6, n_embd=384)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true")
@@ -36,8 +32,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak, source = peak_flops(device, args.dtype)  # before compilation starts worker processes
-    cfg = GPTConfig(arch=args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                    block_size=args.block_size, dropout=0.0, vocab_size=args.vocab_size)
+    cfg = model_config(args)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     train_cfg = TrainConfig(dtype=args.dtype)
