@@ -44,10 +44,13 @@ def _import_mlflow():
 
 
 class MlflowRun:
-    """Opens the run at construction (after checking the tracking server answers); log_* afterwards."""
+    """Opens the run at construction (after checking the tracking server answers); log_* afterwards.
+
+    With `resume_run_id` (a training resumed from a checkpoint), the run that training started is reopened
+    if the server still has it, so an interrupted and resumed training stays one run."""
 
     def __init__(self, cfg: MlflowConfig, root: Path, params: dict[str, Any], tags: dict[str, str],
-                 run_name: str | None = None) -> None:
+                 run_name: str | None = None, resume_run_id: str | None = None) -> None:
         self.mlflow = mlflow = _import_mlflow()
         self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
         mlflow.set_tracking_uri(self.uri)
@@ -59,9 +62,27 @@ class MlflowRun:
             mlflow.set_experiment(cfg.experiment)
         except Exception as err:  # mlflow raises many kinds: connection, sqlalchemy, permission
             raise ConfigError("mlflow.tracking_uri", f"{self.uri} is not usable: {str(err).splitlines()[0]}") from None
-        self.run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+        params = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        previous = self._find_run(resume_run_id) if resume_run_id else None
+        if previous is None:
+            self.run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+            mlflow.log_params(params)
+        else:
+            self.run = mlflow.start_run(run_id=resume_run_id, tags=tags, log_system_metrics=True)
+            # A param cannot change value in MLflow; those the resumed run may change (logging, compile,
+            # process count) are recorded as tags instead.
+            logged = previous.data.params
+            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+            mlflow.set_tags({f"resumed.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
         self.run_id = self.run.info.run_id
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        self.resumed = previous is not None
+
+    def _find_run(self, run_id: str):
+        try:
+            return self.mlflow.MlflowClient(self.uri).get_run(run_id)
+        except Exception:  # deleted, or another database: start a new run
+            log.warning("MLflow run %s of the checkpoint is not at %s: starting a new run", run_id, self.uri)
+            return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

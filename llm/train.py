@@ -119,6 +119,18 @@ def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path) ->
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def resumable_state(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path,
+                    checkpoint_dir: Path) -> dict[str, Any] | None:
+    """state.json of the checkpoint `train` would resume from (the newest readable one, if it belongs to
+    this run), or None for a fresh start. It does not check the weights; `train` does."""
+    fingerprint = run_fingerprint(model_cfg, cfg, tokens_dir)
+    for path in checkpoint_dirs(checkpoint_dir):
+        state = read_state(path)
+        if state is not None:
+            return state if state.get("fingerprint") == fingerprint else None
+    return None
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: GPT  # the trained model, uncompiled (sharded under FSDP)
@@ -153,12 +165,13 @@ def initial_model(model_cfg: GPTConfig, seed: int) -> GPT:
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
           runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, run_state: dict[str, Any] | None = None) -> TrainResult:
     """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
 
     Every rank of a distributed run calls this; rank 0 alone writes checkpoints and calls `on_log` with each
     log row (the moment to send metrics to a tracker). `stop_after` ends the run after that many steps, as
-    an interruption would (tests use it to check resume)."""
+    an interruption would (tests use it to check resume). `run_state` (JSON) is saved in every checkpoint,
+    for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there)."""
     if not isinstance(runtime, Runtime):
         runtime = Runtime(device=torch.device(runtime))
     device = runtime.device
@@ -264,7 +277,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
             snapshot = {"train_loss": history[-1]["train_loss"] if history else None, "val_loss": val_loss,
                         "tokens_per_sec": run_tokens_per_sec}
             save_checkpoint(checkpoint_dir, done, model, optimizer,
-                            {"fingerprint": fingerprint, "tokens_seen": tokens_seen, "metrics": snapshot,
+                            {**(run_state or {}), "fingerprint": fingerprint, "tokens_seen": tokens_seen,
+                             "metrics": snapshot,
                              "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg)},
                             cfg.keep_checkpoints, runtime)
         if done % cfg.log_interval == 0 or done == last_step or evaluate_now:

@@ -19,6 +19,7 @@ from llm.model_io import save_model_dir
 from llm.progress import TrainProgress
 from llm.tokenizer import file_sha256, load_tokenizer
 from llm.tracking import MlflowRun, resolve_tracking_uri
+from llm.train import resumable_state
 from llm.train import train as train_model
 from stages.cli import PARAMS, stage
 from stages.params import load_params
@@ -65,7 +66,11 @@ def train(
     with distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        run = start_mlflow_run(cfg, meta) if runtime.is_main else None
+        run, run_state = None, None
+        if runtime.is_main:
+            resumed = resumable_state(model_cfg, cfg.train, tokens, checkpoints) or {}
+            run = start_mlflow_run(cfg, meta, resumed.get("mlflow_run_id"))
+            run_state = {"mlflow_run_id": run.run_id}
 
         def on_log(row: dict) -> None:
             progress.update(row)
@@ -74,7 +79,8 @@ def train(
 
         try:
             with TrainProgress(cfg.train.max_steps, interactive=None if runtime.is_main else False) as progress:
-                result = train_model(model_cfg, cfg.train, tokens, checkpoints, runtime, on_log=on_log)
+                result = train_model(model_cfg, cfg.train, tokens, checkpoints, runtime, on_log=on_log,
+                                     run_state=run_state)
         except BaseException:
             if run is not None:
                 run.finish("FAILED")
@@ -83,7 +89,7 @@ def train(
             write_outputs(result, model_cfg, meta, run, tokenizer, out, metrics, plots)
 
 
-def start_mlflow_run(cfg, meta: dict) -> MlflowRun:
+def start_mlflow_run(cfg, meta: dict, resume_run_id: str | None = None) -> MlflowRun:
     root = project_root()
     tags = {"git_commit": git_commit(root), "device": "cuda" if torch.cuda.is_available() else "cpu",
             "world_size": os.environ.get("WORLD_SIZE", "1")}
@@ -91,8 +97,10 @@ def start_mlflow_run(cfg, meta: dict) -> MlflowRun:
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     tracked = {**cfg.to_dict(), "data_tokenizer_sha256": meta["tokenizer_sha256"],
                "data_train_tokens": meta["splits"]["train"]["tokens"], "git_commit": tags["git_commit"]}
-    run = MlflowRun(cfg.mlflow, root, tracked, tags, run_name=os.environ.get("DVC_EXP_NAME"))
-    log.info("MLflow run %s in experiment %r at %s", run.run_id, cfg.mlflow.experiment, run.uri)
+    run = MlflowRun(cfg.mlflow, root, tracked, tags, run_name=os.environ.get("DVC_EXP_NAME"),
+                    resume_run_id=resume_run_id)
+    log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.mlflow.experiment, run.uri,
+             " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
 
 

@@ -96,6 +96,14 @@ def test_a_dead_rank_is_restarted_and_the_run_completes_from_a_checkpoint(projec
     metrics = read_json(out / "train.json")
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
     assert (out / "final" / "model.safetensors").is_file()
+    # The restarted attempt reopened the run the killed one started (its id is in the checkpoint).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    [experiment] = [e for e in client.search_experiments() if e.name == "restart"]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == set(range(1, 9))
 
 
 def test_only_rank_0_creates_an_mlflow_run(project):

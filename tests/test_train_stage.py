@@ -77,6 +77,20 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.safetensors"}
 
 
+def test_rerunning_a_finished_training_reopens_its_run(workdir, trained):
+    first = read_json(workdir / "metrics/train.json")["mlflow_run_id"]
+    result = stage(workdir, "train")
+    assert result.returncode == 0, result.stderr
+    assert "reopened" in result.stderr
+    assert read_json(workdir / "metrics/train.json")["mlflow_run_id"] == first
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    [experiment] = [e for e in client.search_experiments() if e.name == "test"]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+
+
 def test_an_unusable_tracking_uri_fails_before_training(workdir, tmp_path):
     bad = write_params(tmp_path / "params.yaml", **{**TINY, "mlflow": {"tracking_uri": "http://127.0.0.1:9",
                                                                       "experiment": "x"}})
