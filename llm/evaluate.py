@@ -95,7 +95,7 @@ def score_text(model: GPT, tokenizer: Tokenizer, text: str, eot_id: int, batch_s
     """Score a text as a document: its tokens are predicted from <|endoftext|> onwards, as in training."""
     ids = [eot_id, *tokenizer.encode(text).ids]
     if len(ids) < 2:
-        raise InputError("the text is empty: nothing to score")
+        raise ValueError("the text is empty: nothing to score")
     return score_ids(model, ids, token_byte_lengths(tokenizer), batch_size)
 
 
@@ -111,9 +111,10 @@ def score_shards(model: GPT, shard_paths: list[Path], byte_lengths: np.ndarray, 
     if max_tokens > 0 and len(windows) * block > max_tokens:
         keep = np.linspace(0, len(windows) - 1, num=max(1, max_tokens // block)).round().astype(int)
         windows = [windows[i] for i in np.unique(keep)]
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for i, window in windows:
+        by_shard.setdefault(i, []).append(window)
     total = Score(0.0, 0, 0)
-    for i, stream in enumerate(streams):
-        mine = [w for j, w in windows if j == i]
-        if mine:
-            total += score_windows(model, stream, mine, byte_lengths, batch_size)
+    for i, mine in by_shard.items():
+        total += score_windows(model, streams[i], mine, byte_lengths, batch_size)
     return total

@@ -9,8 +9,14 @@ the two agree token for token as long as prompt and continuation fit the window.
 from collections.abc import Iterator
 
 import torch
+from tokenizers import Tokenizer
 
 from llm.model import GPT
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, eot_id: int) -> list[int]:
+    """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as every training document does."""
+    return tokenizer.encode(prompt).ids or [eot_id]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """reports/: what a trained model writes (samples.md) and how its attention formed (heatmaps PNG)."""
 
+import html
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from tokenizers import Tokenizer
 from llm.checkpoint import checkpoint_dirs, read_state
 from llm.config import EvaluateConfig
 from llm.errors import InputError
-from llm.generate import generate
+from llm.generate import generate, prompt_ids
 from llm.model import GPT
 from llm.model_io import load_weights
 from llm.plots import plot_attention, plot_attention_evolution, plot_loss
@@ -17,11 +18,6 @@ from llm.plots import plot_attention, plot_attention_evolution, plot_loss
 log = logging.getLogger(__name__)
 
 MAX_ATTENTION_TOKENS = 48  # heatmaps beyond this many tokens are unreadable
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str, eot_id: int) -> list[int]:
-    """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as every training document does."""
-    return tokenizer.encode(prompt).ids or [eot_id]
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConfig, eot_id: int) -> str:
@@ -38,13 +34,10 @@ def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_
              f"up to {cfg.max_new_tokens} new tokens. The prompt is in bold.", ""]
     for i, prompt in enumerate(cfg.prompts, 1):
         continuation = sample_text(model, tokenizer, prompt, cfg, eot_id)
-        lines += [f"## Sample {i}: {prompt.splitlines()[0] if prompt.strip() else '(empty prompt)'}", "",
-                  "<pre>", f"<b>{_html(prompt)}</b>{_html(continuation)}", "</pre>", ""]
+        title = prompt.splitlines()[0] if prompt.strip() else "(empty prompt)"
+        body = f"<b>{html.escape(prompt, quote=False)}</b>{html.escape(continuation, quote=False)}"
+        lines += [f"## Sample {i}: {title}", "", "<pre>", body, "</pre>", ""]
     return "\n".join(lines)
-
-
-def _html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:

@@ -60,6 +60,8 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if text is not None:
         content = read_text_file(text)
+        if not content:
+            raise InputError(f"{text}: empty file, nothing to score")
         net, tokenizer = load_model_dir(model, device)
         score = score_text(net, tokenizer, content, tokenizer.token_to_id(EOT))
         typer.echo(json.dumps({"loss": score.loss, "perplexity": score.perplexity, "bpb": score.bpb,

@@ -8,8 +8,8 @@ from tokenizers.decoders import DecodeStream
 from llm.config import EvaluateConfig
 from llm.errors import InputError
 from llm.generate import generate as generate_ids
+from llm.generate import prompt_ids
 from llm.model_io import load_model_dir
-from llm.report import prompt_ids
 from llm.tokenizer import EOT
 from stages.cli import stage
 from stages.params import load_params

@@ -124,3 +124,11 @@ def test_text_mode_rejects_a_file_that_is_not_utf8(tiny_model_dir, tmp_path):
     result = evaluate_text("--model", str(tiny_model_dir), "--text", str(text))
     assert result.returncode == 2
     assert "latin1.txt" in result.stderr and "UTF-8" in result.stderr and result.stdout == ""
+
+
+def test_text_mode_rejects_an_empty_file_naming_it(tiny_model_dir, tmp_path):
+    text = tmp_path / "empty.txt"
+    text.write_text("")
+    result = evaluate_text("--model", str(tiny_model_dir), "--text", str(text))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "empty.txt" in result.stderr and result.stderr.count("\n") == 1
