@@ -25,8 +25,10 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# One test process per core (pytest-xdist), each taking a whole file at a time, so that a file's shared
+# fixtures (a trained tiny project, a tracking server) are built once.
 test: setup browser
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto --dist loadfile
 
 # The MLflow UI on this machine only, against the project's tracking database (mlflow.tracking_uri).
 UI_PORT ?= 5000

@@ -14,6 +14,7 @@ import time
 import torch
 from model_args import add_model_args, model_config
 
+from llm.distributed import default_device
 from llm.generate import generate
 from llm.model import GPT
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     # The context must hold the prompt and every new token, so both paths see the same text.
     block_size = max(args.block_size, args.new_tokens + 1)
     cfg = model_config(args, block_size)

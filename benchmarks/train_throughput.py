@@ -14,10 +14,11 @@ import torch
 from model_args import add_model_args, model_config
 
 from llm.config import TrainConfig
-from llm.distributed import Runtime
+from llm.distributed import Runtime, default_device
 from llm.model import GPT
 from llm.parallel import parallelize
-from llm.train import autocast, configure_optimizer, peak_flops
+from llm.throughput import peak_flops, sync
+from llm.train import autocast, configure_optimizer
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     peak, source = peak_flops(device, args.dtype)  # before compilation starts worker processes
     cfg = model_config(args)
     torch.manual_seed(0)
@@ -52,13 +53,11 @@ def main() -> None:
 
     for _ in range(3):  # warm-up (and compilation)
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_sec = args.batch_size * cfg.block_size / seconds
     mfu = model.flops_per_token() * tokens_per_sec / peak

@@ -19,39 +19,30 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from llm.distributed import Runtime
 from llm.fileio import atomic_dir
+from llm.model import tied_aliases
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"step_(\d{8})")
 
 
-def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias: name} for parameters registered under two names (gpt2's lm_head.weight -> wte.weight)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
+def _state_dicts():
+    """torch's state-dict API for (possibly sharded) models, imported on first use: it takes two seconds,
+    which listing and reading checkpoints (the evaluate stage) need not pay."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
 
 
 def gather_weights(model: torch.nn.Module, runtime: Runtime) -> dict[str, torch.Tensor]:
     """Full float32 weights on CPU, on rank 0 (empty elsewhere); a collective when distributed."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
+    api = _state_dicts()
+    options = api.StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
     aliases = tied_aliases(model)
-    weights = get_model_state_dict(model, options=options)
+    weights = api.get_model_state_dict(model, options=options)
     return {name: t.detach().to("cpu").contiguous() for name, t in weights.items() if name not in aliases}
 
 
@@ -67,8 +58,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
                     state: dict[str, Any], keep: int, runtime: Runtime) -> None:
     """Every rank calls this (the state is gathered); rank 0 writes step_NNNNNNNN/ and keeps the newest `keep`."""
     weights = gather_weights(model, runtime)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    api = _state_dicts()
+    options = api.StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
+    optimizer_state = api.get_optimizer_state_dict(model, optimizer, options=options)
     if runtime.is_main:
         with atomic_dir(Path(root) / f"step_{step:08d}") as tmp:
             save_file(weights, str(tmp / "model.safetensors"))
@@ -95,14 +87,15 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        runtime: Runtime) -> None:
     """Load what rank 0 read (`loaded`; None on other ranks) into the (possibly sharded) model and optimizer
     of every rank. A collective when distributed. Rank 0 (or the only process) also restores its RNGs."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.distributed, strict=True)
+    api = _state_dicts()
+    options = api.StateDictOptions(full_state_dict=True, broadcast_from_rank0=runtime.distributed, strict=True)
     weights, optimizer_state = {}, {}
     if loaded is not None:
         state, weights, bundle = loaded
         weights = {**weights, **{alias: weights[name] for alias, name in tied_aliases(model).items()}}
         optimizer_state = bundle["optimizer"]
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    api.set_model_state_dict(model, weights, options=options)
+    api.set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if loaded is not None:
         torch.set_rng_state(bundle["torch_rng"])
         np.random.set_state(_from_json_numpy(state["numpy_rng"]))

@@ -128,7 +128,7 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
-def read_text_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
+def read_plain_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
     data = path.read_bytes()
     stats.documents_in += 1
     stats.bytes_in += len(data)
@@ -189,7 +189,7 @@ def read_parquet_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawD
         stats.drop("unreadable_parquet", 0, f"{name}: {err}")
 
 
-READERS = {".txt": read_text_file, ".md": read_text_file, ".jsonl": read_jsonl_file, ".parquet": read_parquet_file}
+READERS = {".txt": read_plain_file, ".md": read_plain_file, ".jsonl": read_jsonl_file, ".parquet": read_parquet_file}
 
 
 def iter_raw_documents(raw_dir: Path, stats: CleanStats) -> Iterator[RawDocument]:
@@ -210,7 +210,7 @@ def iter_raw_documents(raw_dir: Path, stats: CleanStats) -> Iterator[RawDocument
             stats.drop("unreadable_file", 0, f"{name}: {err.strerror}")
 
 
-class ShardWriter:
+class DocumentShardWriter:
     """Appends documents to part-NNNNNN.parquet files of about `shard_bytes` of text each."""
 
     def __init__(self, out_dir: Path, shard_bytes: int) -> None:
@@ -258,7 +258,7 @@ def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens:
     stats = CleanStats()
     seen: set[bytes] = set()
     with atomic_dir(out_dir) as staging:
-        writer = ShardWriter(staging, cfg.shard_mb << 20)
+        writer = DocumentShardWriter(staging, cfg.shard_mb << 20)
         for doc in iter_raw_documents(raw_dir, stats):
             raw_bytes = len(doc.text.encode())
             text = clean_text(doc.text, special_tokens, stats)

@@ -1,12 +1,13 @@
 """Typed, frozen configs for each stage, built from plain mappings and validated before any work.
 
-`llm` never reads params.yaml: `stages` loads it and hands each section to `from_mapping`.
+`llm` never reads params.yaml: `stages` loads it and hands each section to `from_mapping`. Every config
+checks itself when it is constructed (Validated), so a config object that exists is a valid one.
 """
 
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from llm.errors import ConfigError
@@ -16,8 +17,30 @@ MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
 MAX_BLOCK_SIZE = 1 << 16  # positions (learned or rotary tables) are allocated up front
 
 
+class Validated:
+    """Runs the subclass's `validate` (cross-field checks that raise ConfigError) at construction."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float,
+                   key: Callable[[str], str] = lambda param: param) -> None:
+    """The one rule for sampling parameters. An error names `key(param)`: the params key
+    (evaluate.top_p) or the command-line flag (--top-p) the value came from."""
+    if not temperature >= 0:  # also refuses nan
+        raise ConfigError(key("temperature"), f"must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise ConfigError(key("top_k"), f"must be >= 0 (0 turns it off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(key("top_p"), f"must be in (0, 1] (1 turns it off), got {top_p}")
+
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Validated):
     source: str = "shakespeare"  # builtin corpus name, or a local folder / glob of .txt .md .jsonl .parquet
     val_fraction: float = 0.1  # share of documents (by hash of their id) held out for validation
     seed: int = 1337  # salts the document hash that assigns train/val
@@ -30,7 +53,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CleanConfig:
+class CleanConfig(Validated):
     min_chars: int = 64  # documents shorter than this after cleaning are dropped
     shard_mb: int = 128  # UTF-8 megabytes of text per Parquet shard in data/clean/
 
@@ -42,7 +65,7 @@ class CleanConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(Validated):
     vocab_size: int = 8192  # target vocabulary: 256 byte tokens + merges + special tokens
     min_frequency: int = 2  # a pair must occur this often to be merged
     special_tokens: tuple[str, ...] = (EOT,)  # added with the lowest ids; must include <|endoftext|>
@@ -65,7 +88,7 @@ class TokenizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizeConfig:
+class TokenizeConfig(Validated):
     shard_tokens: int = 100_000_000  # tokens per shard file (llm.c uses 1e8)
     num_workers: int = 0  # encoding processes; 0 means one per CPU core
     max_piece_chars: int = 4096  # longest run encoded at once; a longer run with no space in it is cut
@@ -85,7 +108,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Validated):
     arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU)
     n_layer: int = 6  # transformer blocks
     n_head: int = 6  # attention heads; n_embd must divide evenly
@@ -110,7 +133,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
     nproc_per_node: int = 1  # processes per machine, as torchrun's --nproc_per_node
     strategy: str = "ddp"  # ddp | fsdp, when more than one process
     batch_size: int = 16  # sequences per micro-step, per process
@@ -157,7 +180,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Validated):
     prompts: tuple[str, ...] = ("ROMEO.\n",)  # one sample per prompt in reports/samples.md; "" starts from EOT
     max_new_tokens: int = 200  # tokens generated per sample
     temperature: float = 0.8  # 0 is greedy
@@ -174,19 +197,15 @@ class EvaluateConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluate.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("top_k", "max_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"evaluate.{name}", f"must be >= 0, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ConfigError("evaluate.temperature", f"must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("evaluate.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 0:
+            raise ConfigError("evaluate.max_tokens", f"must be >= 0, got {self.max_tokens}")
+        check_sampling(self.temperature, self.top_k, self.top_p, key=lambda param: f"evaluate.{param}")
         if not self.attention_text.strip():
             raise ConfigError("evaluate.attention_text", "must not be empty")
 
 
 @dataclasses.dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(Validated):
     tracking_uri: str = "sqlite:///mlflow.db"  # a relative sqlite path is taken from the repository root
     experiment: str = "gpt-from-scratch"  # MLflow experiment the runs go into
 
@@ -234,6 +253,4 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], section: str, *, requi
         raise ConfigError(f"{section}.{missing[0]}", "missing key")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(f"{section}.{name}", values[name], hints[name]) for name in fields if name in values}
-    config = cls(**kwargs)
-    config.validate()
-    return config
+    return cls(**kwargs)

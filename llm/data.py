@@ -4,7 +4,6 @@ A batch is a pure function of (seed, step, micro_step, rank, world size): runs a
 draws exactly the windows an uninterrupted one would, with no data position to save.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +15,18 @@ from llm.shards import open_shard
 VAL_STREAM = 1 << 30  # step number reserved for the fixed validation batches
 
 
-def read_meta(tokens_dir: Path) -> dict:
-    path = Path(tokens_dir) / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; run the tokenize stage first") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable token metadata ({err})") from None
-
-
 class TokenWindows:
     """Samples (x, y) windows from one split's shards; a window never crosses a shard boundary."""
 
-    def __init__(self, tokens_dir: Path, split: str, block_size: int, vocab_size: int) -> None:
-        meta = read_meta(tokens_dir)
-        names = meta["splits"][split]["shards"]
-        self.shards = [open_shard(Path(tokens_dir) / name, vocab_size=vocab_size) for name in names]
+    def __init__(self, shard_paths: list[Path], block_size: int, vocab_size: int, name: str) -> None:
+        """`name` says which shards these are in errors ("data/tokens: the val split")."""
+        self.shards = [open_shard(path, vocab_size=vocab_size) for path in shard_paths]
         self.block_size = block_size
         # Number of window starts in each shard; shards too short for one window are never drawn.
         self.window_starts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.int64)
         if self.window_starts.sum() == 0:
-            raise InputError(f"{tokens_dir}: the {split} split has fewer than block_size + 1 = {block_size + 1} "
-                             "tokens in every shard; lower model.block_size or add data")
+            raise InputError(f"{name} has fewer than block_size + 1 = {block_size + 1} tokens in every shard; "
+                             "lower model.block_size or add data")
         self.shard_weights = self.window_starts / self.window_starts.sum()
         self.num_tokens = sum(len(s) for s in self.shards)
 

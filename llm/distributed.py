@@ -16,6 +16,11 @@ log = logging.getLogger(__name__)
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """The device this process computes on: its local rank's GPU when there are GPUs, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     rank: int = 0
@@ -69,11 +74,9 @@ def distributed_runtime() -> Iterator[Runtime]:
     The process group is destroyed on exit, also on error."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = default_device(local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=rendezvous_store(rank, world_size), rank=rank, world_size=world_size,

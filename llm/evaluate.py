@@ -7,8 +7,10 @@ the tokens before it in its window (at most block_size of them).
 """
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +18,17 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
+from llm.config import EOT, EvaluateConfig
+from llm.distributed import default_device
 from llm.errors import InputError
-from llm.model import GPT
-from llm.shards import open_shard
+from llm.fileio import atomic_dir, read_utf8, write_json_atomic
+from llm.model import GPT, initial_model
+from llm.model_io import load_model_dir
+from llm.report import write_reports
+from llm.shards import open_shard, read_meta
+from llm.tracking import run_of_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,3 +128,55 @@ def score_shards(model: GPT, shard_paths: list[Path], byte_lengths: np.ndarray, 
     for i, mine in by_shard.items():
         total += score_windows(model, streams[i], mine, byte_lengths, batch_size)
     return total
+
+
+# --- the evaluate stage ------------------------------------------------------------------------------------
+
+def score_text_file(model_dir: Path, text: Path) -> dict[str, Any]:
+    """Score a UTF-8 file as one document: what `evaluate --text` prints. Writes nothing."""
+    content = read_utf8(text)
+    if not content:
+        raise InputError(f"{text}: empty file, nothing to score")
+    model, tokenizer = load_model_dir(model_dir, default_device())
+    score = score_text(model, tokenizer, content, tokenizer.token_to_id(EOT))
+    return {"loss": score.loss, "perplexity": score.perplexity, "bpb": score.bpb, "tokens": score.tokens,
+            "bytes": score.bytes, "file": str(text)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPaths:
+    model: Path  # the trained model folder
+    tokens: Path  # token shards: the val split is scored
+    checkpoints: Path  # the training's checkpoints, for the attention maps
+    train_plots: Path  # the training's loss table (plots/train.csv)
+    metrics: Path  # metrics/eval.json
+    reports: Path  # reports/, replaced whole
+
+
+def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths) -> dict[str, Any]:
+    """Score the model on the val split, write metrics/eval.json and reports/, and add both to the MLflow run
+    that trained the model. `init_seed` (train.seed) rebuilds the initial weights for the attention maps."""
+    model, tokenizer = load_model_dir(paths.model, default_device())
+    meta = read_meta(paths.tokens)
+    meta.check_tokenizer(paths.tokens, paths.model / "tokenizer.json")
+    run = run_of_model(paths.model)
+
+    shards = meta.shard_paths(paths.tokens, "val")
+    score = score_shards(model, shards, token_byte_lengths(tokenizer), cfg.max_tokens, cfg.batch_size)
+    results = {"val_loss": score.loss, "val_perplexity": score.perplexity, "val_bpb": score.bpb,
+               "val_tokens": score.tokens, "val_bytes": score.bytes}
+    log.info("val: %d tokens (%s), loss %.4f, perplexity %.2f, %.4f bits per byte", score.tokens,
+             "all" if score.tokens >= meta.splits["val"].tokens - len(shards) else "sampled windows",
+             score.loss, score.perplexity, score.bpb)
+
+    with atomic_dir(paths.reports) as staging:
+        write_reports(staging, model, initial_model(model.config, init_seed), tokenizer, cfg,
+                      tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
+    write_json_atomic(paths.metrics, {**results, "mlflow_run_id": run.run_id if run else None})
+    log.info("wrote %s and %s/", paths.metrics, paths.reports)
+    if run is not None:
+        run.log_metrics({f"eval/{k}": v for k, v in results.items()})
+        run.log_artifact(paths.reports, "eval")
+        run.log_artifact(paths.metrics, "eval")
+        log.info("logged to MLflow run %s at %s", run.run_id, run.uri)
+    return results

@@ -36,11 +36,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llm.checkpoint import tied_aliases
 from llm.config import EOT
 from llm.errors import InputError
 from llm.fileio import atomic_dir
-from llm.model import GPT
+from llm.model import GPT, tied_aliases
 from llm.tokenizer import load_tokenizer
 
 ROPE_THETA = 10_000.0  # llm.model.rope_tables' default

@@ -2,7 +2,6 @@
 
 import dataclasses
 import glob
-import hashlib
 import itertools
 import logging
 import os
@@ -15,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from llm.errors import InputError
-from llm.fileio import atomic_dir
+from llm.fileio import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +47,6 @@ class FetchSummary:
     linked: int = 0  # hard links to the user's files: no second copy on disk
     copied: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)  # not .txt/.md/.jsonl/.parquet
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pip_download(requirement: str, dest: Path) -> None:

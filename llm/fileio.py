@@ -1,6 +1,7 @@
-"""Atomic writes: an artifact is either complete or absent, never half-written."""
+"""Files: atomic writes (an artifact is either complete or absent, never half-written) and checked reads."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from llm.errors import InputError
 
 
 def _umask() -> int:
@@ -41,6 +44,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_utf8(path: str | Path) -> str:
+    """A UTF-8 text file's content; a missing, unreadable or non-UTF-8 file is an InputError naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not valid UTF-8 (byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

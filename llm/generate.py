@@ -6,11 +6,13 @@ costs one prefill per block_size / 2 tokens. Without the cache every step reruns
 the two agree token for token as long as prompt and continuation fit the window.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
+from llm.config import check_sampling
 from llm.model import GPT
 
 
@@ -59,8 +61,7 @@ def generate(
     window); stop after yielding eot_id. The same seed gives the same tokens."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (start from <|endoftext|>)")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    check_sampling(temperature, top_k, top_p)
     model.eval()
     device = model.wte.weight.device
     block = model.config.block_size
@@ -88,3 +89,20 @@ def generate(
             return
         ids.append(token)
         pending = [token]
+
+
+def stream_text(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text of `ids` (special tokens skipped) piece by piece, as soon as each piece decodes: a character split
+    over several byte tokens comes out once its last byte arrives. The pieces join to tokenizer.decode(ids)."""
+    stream = DecodeStream(skip_special_tokens=True)
+    seen, printed = [], []
+    for token in ids:
+        seen.append(token)
+        piece = stream.step(tokenizer, token)  # None while a character's bytes are incomplete
+        if piece:
+            printed.append(piece)
+            yield piece
+    # Bytes of a character the ids stop inside of: decode renders them (as U+FFFD), so the stream does too.
+    tail = tokenizer.decode(seen, skip_special_tokens=True).removeprefix("".join(printed))
+    if tail:
+        yield tail

@@ -170,7 +170,6 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        config.validate()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
@@ -250,3 +249,22 @@ class GPT(nn.Module):
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         cfg = self.config
         return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def initial_model(config: GPTConfig, seed: int) -> GPT:
+    """The weights training starts from: a function of the config and train.seed alone."""
+    torch.manual_seed(seed)
+    return GPT(config)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: name} for parameters registered under two names (gpt2's lm_head.weight -> wte.weight): stored
+    once in weight files, restored as aliases when loaded."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

@@ -15,10 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from llm.checkpoint import tied_aliases
+from llm.config import from_mapping
 from llm.errors import ConfigError, InputError
 from llm.fileio import atomic_dir
-from llm.model import GPT, GPTConfig
+from llm.model import GPT, GPTConfig, tied_aliases
 from llm.tokenizer import load_tokenizer
 
 
@@ -36,13 +36,11 @@ def save_model_dir(out: Path, model_cfg: GPTConfig, weights: dict[str, torch.Ten
 def read_model_config(model_dir: Path) -> GPTConfig:
     path = Path(model_dir) / "config.json"
     try:
-        cfg = GPTConfig(**json.loads(path.read_text()))
-        cfg.validate()
+        return from_mapping(GPTConfig, json.loads(path.read_text()), "config.json")
     except FileNotFoundError:
         raise InputError(f"{path}: not found; train a model first (the train stage writes models/final/)") from None
-    except (OSError, ValueError, TypeError, ConfigError) as err:
+    except (OSError, ValueError, ConfigError) as err:
         raise InputError(f"{path}: not a valid model config ({err})") from None
-    return cfg
 
 
 def load_weights(model: GPT, path: Path) -> GPT:

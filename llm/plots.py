@@ -1,6 +1,5 @@
 """PNG figures for reports/: loss curves and attention heatmaps. Only this module imports matplotlib."""
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llm.fileio import atomic_path  # noqa: E402
+from llm.history import read_history_csv  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -21,11 +21,10 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def plot_loss(train_csv: Path, path: Path) -> None:
     """Train and val loss against step, from the train stage's plots/train.csv."""
-    with open(train_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_history_csv(train_csv)
     fig, ax = plt.subplots(figsize=(7, 4))
     for column, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        points = [(row["step"], row[column]) for row in rows if row[column] is not None]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=column.replace("_", " "), markersize=4)
     ax.set_xlabel("step")

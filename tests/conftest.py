@@ -1,17 +1,25 @@
 import functools
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from llm.config import TokenizerConfig
 from llm.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One compute thread per test process: `make test` runs two test processes side by side (pytest-xdist), and
+# the stage subprocesses they start inherit the setting. Tiny models gain nothing from more.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # A small multilingual corpus: enough merges to make BPE non-trivial, seconds to train.
 SAMPLE_TEXTS = [
@@ -55,18 +63,76 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def data_project(work: Path, **overrides: dict) -> Path:
-    """`work` set up as a project whose data stages (fetch to tokenize) have run on a small corpus."""
+def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages ARGS` in `cwd` as a user runs it: this checkout importable, a bare environment."""
+    return subprocess.run([sys.executable, "-m", "stages", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def only_mlflow_run(tracking_uri: str, experiment: str):
+    """(client, run): the one run of `experiment` (fails unless there is exactly one)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    [found] = [e for e in client.search_experiments() if e.name == experiment]
+    [run] = client.search_runs([found.experiment_id])
+    return client, run
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables made: a copy spares a test's training the 2-3 s that MLflow's
+    migrations take on a new database."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+# The tiny model and training the stage tests run: seconds per training on a CPU.
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
+TINY_TRAIN = {"batch_size": 4, "grad_accum_steps": 1, "max_steps": 12, "warmup_steps": 2, "eval_interval": 6,
+              "eval_batches": 2, "log_interval": 3, "checkpoint_interval": 6, "dtype": "float32"}
+DATA_PARAMS = {"data": {"val_fraction": 0.25}, "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+               "clean": {"min_chars": 10}}
+
+
+@pytest.fixture(scope="session")
+def data_stages_output(tmp_path_factory) -> Path:
+    """A project whose data stages (fetch to tokenize) ran once on a small corpus; copied by data_project."""
+    work = tmp_path_factory.mktemp("data-stages")
     corpus = work / "corpus"
     corpus.mkdir()
     for i in range(20):
         (corpus / f"{i}.txt").write_text(f"Scene {i}. " + "But soft, what light through yonder window breaks? " * 40)
-    write_params(work / "params.yaml", data={"source": str(corpus), "val_fraction": 0.25},
-                 tokenizer={"vocab_size": 300, "min_frequency": 1}, clean={"min_chars": 10}, **overrides)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    write_params(work / "params.yaml", **{**DATA_PARAMS, "data": {**DATA_PARAMS["data"], "source": str(corpus)}})
     for command in ("fetch", "clean", "tokenizer", "tokenize"):
-        subprocess.run([sys.executable, "-m", "stages", command], cwd=work, env=env, check=True, capture_output=True)
+        result = run_stage(work, command)
+        assert result.returncode == 0, result.stderr
     return work
+
+
+@pytest.fixture(scope="session")
+def data_project(data_stages_output: Path, empty_mlflow_db: Path):
+    """make(work, **params overrides): `work` set up as a project whose data stages have run (a copy of
+    data_stages_output) with an empty mlflow.db; the overrides are for the later stages (model, train,
+    evaluate, mlflow)."""
+
+    def make(work: Path, **overrides: dict) -> Path:
+        shutil.copytree(data_stages_output, work, dirs_exist_ok=True)
+        shutil.copy(empty_mlflow_db, work / "mlflow.db")
+        source = {"source": str(data_stages_output / "corpus")}
+        write_params(work / "params.yaml", **{**DATA_PARAMS, "data": {**DATA_PARAMS["data"], **source}}, **overrides)
+        return work
+
+    return make
 
 
 def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_size: int = 32, seed: int = 0) -> Path:
@@ -74,8 +140,7 @@ def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_si
     greedy decoding does not just repeat one token) and the given tokenizer."""
     import torch
 
-    from llm.checkpoint import tied_aliases
-    from llm.model import GPT, GPTConfig
+    from llm.model import GPT, GPTConfig, tied_aliases
     from llm.model_io import save_model_dir
     from llm.tokenizer import load_tokenizer
 
@@ -96,3 +161,9 @@ def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_si
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, sample_tokenizer_path: Path) -> Path:
     return make_model_dir(tmp_path / "model", sample_tokenizer_path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end files first (a stable sort keeps the order within each group): with one test
+    process per core, the longest files start at once and the short ones fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -4,40 +4,35 @@ log one MLflow run, and run as two "nodes" on loopback."""
 import concurrent.futures
 import csv
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, data_project, read_json, write_params
+from tests.conftest import ROOT, TINY_MODEL, free_port, only_mlflow_run, read_json, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 TRAIN = {"batch_size": 4, "grad_accum_steps": 2, "max_steps": 8, "warmup_steps": 2, "eval_interval": 4,
          "eval_batches": 2, "log_interval": 1, "checkpoint_interval": 4, "dtype": "float32", "lr": 0.003}
-MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, data_project):
     """A project folder with the data stages run on a small corpus."""
     return data_project(tmp_path_factory.mktemp("dist"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(project: Path, name: str, train: dict | None = None) -> Path:
     """project/name/ with a params.yaml for a tiny model; train outputs go there too."""
     out = project / name
     out.mkdir(exist_ok=True)
-    write_params(out / "params.yaml", data={"val_fraction": 0.25}, tokenizer={"vocab_size": 300}, model=MODEL,
+    if not (out / "mlflow.db").exists():
+        shutil.copy(project / "mlflow.db", out / "mlflow.db")  # an empty database, its tables made
+    write_params(out / "params.yaml", data={"val_fraction": 0.25}, tokenizer={"vocab_size": 300}, model=TINY_MODEL,
                  train={**TRAIN, **(train or {})},
                  mlflow={"tracking_uri": f"sqlite:///{out}/mlflow.db", "experiment": name})
     return out
@@ -66,10 +61,28 @@ def losses(out: Path) -> list[float]:
         return [float(row["train_loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.fixture(scope="module")
+def one_process(project):
+    """The run the two-process runs must match: one process with their global batch."""
+    return torchrun(project, "one", 1, {"batch_size": 8})[0]
+
+
+@pytest.fixture(scope="module")
+def two_processes(project):
+    """two_processes(strategy): the output folder of a two-process run with that strategy, run on first use."""
+    runs = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = torchrun(project, f"two-{strategy}", 2, {"batch_size": 4, "strategy": strategy})[0]
+        return runs[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_twice_the_batch(project, strategy):
-    one, _ = torchrun(project, f"one-{strategy}", 1, {"batch_size": 8})
-    two, _ = torchrun(project, f"two-{strategy}", 2, {"batch_size": 4, "strategy": strategy})
+def test_two_processes_match_one_process_with_twice_the_batch(one_process, two_processes, strategy):
+    one, two = one_process, two_processes(strategy)
     assert len(losses(one)) == 8
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     assert read_json(two / "train.json")["val_loss"] == pytest.approx(read_json(one / "train.json")["val_loss"],
@@ -87,7 +100,9 @@ def test_a_run_checkpointed_on_n_processes_resumes_on_m(project, first, second, 
     out, _ = torchrun(project, name, second, {"strategy": strategy})
     metrics = read_json(out / "train.json")
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
-    assert len(losses(out)) == 4, "only steps 5-8 ran after the resume"
+    with open(out / "train.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert steps == list(range(1, 9)), "the history of steps 1-4 comes back from the checkpoint"
 
 
 def test_a_dead_rank_is_restarted_and_the_run_completes_from_a_checkpoint(project):
@@ -97,22 +112,14 @@ def test_a_dead_rank_is_restarted_and_the_run_completes_from_a_checkpoint(projec
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
     assert (out / "final" / "model.safetensors").is_file()
     # The restarted attempt reopened the run the killed one started (its id is in the checkpoint).
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
-    [experiment] = [e for e in client.search_experiments() if e.name == "restart"]
-    [run] = client.search_runs([experiment.experiment_id])
+    client, run = only_mlflow_run(f"sqlite:///{out}/mlflow.db", "restart")
     assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == set(range(1, 9))
 
 
-def test_only_rank_0_creates_an_mlflow_run(project):
-    out, _ = torchrun(project, "mlflow-once", 2)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
-    [experiment] = [e for e in client.search_experiments() if e.name == "mlflow-once"]
-    [run] = client.search_runs([experiment.experiment_id])
+def test_only_rank_0_creates_an_mlflow_run(two_processes):
+    out = two_processes("ddp")
+    client, run = only_mlflow_run(f"sqlite:///{out}/mlflow.db", out.name)
     assert run.data.tags["world_size"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 8
 

@@ -3,7 +3,6 @@
 import json
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from llm.config import EOT
 from llm.evaluate import Score, score_shards, score_text, stream_windows, token_byte_lengths
 from llm.model_io import load_model_dir
 from llm.shards import ShardWriter, token_dtype
-from tests.conftest import ROOT, SAMPLE_TEXTS
+from tests.conftest import ROOT, SAMPLE_TEXTS, run_stage
 
 
 def test_score_arithmetic_on_a_hand_checkable_case():
@@ -98,8 +97,7 @@ def test_a_token_budget_scores_evenly_spaced_windows_deterministically(tiny_mode
 
 
 def evaluate_text(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages", "evaluate", *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=ROOT / "tests")
+    return run_stage(ROOT / "tests", "evaluate", *args)
 
 
 def test_text_mode_prints_one_json_object_and_writes_nothing(tiny_model_dir, tmp_path):

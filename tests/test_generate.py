@@ -1,7 +1,6 @@
 """Sampling and the KV cache: cached decoding equals full recomputation; filters, seeds, stops, cropping."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from llm.config import EOT
 from llm.generate import filter_logits, generate, sample
 from llm.model_io import load_model_dir
-from tests.conftest import ROOT, make_model_dir
+from tests.conftest import ROOT, make_model_dir, run_stage
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -98,8 +97,7 @@ def test_top_k_and_top_p_combine_and_temperature_zero_is_argmax():
 
 
 def run_generate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages", "generate", *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=ROOT / "tests")
+    return run_stage(ROOT / "tests", "generate", *args)
 
 
 def test_generate_command_prints_only_the_continuation_and_repeats_with_a_seed(tiny_model_dir):

@@ -4,7 +4,6 @@ REST API and in a real browser (headless Chromium on the compare view)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,24 +16,17 @@ import yaml
 
 from llm.tracking import flatten
 from stages.params import load_params
-from tests.conftest import ROOT, data_project, read_json
+from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, free_port, read_json
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 TINY = {
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
-    "train": {"batch_size": 2, "max_steps": 6, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1,
-              "log_interval": 2, "checkpoint_interval": 3, "dtype": "float32"},
+    "model": TINY_MODEL,
+    "train": {**TINY_TRAIN, "max_steps": 6, "eval_interval": 2, "log_interval": 2, "checkpoint_interval": 3},
     "evaluate": {"max_new_tokens": 8},
 }
 RATES = {"lr-small": 0.001, "lr-large": 0.01}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:
@@ -72,7 +64,7 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(server, tmp_path_factory):
+def runs(server, tmp_path_factory, data_project):
     """Train and evaluate twice on the same data, once per learning rate; (project, {run name: run id})."""
     work = data_project(tmp_path_factory.mktemp("project"), mlflow={"tracking_uri": server, "experiment": "lr"},
                         **TINY)

@@ -1,8 +1,24 @@
+import dataclasses
+import json
+import re
+
 import numpy as np
 import pytest
 
 from llm.errors import InputError
-from llm.shards import HEADER_BYTES, ShardWriter, make_header, open_shard, read_header, token_dtype
+from llm.fileio import sha256_file
+from llm.shards import (
+    HEADER_BYTES,
+    ShardWriter,
+    SplitMeta,
+    TokensMeta,
+    make_header,
+    open_shard,
+    read_header,
+    read_meta,
+    token_dtype,
+    write_meta,
+)
 
 
 @pytest.mark.parametrize(("vocab_size", "dtype", "magic", "version"), [(50_257, "<u2", 20240520, 1),
@@ -85,3 +101,44 @@ def test_ids_beyond_the_vocab_are_rejected(good_shard):
 def test_missing_shard_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         open_shard(tmp_path / "nope.bin")
+
+
+def valid_meta() -> TokensMeta:
+    split = SplitMeta(documents=2, tokens=10, bytes=30, shards=("train_000000.bin",))
+    return TokensMeta(vocab_size=300, dtype="uint16", eot_id=0, tokenizer_sha256="ab" * 32, shard_tokens=100,
+                      splits={"train": split, "val": dataclasses.replace(split, shards=("val_000000.bin",))})
+
+
+def test_meta_round_trips_through_its_writer_and_reader(tmp_path):
+    write_meta(tmp_path, valid_meta())
+    assert read_meta(tmp_path) == valid_meta()
+    assert read_meta(tmp_path).shard_paths(tmp_path, "val") == [tmp_path / "val_000000.bin"]
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda meta: meta.clear(), "splits"),
+    (lambda meta: meta.pop("vocab_size"), "vocab_size"),
+    (lambda meta: meta.update(eot_id="0"), "eot_id"),
+    (lambda meta: meta.update(shard_tokens=-1), "shard_tokens"),
+    (lambda meta: meta["splits"].pop("val"), "splits.val"),
+    (lambda meta: meta["splits"]["train"].update(tokens=1.5), "splits.train.tokens"),
+    (lambda meta: meta["splits"]["val"].update(shards=["../escape.bin"]), "splits.val.shards"),
+    (lambda meta: meta.update(dtype="uint32"), "dtype"),
+])
+def test_a_damaged_meta_is_an_input_error_naming_the_field(tmp_path, edit, named):
+    write_meta(tmp_path, valid_meta())
+    raw = json.loads((tmp_path / "meta.json").read_text())
+    edit(raw)
+    (tmp_path / "meta.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=re.escape(named)) as error:
+        read_meta(tmp_path)
+    assert "meta.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_shards_from_another_tokenizer_are_refused(tmp_path, sample_tokenizer_path):
+    meta = dataclasses.replace(valid_meta(), tokenizer_sha256=sha256_file(sample_tokenizer_path))
+    meta.check_tokenizer(tmp_path, sample_tokenizer_path)
+    other = tmp_path / "other.json"
+    other.write_text(sample_tokenizer_path.read_text() + " ")
+    with pytest.raises(InputError, match="another tokenizer"):
+        meta.check_tokenizer(tmp_path, other)

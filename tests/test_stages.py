@@ -1,26 +1,25 @@
 """The commands as users and DVC run them: `python -m stages ...`, exit codes, one-line errors."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT, read_json, write_params
+from tests.conftest import read_json, write_params
+from tests.conftest import run_stage as stage
 
 COMMANDS = ["fetch", "clean", "tokenizer", "tokenize"]
 
 
-def stage(cwd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+ALL_COMMANDS = [*COMMANDS, "train", "evaluate", "generate", "export-hf", "tracking-uri"]
 
 
-def test_help_lists_every_command(tmp_path):
+def test_help_lists_every_command_and_each_command_has_help(tmp_path):
     result = stage(tmp_path, "--help")
     assert result.returncode == 0
-    for command in COMMANDS:
+    for command in ALL_COMMANDS:
         assert command in result.stdout
-        assert stage(tmp_path, command, "--help").returncode == 0
+        help_text = stage(tmp_path, command, "--help")
+        assert help_text.returncode == 0, help_text.stderr
+        assert "--params" in help_text.stdout, f"{command}: every command takes --params"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "--help writes nothing"
 
 
 @pytest.mark.parametrize(("overrides", "key"), [

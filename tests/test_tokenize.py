@@ -4,11 +4,11 @@ import pytest
 from llm.clean import clean_corpus, iter_documents
 from llm.config import EOT, CleanConfig, DataConfig, TokenizeConfig
 from llm.errors import ConfigError
-from llm.shards import open_shard
+from llm.shards import open_shard, read_meta
 from llm.split import is_val
 from llm.tokenize import tokenize_corpus
 from llm.tokenizer import load_tokenizer
-from tests.conftest import SAMPLE_TEXTS, read_json
+from tests.conftest import SAMPLE_TEXTS
 
 DATA = DataConfig(source="unused", val_fraction=0.3, seed=7)
 
@@ -49,8 +49,8 @@ def test_shards_hold_every_document_after_eot_in_its_split(clean_dir, sample_tok
     meta = run(clean_dir, sample_tokenizer_path, out)
     tokenizer = load_tokenizer(sample_tokenizer_path)
     eot_id = tokenizer.token_to_id(EOT)
-    assert meta == read_json(out / "meta.json")
-    assert meta["eot_id"] == eot_id and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta == read_meta(out), "what the stage returns is what meta.json holds"
+    assert meta.eot_id == eot_id and meta.dtype == "uint16" and meta.vocab_size == 400
 
     expected = {"train": [], "val": []}
     for doc_id, text in iter_documents(clean_dir):
@@ -58,16 +58,16 @@ def test_shards_hold_every_document_after_eot_in_its_split(clean_dir, sample_tok
     assert expected["train"] and expected["val"]
 
     for split, texts in expected.items():
-        info = meta["splits"][split]
-        tokens = np.concatenate([open_shard(out / name, vocab_size=400) for name in info["shards"]])
-        assert all(open_shard(out / name).size <= 700 for name in info["shards"])
-        assert tokens.size == info["tokens"]
+        info = meta.splits[split]
+        tokens = np.concatenate([open_shard(path, vocab_size=400) for path in meta.shard_paths(out, split)])
+        assert all(open_shard(path).size <= 700 for path in meta.shard_paths(out, split))
+        assert tokens.size == info.tokens
         assert tokens[0] == eot_id
         starts = np.flatnonzero(tokens == eot_id)
-        assert len(starts) == info["documents"] == len(texts), "a typed <|endoftext|> must not add a boundary"
+        assert len(starts) == info.documents == len(texts), "a typed <|endoftext|> must not add a boundary"
         decoded = [tokenizer.decode(doc.tolist()) for doc in np.split(tokens, starts)[1:]]
         assert [d.removeprefix(EOT) for d in decoded] == texts
-        assert info["bytes"] == sum(len(t.encode()) for t in texts)
+        assert info.bytes == sum(len(t.encode()) for t in texts)
 
 
 def test_an_empty_val_split_is_a_config_error_and_writes_nothing(clean_dir, sample_tokenizer_path, tmp_path):

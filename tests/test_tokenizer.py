@@ -4,7 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm.config import EOT, TokenizerConfig
-from llm.tokenizer import PieceEncoder, load_tokenizer, split_pieces, split_text, train_tokenizer
+from llm.encoder import PieceEncoder, split_pieces, split_text
+from llm.tokenizer import load_tokenizer, train_tokenizer
 from tests.conftest import SAMPLE_TEXTS
 
 # Scripts the issue names, plus the whitespace that makes pre-tokenization subtle.

@@ -1,5 +1,4 @@
 import dataclasses
-import json
 import logging
 
 import numpy as np
@@ -10,7 +9,7 @@ from llm.checkpoint import checkpoint_dirs
 from llm.config import TrainConfig
 from llm.data import TokenWindows
 from llm.model import GPTConfig
-from llm.shards import ShardWriter
+from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
 from llm.train import train
 
 VOCAB = 64
@@ -29,9 +28,9 @@ def tokens_dir(tmp_path):
         writer = ShardWriter(out, split, np.dtype("<u2"), shard_tokens=7_000)
         writer.write(stream)
         names = [p.name for p in writer.close()]
-        splits[split] = {"documents": size // 500, "tokens": size, "bytes": size, "shards": names}
-    meta = {"vocab_size": VOCAB, "dtype": "uint16", "eot_id": 0, "tokenizer_sha256": "test", "splits": splits}
-    (out / "meta.json").write_text(json.dumps(meta))
+        splits[split] = SplitMeta(documents=size // 500, tokens=size, bytes=size, shards=tuple(names))
+    write_meta(out, TokensMeta(vocab_size=VOCAB, dtype="uint16", eot_id=0, tokenizer_sha256="test",
+                               shard_tokens=7_000, splits=splits))
     return out
 
 
@@ -52,7 +51,8 @@ def run(tokens_dir, ckpt, cfg=None, model=None, **kwargs):
 
 
 def test_windows_are_a_pure_function_of_seed_step_and_ranks_slice_the_global_batch(tokens_dir):
-    data = TokenWindows(tokens_dir, "train", block_size=32, vocab_size=VOCAB)
+    data = TokenWindows(read_meta(tokens_dir).shard_paths(tokens_dir, "train"), block_size=32, vocab_size=VOCAB,
+                        name="train")
     x1, y1 = data.batch(8, seed=1, step=5)
     x2, _ = data.batch(8, seed=1, step=5)
     x3, _ = data.batch(8, seed=1, step=6)

@@ -2,8 +2,7 @@
 training's params, metrics and artifacts, to which evaluation adds its own."""
 
 import math
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -12,24 +11,20 @@ from PIL import Image
 
 from llm.evaluate import score_shards, token_byte_lengths
 from llm.model_io import load_model_dir
-from tests.conftest import ROOT, data_project, read_json, write_params
+from llm.shards import read_meta
+from tests.conftest import TINY_MODEL, TINY_TRAIN, only_mlflow_run, read_json, run_stage, write_params
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "train": {"batch_size": 4, "max_steps": 12, "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2,
-              "log_interval": 3, "checkpoint_interval": 6, "dtype": "float32"},
-}
+TINY = {"model": TINY_MODEL, "train": TINY_TRAIN}
 
 
-def stage(cwd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+def stage(cwd, *args):
+    return run_stage(cwd, *args, env={"HOME": str(cwd)})
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, data_project):
     """A project folder with the data stages already run on a small corpus."""
     work = tmp_path_factory.mktemp("project")
     return data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "test"}, **TINY)
@@ -56,14 +51,12 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     for key in ("train_loss", "val_loss", "tokens_per_sec", "mfu", "steps", "tokens_seen"):
         assert key in metrics
     assert metrics["steps"] == 12 and metrics["tokens_seen"] == 12 * 4 * 32
+    val = read_meta(workdir / "data/tokens").splits["val"]
+    assert metrics["val_bpb_estimate"] == pytest.approx(metrics["val_loss"] * val.tokens / val.bytes / math.log(2))
     rows = (workdir / "plots/train.csv").read_text().splitlines()
     assert rows[0] == "step,train_loss,val_loss,lr,tokens_per_sec" and len(rows) == 1 + 4
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    [experiment] = [e for e in client.search_experiments() if e.name == "test"]
-    [run] = client.search_runs([experiment.experiment_id])
+    client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
     assert run.info.run_id == metrics["mlflow_run_id"] == read_json(final / "mlflow_run.json")["run_id"]
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -83,11 +76,7 @@ def test_rerunning_a_finished_training_reopens_its_run(workdir, trained):
     assert result.returncode == 0, result.stderr
     assert "reopened" in result.stderr
     assert read_json(workdir / "metrics/train.json")["mlflow_run_id"] == first
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    [experiment] = [e for e in client.search_experiments() if e.name == "test"]
-    [run] = client.search_runs([experiment.experiment_id])
+    client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
     assert run.info.run_id == first and run.info.status == "FINISHED"
 
 
@@ -105,15 +94,15 @@ def test_evaluate_stage_writes_metrics_reports_and_logs_into_the_training_run(wo
     assert result.returncode == 0, result.stderr
 
     metrics = read_json(workdir / "metrics/eval.json")
-    meta = read_json(workdir / "data/tokens/meta.json")
+    val = read_meta(workdir / "data/tokens").splits["val"]
     model, tokenizer = load_model_dir(workdir / "models/final")
-    shards = [workdir / "data/tokens" / name for name in meta["splits"]["val"]["shards"]]
+    shards = [workdir / "data/tokens" / name for name in val.shards]
     direct = score_shards(model, shards, token_byte_lengths(tokenizer))
-    assert metrics["val_tokens"] == direct.tokens == meta["splits"]["val"]["tokens"] - len(shards)
+    assert metrics["val_tokens"] == direct.tokens == val.tokens - len(shards)
     assert metrics["val_loss"] == pytest.approx(direct.loss, rel=1e-6)
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["val_bpb"] == pytest.approx(direct.nats / math.log(2) / direct.bytes, rel=1e-6)
-    assert metrics["val_bytes"] == meta["splits"]["val"]["bytes"]  # every byte of the val text, once
+    assert metrics["val_bytes"] == val.bytes  # every byte of the val text, once
 
     reports = workdir / "reports"
     samples = (reports / "samples.md").read_text()
@@ -128,13 +117,21 @@ def test_evaluate_stage_writes_metrics_reports_and_logs_into_the_training_run(wo
         assert image.shape[0] > 200 and image.shape[1] > 200
         assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50, f"{name} looks blank"
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    run = client.get_run(metrics["mlflow_run_id"])
+    client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
+    assert run.info.run_id == metrics["mlflow_run_id"]
     assert run.info.run_id == read_json(workdir / "metrics/train.json")["mlflow_run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/val_bpb"] == pytest.approx(metrics["val_bpb"])
     assert run.data.metrics["eval/val_loss"] == pytest.approx(metrics["val_loss"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/samples.md", "eval/loss.png", "eval/attention", "eval/eval.json"} <= logged
+
+
+def test_an_empty_meta_json_is_one_line_and_exit_2(workdir, tmp_path):
+    shutil.copytree(workdir / "data/tokens", tmp_path / "tokens")
+    (tmp_path / "tokens/meta.json").write_text("{}")
+    result = stage(workdir, "train", "--tokens", tmp_path / "tokens", "--checkpoints", tmp_path / "ckpt",
+                   "--out", tmp_path / "final")
+    assert result.returncode == 2
+    assert "meta.json" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "final").exists()

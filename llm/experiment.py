@@ -1,0 +1,109 @@
+"""One training as the train stage runs it: the inputs checked, the MLflow run opened (or reopened when the
+training resumes), the loop run with progress and tracking, and the outputs written: models/final/,
+metrics/train.json and plots/train.csv, on rank 0 only.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from llm.config import MlflowConfig, ModelConfig, TrainConfig
+from llm.distributed import distributed_runtime
+from llm.fileio import write_json_atomic
+from llm.history import write_history_csv
+from llm.model import GPTConfig
+from llm.model_io import save_model_dir
+from llm.progress import TrainProgress
+from llm.shards import SplitMeta, TokensMeta, read_meta
+from llm.tokenizer import load_tokenizer
+from llm.tracking import MODEL_RUN_FILE, MlflowRun, model_run_record, start_training_run
+from llm.train import TrainResult, resumable_state, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+    tokens: Path  # token shards and meta.json
+    tokenizer: Path  # the tokenizer.json the shards were made with
+    checkpoints: Path  # kept between runs, to resume
+    out: Path  # the final model folder
+    metrics: Path  # metrics/train.json
+    plots: Path  # plots/train.csv
+
+
+def model_config(model: ModelConfig, paths: TrainPaths) -> tuple[GPTConfig, TokensMeta]:
+    """The model config with its vocabulary size read from the tokenizer, and the shards' metadata, checked to
+    come from that same tokenizer."""
+    vocab_size = load_tokenizer(paths.tokenizer).get_vocab_size()
+    meta = read_meta(paths.tokens)
+    meta.check_tokenizer(paths.tokens, paths.tokenizer)
+    return GPTConfig(**dataclasses.asdict(model), vocab_size=vocab_size), meta
+
+
+def val_bpb_estimate(val_loss: float, val: SplitMeta) -> float:
+    """Bits per byte from the sampled val loss and the val split's tokens per byte (EOT ids included). An
+    estimate, logged as training goes; the evaluate stage's val_bpb scores every val token."""
+    return val_loss * val.tokens / val.bytes / math.log(2)
+
+
+def fail_for_testing(step: int) -> None:
+    """Fault injection for the restart tests: LLM_FAIL_AT_STEP=N kills rank 0 once it has logged step N, on
+    torchrun's first attempt only (it counts restarts in TORCHELASTIC_RESTART_COUNT)."""
+    fail_at = os.environ.get("LLM_FAIL_AT_STEP")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if fail_at and first_attempt and step >= int(fail_at):
+        os._exit(17)
+
+
+def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, mlflow_cfg: MlflowConfig,
+                 paths: TrainPaths) -> None:
+    """Train (every rank calls this) and write the outputs. `params` are all the run's settings, as MLflow
+    records them."""
+    model_cfg, meta = model_config(model, paths)
+    with distributed_runtime() as runtime:
+        if not runtime.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        run, run_state = None, None
+        if runtime.is_main:
+            resumed = resumable_state(model_cfg, cfg, paths.tokens, paths.checkpoints) or {}
+            tracked = {**params, "data_tokenizer_sha256": meta.tokenizer_sha256,
+                       "data_train_tokens": meta.splits["train"].tokens}
+            run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size,
+                                     resumed.get("mlflow_run_id"))
+            run_state = {"mlflow_run_id": run.run_id}
+
+        def on_log(row: dict[str, Any]) -> None:
+            progress.update(row)
+            run.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            fail_for_testing(row["step"])
+
+        try:
+            with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress:
+                result = train(model_cfg, cfg, paths.tokens, paths.checkpoints, runtime, on_log=on_log,
+                               run_state=run_state)
+        except BaseException:
+            if run is not None:
+                run.finish("FAILED")
+            raise
+        if runtime.is_main:
+            write_outputs(result, model_cfg, meta, run, paths)
+
+
+def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun,
+                  paths: TrainPaths) -> None:
+    save_model_dir(paths.out, model_cfg, result.weights, paths.tokenizer, extra={MODEL_RUN_FILE: model_run_record(run)})
+    metrics = {**result.metrics, "val_bpb_estimate": val_bpb_estimate(result.metrics["val_loss"], meta.splits["val"])}
+    run.log_metrics({"val_bpb_estimate": metrics["val_bpb_estimate"]}, step=metrics["steps"])
+    write_json_atomic(paths.metrics, {**metrics, "mlflow_run_id": run.run_id})
+    write_history_csv(paths.plots, result.history)
+    for artifact in (paths.out / "config.json", paths.out / "tokenizer.json", paths.plots):
+        run.log_artifact(artifact)
+    run.log_artifact(paths.out, "model")
+    run.finish()
+    log.info("done: %d steps, train loss %.4f, val loss %.4f (about %.3f bits per byte), %.0f tokens/s, MFU %.1f%%",
+             metrics["steps"], metrics["train_loss"], metrics["val_loss"], metrics["val_bpb_estimate"],
+             metrics["tokens_per_sec"], 100 * metrics["mfu"])

@@ -1,0 +1,86 @@
+"""dvc.yaml lists each stage's code as deps; this checks the lists against the imports, so that a change to any
+module a stage runs reruns that stage (a missing dep lets DVC's cache serve a stale result)."""
+
+import ast
+import copy
+import re
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+
+PACKAGES = ("llm", "stages")
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """Project files (llm/*.py, stages/*.py) that the file at `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from llm import x` may import the module llm/x.py; `from llm.x import y` imports llm/x.py.
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in PACKAGES and len(parts) == 2 and (ROOT / parts[0] / f"{parts[1]}.py").is_file():
+                found.add(Path(parts[0], f"{parts[1]}.py"))
+    return found
+
+
+def import_closure(start: Path) -> set[Path]:
+    """`start` (relative to the repository) and every project module it imports, directly or not."""
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imported_modules(ROOT / module))
+    return seen
+
+
+def stage_command_module(cmd: str) -> Path:
+    """`python -m stages tokenize` runs stages/tokenize.py."""
+    match = re.search(r"-m stages ([a-z-]+)", cmd)
+    assert match, f"not a stages command: {cmd}"
+    return Path("stages", f"{match.group(1).replace('-', '_')}.py")
+
+
+def code_dep_drift(pipeline: dict) -> dict[str, tuple[set[str], set[str]]]:
+    """{stage: (modules it imports that its deps omit, listed .py deps it does not import)} for every stage
+    whose code deps differ from its import closure."""
+    drift = {}
+    for name, stage in pipeline["stages"].items():
+        listed = {dep for dep in stage.get("deps", []) if dep.endswith(".py")}
+        needed = {str(path) for path in import_closure(stage_command_module(stage["cmd"]))}
+        if listed != needed:
+            drift[name] = (needed - listed, listed - needed)
+    return drift
+
+
+def test_every_stage_lists_exactly_the_code_it_runs():
+    drift = code_dep_drift(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    report = [f"{stage}: missing {sorted(missing)}, not imported {sorted(extra)}"
+              for stage, (missing, extra) in drift.items()]
+    assert drift == {}, "dvc.yaml deps differ from the imports: " + "; ".join(report)
+
+
+def test_a_removed_dep_is_reported():
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    broken = copy.deepcopy(pipeline)
+    broken["stages"]["train"]["deps"].remove("llm/shards.py")
+    broken["stages"]["evaluate"]["deps"].append("llm/fetch.py")
+    drift = code_dep_drift(broken)
+    assert drift["train"] == ({"llm/shards.py"}, set())
+    assert drift["evaluate"] == (set(), {"llm/fetch.py"})
+
+
+def test_the_closure_follows_imports_through_the_library():
+    closure = import_closure(Path("stages/evaluate.py"))
+    # evaluate -> llm.evaluate -> llm.report -> llm.checkpoint -> llm.distributed: two hops below the stage.
+    assert {Path("llm/evaluate.py"), Path("llm/report.py"), Path("llm/checkpoint.py"),
+            Path("llm/distributed.py"), Path("stages/cli.py")} <= closure
+    assert Path("llm/fetch.py") not in closure
