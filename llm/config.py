@@ -103,7 +103,7 @@ class TokenizeConfig(Validated):
 
 
 ARCHS = ("gpt2", "llama")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -146,7 +146,9 @@ class TrainConfig(Validated):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
+    # auto | float32 | bfloat16 (autocast; weights and optimizer stay float32); auto: bf16 where the device
+    # multiplies bf16 in hardware, else float32
+    dtype: str = "auto"
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     eval_interval: int = 100  # steps between validation losses (and at the end)
@@ -186,7 +188,7 @@ class EvaluateConfig(Validated):
     temperature: float = 0.8  # 0 is greedy
     top_k: int = 50  # sample among the k most likely tokens; 0 turns it off
     top_p: float = 0.95  # nucleus: the smallest set of tokens holding this much probability; 1.0 turns it off
-    seed: int = 1337  # the same seed gives the same samples
+    seed: int = 1337  # the same seed gives the same samples; prompt i (from 0) samples with seed + i
     attention_text: str = "To be, or not to be, that is the question"  # text of the attention heatmaps
     max_tokens: int = 0  # val tokens scored: 0 = all of them, else that many from evenly spaced windows
     batch_size: int = 16  # windows of block_size tokens per forward pass

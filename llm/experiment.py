@@ -20,7 +20,7 @@ from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.tokenizer import load_tokenizer
 from llm.tracking import MODEL_RUN_FILE, MlflowRun, model_run_record, start_training_run
-from llm.train import TrainResult, resumable_state, train
+from llm.train import TrainResult, resolve_dtype, resumable_state, train
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,14 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
     with distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+        if cfg.dtype == "auto":
+            cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, runtime.device))
+            log.info("train.dtype auto: %s on this %s", cfg.dtype, runtime.device.type)
         run, run_state = None, None
         if runtime.is_main:
             resumed = resumable_state(model_cfg, cfg, paths.tokens, paths.checkpoints) or {}
             tracked = {**params, "data_tokenizer_sha256": meta.tokenizer_sha256,
-                       "data_train_tokens": meta.splits["train"].tokens}
+                       "data_train_tokens": meta.splits["train"].tokens, "train_dtype_resolved": cfg.dtype}
             run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size,
                                      resumed.get("mlflow_run_id"))
             run_state = {"mlflow_run_id": run.run_id}

@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 MAX_ATTENTION_TOKENS = 48  # heatmaps beyond this many tokens are unreadable
 
 
-def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConfig, eot_id: int) -> str:
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of the index-th prompt (0-based): each prompt draws its own random stream, so that
+    the samples of similar prompts do not converge onto one passage."""
+    return seed + index
+
+
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConfig, eot_id: int, seed: int) -> str:
     ids = list(generate(model, prompt_ids(tokenizer, prompt, eot_id), cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eot_id=eot_id))
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eot_id=eot_id))
     return tokenizer.decode([i for i in ids if i != eot_id])
 
 
@@ -31,13 +37,14 @@ def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_
     lines = ["# Samples", "",
              f"{config.arch}, {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, "
              f"context {config.block_size}; "
-             f"temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}, seed {cfg.seed}, "
+             f"temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
              f"up to {cfg.max_new_tokens} new tokens. The prompt is in bold.", ""]
-    for i, prompt in enumerate(cfg.prompts, 1):
-        continuation = sample_text(model, tokenizer, prompt, cfg, eot_id)
+    for i, prompt in enumerate(cfg.prompts):
+        seed = prompt_seed(cfg.seed, i)
+        continuation = sample_text(model, tokenizer, prompt, cfg, eot_id, seed)
         title = prompt.splitlines()[0] if prompt.strip() else "(empty prompt)"
         body = f"<b>{html.escape(prompt, quote=False)}</b>{html.escape(continuation, quote=False)}"
-        lines += [f"## Sample {i}: {title}", "", "<pre>", body, "</pre>", ""]
+        lines += [f"## Sample {i + 1}: {title}", "", f"seed {seed}", "", "<pre>", body, "</pre>", ""]
     return "\n".join(lines)
 
 

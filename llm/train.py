@@ -67,6 +67,23 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere (AVX2-only CPUs: most laptops, older servers) torch emulates bf16
+    matmuls, about 100x slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """train.dtype as the run computes: "auto" becomes bfloat16 where the device has fast bf16, else float32.
+    Decided by the hardware's features, not a timing, so the same machine always resolves the same way."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if has_fast_bf16(device) else "float32"
+
+
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -198,7 +215,7 @@ class TrainResult:
 
 
 def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: GPT, steps: int,
-                  tokens_seen: int, peak_source: str, resumed_from: int) -> dict[str, Any]:
+                  tokens_seen: int, peak_source: str, resumed_from: int, dtype: str) -> dict[str, Any]:
     """metrics/train.json: the last logged train loss and val loss of the run, its speed, its size."""
     val_losses = [row["val_loss"] for row in history if row["val_loss"] is not None]
     return {
@@ -212,6 +229,7 @@ def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: 
         "flops_per_token": meter.flops_per_token,
         "peak_flops": meter.peak,
         "peak_flops_source": peak_source,
+        "dtype": dtype,  # what train.dtype resolved to
         "resumed_from_step": resumed_from,
     }
 
@@ -227,6 +245,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there)."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
     device = runtime.device
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     meta = read_meta(tokens_dir)
     fingerprint = run_fingerprint(model_cfg, cfg, meta)
     train_data, val_data = (TokenWindows(meta.shard_paths(tokens_dir, split), model_cfg.block_size,
@@ -241,8 +260,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     peak, peak_source = runtime.broadcast(peak_flops(device, cfg.dtype) if runtime.is_main else None)
     meter = ThroughputMeter(tokens_per_step, model.flops_per_token(), peak * runtime.world_size, device)
     log.info("model %s: %.2fM parameters; %d tokens per step (%d sequences per rank x %d accumulation x %d ranks "
-             "x %d); peak %.1f TFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, tokens_per_step,
-             cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, model_cfg.block_size, peak / 1e12, peak_source)
+             "x %d); %s; peak %.1f TFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, tokens_per_step,
+             cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, model_cfg.block_size, cfg.dtype, peak / 1e12,
+             peak_source)
 
     loaded = load_resume_point(checkpoint_dir, fingerprint) if runtime.is_main else None
     state = runtime.broadcast(loaded[0] if loaded else {"step": 0, "tokens_seen": 0, "history": []})
@@ -286,5 +306,5 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
 
     if start_step == last_step:
         log.info("the checkpoint at step %d already completes this run", start_step)
-    metrics = final_metrics(history, meter, model, last_step, tokens_seen, peak_source, start_step)
+    metrics = final_metrics(history, meter, model, last_step, tokens_seen, peak_source, start_step, cfg.dtype)
     return TrainResult(model, gather_weights(model, runtime), metrics, history, step_losses, start_step)

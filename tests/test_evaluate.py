@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import EOT
+from llm.config import EOT, EvaluateConfig
 from llm.evaluate import Score, score_shards, score_text, stream_windows, token_byte_lengths
 from llm.model_io import load_model_dir
+from llm.report import samples_markdown
 from llm.shards import ShardWriter, token_dtype
 from tests.conftest import ROOT, SAMPLE_TEXTS, run_stage
 
@@ -130,3 +132,13 @@ def test_text_mode_rejects_an_empty_file_naming_it(tiny_model_dir, tmp_path):
     result = evaluate_text("--model", str(tiny_model_dir), "--text", str(text))
     assert result.returncode == 2 and result.stdout == ""
     assert "empty.txt" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_each_prompt_samples_with_its_own_seed_and_the_samples_repeat(tiny_model_dir):
+    model, tokenizer = load_model_dir(tiny_model_dir)
+    cfg = EvaluateConfig(prompts=("To be", "To be"), max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=5)
+    markdown = samples_markdown(model, tokenizer, cfg, tokenizer.token_to_id(EOT))
+    first, second = re.findall(r"<pre>\n(.*?)\n</pre>", markdown, flags=re.S)
+    assert first != second, "the same prompt twice: two seeds, two different samples"
+    assert "seed 5" in markdown and "seed 6" in markdown
+    assert samples_markdown(model, tokenizer, cfg, tokenizer.token_to_id(EOT)) == markdown

@@ -10,7 +10,7 @@ from llm.config import TrainConfig
 from llm.data import TokenWindows
 from llm.model import GPTConfig
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
-from llm.train import train
+from llm.train import has_fast_bf16, resolve_dtype, train
 
 VOCAB = 64
 
@@ -99,6 +99,17 @@ def test_an_incompatible_checkpoint_is_not_resumed(tokens_dir, tmp_path, caplog)
     assert "different model, data, training config or code" in caplog.text
     with caplog.at_level(logging.WARNING):
         assert run(tokens_dir, ckpt, model=model_config(n_embd=64)).resumed_from == 0
+
+
+def test_auto_dtype_follows_the_hardware_and_is_the_same_run_as_its_resolution(tokens_dir, tmp_path):
+    cpu = torch.device("cpu")
+    resolved = resolve_dtype("auto", cpu)
+    assert resolved == ("bfloat16" if has_fast_bf16(cpu) else "float32")
+    assert [resolve_dtype(dtype, cpu) for dtype in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+    ckpt = tmp_path / "ckpt"
+    first = run(tokens_dir, ckpt, train_config(dtype="auto"), stop_after=4)
+    assert first.metrics["dtype"] == resolved
+    assert run(tokens_dir, ckpt, train_config(dtype=resolved)).resumed_from == 4
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tokens_dir, tmp_path, caplog):
