@@ -62,7 +62,7 @@ def repo(tmp_path, empty_mlflow_db):
     params["tokenize"]["num_workers"] = 1
     params["model"].update(n_layer=1, n_head=2, n_embd=16, block_size=16)
     params["train"].update(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
-                           checkpoint_interval=2, dtype="float32")
+                           checkpoint_interval=4, dtype="float32")
     params["evaluate"].update(max_new_tokens=8, prompts=["Act 1.", ""])
     params["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

@@ -39,9 +39,10 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, empty_mlflow_db):
     """`mlflow server` on a free loopback port, with its own database and artifact store."""
     home = tmp_path_factory.mktemp("mlflow")
+    shutil.copy(empty_mlflow_db, home / "mlflow.db")
     port = free_port()
     process = subprocess.Popen(
         [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
