@@ -47,7 +47,10 @@ def main() -> None:
         probed = train(model_cfg, probe, args.tokens, Path(scratch) / "probe", device)
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size
         seconds_per_step = tokens_per_step / probed.metrics["tokens_per_sec"]  # laps after the first only
-        steps = max(cfg.warmup_steps + 1, int(args.minutes * 60 / seconds_per_step))
+        steps = int(args.minutes * 60 / seconds_per_step)
+        if steps <= cfg.warmup_steps:
+            raise SystemExit(f"{args.minutes} min fits {steps} steps of {seconds_per_step:.2f} s, not more than "
+                             f"train.warmup_steps ({cfg.warmup_steps}): give a larger budget")
         run_cfg = dataclasses.replace(cfg, max_steps=steps, eval_interval=steps, checkpoint_interval=steps)
         start = time.perf_counter()
         result = train(model_cfg, run_cfg, args.tokens, Path(scratch) / "run", device)
