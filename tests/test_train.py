@@ -88,6 +88,11 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path):
     np.testing.assert_allclose(first.step_losses[:4] + resumed.step_losses, full.step_losses, rtol=0, atol=1e-6)
     assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
     assert resumed.metrics["tokens_seen"] == full.metrics["tokens_seen"]
+    # What users read is the whole run's too: the history (plots/train.csv, MLflow) and the final train loss.
+    assert [row["step"] for row in resumed.history] == [row["step"] for row in full.history]
+    np.testing.assert_allclose([row["train_loss"] for row in resumed.history],
+                               [row["train_loss"] for row in full.history], rtol=0, atol=1e-6)
+    assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], abs=1e-6)
 
 
 def test_an_incompatible_checkpoint_is_not_resumed(tokens_dir, tmp_path, caplog):

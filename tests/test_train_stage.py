@@ -70,12 +70,19 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.safetensors"}
 
 
-def test_rerunning_a_finished_training_reopens_its_run(workdir, trained):
-    first = read_json(workdir / "metrics/train.json")["mlflow_run_id"]
+def test_rerunning_a_finished_training_reopens_its_run_and_keeps_its_history(workdir, trained):
+    before = read_json(workdir / "metrics/train.json")
+    table = (workdir / "plots/train.csv").read_text()
+    first = before["mlflow_run_id"]
     result = stage(workdir, "train")
     assert result.returncode == 0, result.stderr
-    assert "reopened" in result.stderr
-    assert read_json(workdir / "metrics/train.json")["mlflow_run_id"] == first
+    assert "reopened" in result.stderr and "already completes this run" in result.stderr
+    after = read_json(workdir / "metrics/train.json")
+    assert after["mlflow_run_id"] == first
+    # The history comes back from the checkpoint: the same loss table and losses, not an empty one.
+    assert (workdir / "plots/train.csv").read_text() == table
+    assert (after["train_loss"], after["val_loss"], after["steps"]) == (
+        before["train_loss"], before["val_loss"], before["steps"])
     client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
     assert run.info.run_id == first and run.info.status == "FINISHED"
 
