@@ -3,7 +3,8 @@
 A checkpoint is a folder step_NNNNNNNN/ written whole and atomically (temp folder, fsync, rename) by rank 0
 from full (gathered) state dicts, so a run saved by N processes resumes on M:
   model.safetensors   weights, float32, by parameter name (a tied alias such as lm_head.weight is stored once)
-  optimizer.pt        optimizer state by parameter name, and the torch RNG; read with torch.load(weights_only=True)
+  optimizer.pt        the state of every optimizer (AdamW, and Muon if used) by parameter name, and the torch
+                      RNG; read with torch.load(weights_only=True)
   state.json          step, tokens seen, fingerprint of the run, configs, numpy/python RNG states
 """
 
@@ -54,13 +55,13 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                     state: dict[str, Any], keep: int, runtime: Runtime) -> None:
     """Every rank calls this (the state is gathered); rank 0 writes step_NNNNNNNN/ and keeps the newest `keep`."""
     weights = gather_weights(model, runtime)
     api = _state_dicts()
     options = api.StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
-    optimizer_state = api.get_optimizer_state_dict(model, optimizer, options=options)
+    optimizer_state = api.get_optimizer_state_dict(model, optimizers, options=options)
     if runtime.is_main:
         with atomic_dir(Path(root) / f"step_{step:08d}") as tmp:
             save_file(weights, str(tmp / "model.safetensors"))
@@ -83,7 +84,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return state, weights, bundle
 
 
-def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaded: tuple | None,
+def restore_checkpoint(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], loaded: tuple | None,
                        runtime: Runtime) -> None:
     """Load what rank 0 read (`loaded`; None on other ranks) into the (possibly sharded) model and optimizer
     of every rank. A collective when distributed. Rank 0 (or the only process) also restores its RNGs."""
@@ -95,7 +96,7 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         weights = {**weights, **{alias: weights[name] for alias, name in tied_aliases(model).items()}}
         optimizer_state = bundle["optimizer"]
     api.set_model_state_dict(model, weights, options=options)
-    api.set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    api.set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
     if loaded is not None:
         torch.set_rng_state(bundle["torch_rng"])
         np.random.set_state(_from_json_numpy(state["numpy_rng"]))

@@ -5,6 +5,7 @@ checks itself when it is constructed (Validated), so a config object that exists
 """
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -102,30 +103,81 @@ class TokenizeConfig(Validated):
             raise ConfigError("tokenize.num_workers", f"must be >= 0, got {self.num_workers}")
 
 
-ARCHS = ("gpt2", "llama")
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
+
+# The architectural parts a model is built from, each a small named choice, and the presets that name a set
+# of them. A model key left null (or out) takes its preset's value; config.json stores the resolved parts.
+PART_CHOICES = {
+    "positions": ("learned", "rope"),  # learned absolute embeddings | rotary (applied to q and k)
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu2"),  # GELU (4x) | gated SiLU (8/3 x) | squared ReLU (4x)
+    "head": ("tied", "untied"),  # output head shares the token embedding, or has its own weights
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 (2019), as nanoGPT builds it.
+    "gpt2": {"positions": "learned", "norm": "layernorm", "norm_gain": True, "mlp": "gelu", "head": "tied",
+             "bias": True, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False},
+    # Llama (2023).
+    "llama": {"positions": "rope", "norm": "rmsnorm", "norm_gain": True, "mlp": "swiglu", "head": "untied",
+              "bias": False, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False},
+    # What the strongest small-model recipes of 2024-25 share (modded-nanogpt's speedrun, nanochat): norms
+    # without gains, queries and keys normalised, squared ReLU, a logit softcap, and every output
+    # projection (and the head) starting at zero, so each block starts as the identity.
+    "modern": {"positions": "rope", "norm": "rmsnorm", "norm_gain": False, "mlp": "relu2", "head": "untied",
+               "bias": False, "qk_norm": True, "logit_softcap": 15.0, "zero_init": True},
+}
+ARCHS = tuple(PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Validated):
-    arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU)
+    arch: str = "gpt2"  # preset naming the parts below: gpt2 | llama | modern
     n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # attention heads; n_embd must divide evenly
+    n_head: int = 6  # query heads; n_embd must divide evenly
     n_embd: int = 384  # width of the residual stream
     block_size: int = 256  # context length in tokens
     dropout: float = 0.0  # on embeddings, attention and residual branches while training
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); null = n_head
+    # The parts; null = the preset's choice.
+    positions: str | None = None  # learned | rope
+    norm: str | None = None  # layernorm | rmsnorm
+    norm_gain: bool | None = None  # norms have a learned per-channel gain
+    mlp: str | None = None  # gelu | swiglu | relu2
+    head: str | None = None  # tied | untied
+    bias: bool | None = None  # biases in linear layers and LayerNorm
+    qk_norm: bool | None = None  # RMS-normalise each head's queries and keys before attention
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c); 0 turns it off
+    zero_init: bool | None = None  # output projections (and an untied head) start at zero
+
+    def __post_init__(self) -> None:
+        """Resolve every part left null from the preset, once: the config then names the model fully."""
+        if self.arch not in PRESETS:
+            raise ConfigError("model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name, value in PRESETS[self.arch].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        super().__post_init__()
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError("model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError("model.n_embd", f"must be divisible by model.n_head ({self.n_embd} % {self.n_head})")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            raise ConfigError("model.n_head", "llama's rotary embeddings need an even head size (n_embd / n_head)")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError("model.n_kv_head", f"must divide model.n_head ({self.n_head} % {self.n_kv_head})")
+        for name, choices in PART_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}", f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.n_head", "rotary positions need an even head size (n_embd / n_head)")
+        if not 0.0 <= self.logit_softcap < math.inf:
+            raise ConfigError("model.logit_softcap", f"must be a finite value >= 0 (0 turns it off), "
+                              f"got {self.logit_softcap}")
         if self.block_size > MAX_BLOCK_SIZE:
             raise ConfigError("model.block_size", f"must be <= {MAX_BLOCK_SIZE}, got {self.block_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -146,6 +198,12 @@ class TrainConfig(Validated):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # adamw: AdamW for every weight. muon: Muon for the 2-D weights inside the blocks, AdamW (lr above) for
+    # embeddings, the head, norms and biases.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak learning rate, on the same warmup and cosine schedule as lr
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each update
     # auto | float32 | bfloat16 (autocast; weights and optimizer stay float32); auto: bf16 where the device
     # multiplies bf16 in hardware, else float32
     dtype: str = "auto"
@@ -165,6 +223,14 @@ class TrainConfig(Validated):
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError("train.strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.muon_lr > 0:
+            raise ConfigError("train.muon_lr", f"must be > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError("train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps <= 20:
+            raise ConfigError("train.muon_ns_steps", f"must be in [1, 20], got {self.muon_ns_steps}")
         if self.dtype not in DTYPES:
             raise ConfigError("train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.lr <= 0:
@@ -250,7 +316,8 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], section: str, *, requi
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}", f"unknown key (known: {', '.join(fields)})")
-    missing = [name for name in fields if name not in values]
+    # A key whose default is None (null: "from the preset", "off") may be left out.
+    missing = [name for name, field in fields.items() if name not in values and field.default is not None]
     if require_all and missing:
         raise ConfigError(f"{section}.{missing[0]}", "missing key")
     hints = typing.get_type_hints(cls)

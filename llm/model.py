@@ -1,7 +1,8 @@
-"""A decoder-only transformer in two named variants.
+"""A decoder-only transformer built from small named parts.
 
-gpt2:  learned positions, LayerNorm, GELU MLP, biases, tied input/output embeddings.
-llama: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases, untied output head.
+Each architectural choice is a field of the config (positions, norm, norm_gain, mlp, head, bias, qk_norm,
+logit_softcap, zero_init, n_kv_head), resolved once from a preset (llm.config.PRESETS: gpt2, llama, modern)
+and read here in one place each: `make_norm`, `MLPS`, `GPT.__init__` (positions, head), `_init_weights`.
 
 The model knows nothing of parallelism, compilation or activation checkpointing (see llm/parallel.py),
 and does no I/O. For generation, `forward` takes a KVCache: the keys and values of earlier positions, so
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 from llm.config import ModelConfig
 from llm.errors import ConfigError
+
+NORM_EPS = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +39,18 @@ class GPTConfig(ModelConfig):
 
     @property
     def mlp_hidden(self) -> int:
-        if self.arch == "gpt2":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
-        # SwiGLU: 2/3 of 4x keeps the parameter count of a 4x GELU MLP; rounded up to a multiple of 64.
+        # SwiGLU: 2/3 of 4x keeps the parameter count of a 4x MLP; rounded up to a multiple of 64.
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
-def norm(config: GPTConfig) -> nn.Module:
-    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else nn.RMSNorm(config.n_embd, eps=1e-5)
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last `dim` features (default n_embd)."""
+    dim = dim or config.n_embd
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=NORM_EPS, elementwise_affine=config.norm_gain, bias=config.bias)
+    return nn.RMSNorm(dim, eps=NORM_EPS, elementwise_affine=config.norm_gain)
 
 
 def rope_tables(head_dim: int, length: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +68,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one preallocated (B, n_head, block_size, head_dim) pair
+    """Keys and values of the positions seen so far, one preallocated (B, n_kv_head, block_size, head_dim) pair
     per layer. `pos` is the number of positions filled; GPT.forward advances it."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_head, T, head_dim) at positions pos..pos+T; return all keys and values so far."""
+        """Store k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T; return all keys and values so far."""
         end = self.pos + k.size(2)
         self.keys[layer][:, :, self.pos:end] = k
         self.values[layer][:, :, self.pos:end] = v
@@ -79,20 +86,31 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention; with n_kv_head < n_head, each key/value head serves n_head / n_kv_head query
+    heads (grouped-query attention)."""
+
     def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
-        bias = config.arch == "gpt2"
-        self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.dropout, self.layer = config.dropout, layer
+        # One matrix for q, k and v: rows n_head * head_dim of q, then n_kv_head * head_dim each of k and v.
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual = True
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-        """Queries, keys and values, each (B, n_head, T, head_dim), rotated when rope tables are given."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        """Queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim): normalised when the
+        config says qk_norm, then rotated when rope tables are given."""
+        B, T, _ = x.size()
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
@@ -110,7 +128,8 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -118,6 +137,7 @@ class CausalSelfAttention(nn.Module):
     def attention_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The causal attention pattern (B, n_head, T, T) that forward applies to x, each row summing to 1."""
         q, k, _ = self.qkv(x, rope)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # the key head each query head reads
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
         T = x.size(1)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -125,17 +145,20 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2)."""
+    """Two matrices with an activation between: GELU (gpt2) or squared ReLU (modern)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual = True
+        self.squared_relu = config.mlp == "relu2"
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.squared_relu else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class SwiGLU(nn.Module):
@@ -143,9 +166,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.down.residual = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -153,12 +176,15 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
+MLPS = {"gelu": MLP, "relu2": MLP, "swiglu": SwiGLU}
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
-        self.ln_1, self.ln_2 = norm(config), norm(config)
+        self.ln_1, self.ln_2 = make_norm(config), make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.mlp = MLP(config) if config.arch == "gpt2" else SwiGLU(config)
+        self.mlp = MLPS[config.mlp](config)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None
@@ -172,14 +198,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.arch == "gpt2" else None
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
-        self.ln_f = norm(config)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.arch == "gpt2":
-            self.lm_head.weight = self.wte.weight  # tied
-        else:
+        if config.head == "tied":
+            self.lm_head.weight = self.wte.weight
+        if config.positions == "rope":
             cos, sin = rope_tables(config.head_dim, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -187,9 +213,15 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            # Residual projections are scaled so the residual stream's variance does not grow with depth.
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            untied_head = module is self.lm_head and self.config.head == "untied"
+            if self.config.zero_init and (residual or untied_head):
+                # Each block starts as the identity and the logits at uniform: the loss at init is ln(vocab).
+                nn.init.zeros_(module.weight)
+            else:
+                # Residual projections are scaled so the residual stream's variance does not grow with depth.
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -206,6 +238,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += idx.size(1)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)  # bounded to (-cap, cap), near-identity below it
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
@@ -222,7 +257,7 @@ class GPT(nn.Module):
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
+        if self.config.positions == "rope":
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         return self.drop(x), rope
 

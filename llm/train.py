@@ -1,5 +1,5 @@
-"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation, clipping, bf16 autocast,
-periodic evaluation, checkpoints and exact resume.
+"""The training loop: AdamW or Muon (llm/optim.py), warmup + cosine schedule, gradient accumulation, clipping,
+bf16 autocast, periodic evaluation, checkpoints and exact resume.
 
 `train` reads as the loop alone; each rule it follows has one home here: which checkpoint a run resumes
 from (`scan_checkpoints`), one optimizer step (`train_step`), when a step logs, evaluates or checkpoints
@@ -22,6 +22,7 @@ import torch
 
 import llm.data
 import llm.model
+import llm.optim
 from llm.checkpoint import (
     checkpoint_dirs,
     gather_weights,
@@ -34,6 +35,7 @@ from llm.config import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows
 from llm.distributed import Runtime
 from llm.model import GPT, GPTConfig, initial_model
+from llm.optim import configure_optimizers, set_lr
 from llm.parallel import gradient_sync, parallelize
 from llm.shards import TokensMeta, read_meta
 from llm.throughput import ThroughputMeter, peak_flops
@@ -41,7 +43,7 @@ from llm.throughput import ThroughputMeter, peak_flops
 log = logging.getLogger(__name__)
 
 # Modules whose code shapes a run's trajectory: a checkpoint made by other code is not resumed.
-CODE = {"model": llm.model, "train": sys.modules[__name__], "data": llm.data}
+CODE = {"model": llm.model, "train": sys.modules[__name__], "data": llm.data, "optim": llm.optim}
 
 # Settings that do not change the trajectory: a run may resume with other values of these.
 NOT_SHAPING = {"compile", "activation_checkpointing", "eval_interval", "eval_batches", "log_interval",
@@ -55,16 +57,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_steps = cfg.max_steps - cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
-
-
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 def has_fast_bf16(device: torch.device) -> bool:
@@ -165,12 +157,11 @@ def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple | None:
 
 # --- one step ----------------------------------------------------------------------------------------------
 
-def train_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, data: TokenWindows,
-               cfg: TrainConfig, step: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(step_model: torch.nn.Module, model: GPT, optimizers: list[torch.optim.Optimizer],
+               data: TokenWindows, cfg: TrainConfig, step: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step (0-based `step`): set its lr, accumulate grad_accum_steps micro-batches, clip,
     update. Returns (mean loss of this rank's micro-batches, global grad norm), both still on the device."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
+    set_lr(optimizers, lr_at(step, cfg) / cfg.lr)
     loss_sum = torch.zeros((), device=runtime.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = data.batch(cfg.batch_size, cfg.seed, step, runtime.rank, runtime.world_size, micro_step=micro,
@@ -181,8 +172,9 @@ def train_step(step_model: torch.nn.Module, model: GPT, optimizer: torch.optim.O
             (loss / cfg.grad_accum_steps).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss_sum / cfg.grad_accum_steps, grad_norm
 
 
@@ -253,7 +245,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
                             for split in ("train", "val"))
     model = initial_model(model_cfg, cfg.seed).to(device)  # the same initial weights on every rank
     step_model = parallelize(model, runtime, cfg.strategy, cfg.dtype, cfg.compile, cfg.activation_checkpointing)
-    optimizer = configure_optimizer(model, cfg, device)
+    optimizers = configure_optimizers(model, cfg, device)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * runtime.world_size * model_cfg.block_size
     # One rank measures the peak (ranks sharing a CPU would slow each other); MFU is over all devices.
@@ -267,7 +259,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     loaded = load_resume_point(checkpoint_dir, fingerprint) if runtime.is_main else None
     state = runtime.broadcast(loaded[0] if loaded else {"step": 0, "tokens_seen": 0, "history": []})
     if state["step"] > 0:
-        restore_checkpoint(model, optimizer, loaded, runtime)
+        restore_checkpoint(model, optimizers, loaded, runtime)
         meter.load_state_dict(state["throughput"])
     if runtime.distributed:  # dropout differs across ranks (one process restores its exact RNG instead)
         torch.manual_seed(hash((cfg.seed, runtime.rank, state["step"])) % 2**63)
@@ -278,7 +270,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     pending_losses: list[torch.Tensor] = []  # read back once per log row: one device sync
     model.train()
     for step in range(start_step, last_step):
-        loss, grad_norm = train_step(step_model, model, optimizer, train_data, cfg, step, runtime)
+        loss, grad_norm = train_step(step_model, model, optimizers, train_data, cfg, step, runtime)
         pending_losses.append(loss)
         meter.step()
         done, tokens_seen = step + 1, tokens_seen + tokens_per_step
@@ -297,7 +289,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
                 on_log(history[-1])
         if is_checkpoint_step(done, cfg, last_step):
             with meter.paused():
-                save_checkpoint(checkpoint_dir, done, model, optimizer,
+                save_checkpoint(checkpoint_dir, done, model, optimizers,
                                 {**(run_state or {}), "fingerprint": fingerprint, "tokens_seen": tokens_seen,
                                  "history": history, "throughput": meter.state_dict(),
                                  "model_config": dataclasses.asdict(model_cfg),

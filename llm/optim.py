@@ -1,0 +1,113 @@
+"""The optimizers: AdamW alone, or Muon for the hidden matrices with AdamW for the rest.
+
+Muon (Keller Jordan, 2024) replaces each 2-D weight's momentum update by the nearest semi-orthogonal matrix
+(all singular values near 1), computed with a few Newton-Schulz iterations: every direction of the update
+moves by about the same amount, so rare directions learn as fast as common ones. It suits the matrices
+inside the blocks; embeddings, the output head, norms and biases stay with AdamW.
+
+torch.optim.Muon supplies the hyperparameters, their checks and the state layout (one `momentum_buffer` per
+weight); ours changes its step in two ways torch's lacks:
+- the Newton-Schulz iteration runs in the run's dtype: torch's always runs it in bf16, which CPUs without
+  bf16 matmul instructions (AVX2 only) emulate about 100x slower than float32;
+- under FSDP2 a weight and its gradient are row shards (DTensors): each rank gathers the whole momentum
+  update, orthogonalises it (the same result on every rank, as Newton-Schulz is not row-separable) and keeps
+  its own rows. Under DDP each rank holds the whole averaged gradient and orthogonalises it alike.
+"""
+
+import math
+
+import torch
+
+from llm.config import TrainConfig
+
+# Quintic Newton-Schulz coefficients tuned to push singular values in (0, 1] towards 1 in few steps
+# (Keller Jordan's): the result has singular values in roughly [0.7, 1.2], which trains as well as exact.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(update: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `update` (rows x cols), approximately: U V^T of its SVD U S V^T,
+    by `steps` Newton-Schulz iterations computed in `dtype`. Returned in update's dtype."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix x x^T is the smaller one
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # Frobenius norm >= spectral norm, so every singular value is now <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(update.dtype)
+
+
+class Muon(torch.optim.Muon):
+    """Muon with Nesterov momentum, decoupled weight decay and torch's "original" lr scaling
+    (lr * sqrt(max(1, rows / cols))), orthogonalising in `ns_dtype` and handling FSDP2 shards."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int,
+                 ns_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                         ns_steps=ns_steps)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buf, momentum)  # Nesterov: the gradient pushed on along the momentum
+                update = self._orthogonalize(update, group["ns_steps"])
+                rows, cols = param.shape
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+
+    def _orthogonalize(self, update: torch.Tensor, steps: int) -> torch.Tensor:
+        if not hasattr(update, "full_tensor"):  # a plain tensor: one process, or DDP
+            return orthogonalize(update, steps, self.ns_dtype)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        whole = orthogonalize(update.full_tensor(), steps, self.ns_dtype)  # all-gather the rows, then compute
+        replicated = DTensor.from_local(whole, update.device_mesh, [Replicate()] * update.device_mesh.ndim,
+                                        run_check=False)
+        return replicated.redistribute(update.device_mesh, update.placements)  # keep this rank's rows: no comms
+
+
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """The weights Muon trains: the 2-D matrices inside the transformer blocks."""
+    return name.startswith("blocks.") and param.dim() == 2
+
+
+def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on >= 2-D weights (none on biases and norm gains); with `optimizer: muon`, the
+    hidden matrices go to Muon instead. Each parameter group records its peak lr (`peak_lr`); `set_lr`
+    scales every group along the schedule."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon = [p for name, p in named if cfg.optimizer == "muon" and is_hidden_matrix(name, p)]
+    rest = [p for name, p in named if not any(p is q for q in muon)]
+    adamw_groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr},
+    ]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    ]
+    if muon:
+        ns_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                               weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                               ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype))
+    return optimizers
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
+    """Every group's lr = its peak lr x `scale` (the schedule's factor for this step)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * scale
