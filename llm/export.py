@@ -2,7 +2,9 @@
 
 The folder loads offline with `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`:
 
-  config.json              GPT2LMHeadModel (gpt2) or LlamaForCausalLM (llama), float32
+  config.json              GPT2LMHeadModel (learned positions) or LlamaForCausalLM (rotary), float32; a model
+                           with a part neither computes (ReLU², QK-norm, a logit softcap, norms without gains:
+                           the modern preset) is refused, naming the part (`hf_class`)
   model.safetensors        the weights under transformers' names, metadata {"format": "pt"}
   generation_config.json   bos/eos = <|endoftext|>
   tokenizer.json           our tokenizer, copied as is
@@ -14,9 +16,10 @@ Weight names, ours -> transformers (i is the layer):
          blocks.i.{ln_1, ln_2, attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}
                                         -> transformer.h.i.{same names}
          lm_head (tied to wte)          -> not stored; tie_word_embeddings restores it
-  llama  wte, ln_f, lm_head             -> model.embed_tokens, model.norm, lm_head
+  llama  wte, ln_f, lm_head (untied)    -> model.embed_tokens, model.norm, lm_head
          blocks.i.ln_1, blocks.i.ln_2   -> model.layers.i.input_layernorm, model.layers.i.post_attention_layernorm
-         blocks.i.attn.c_attn (3C, C)   -> model.layers.i.self_attn.{q,k,v}_proj, its rows cut in three
+         blocks.i.attn.c_attn           -> model.layers.i.self_attn.{q,k,v}_proj, its rows cut in three
+                                           (q: n_head x head_dim rows; k, v: n_kv_head x head_dim each)
          blocks.i.attn.c_proj           -> model.layers.i.self_attn.o_proj
          blocks.i.mlp.{gate, up, down}  -> model.layers.i.mlp.{gate,up,down}_proj
 
@@ -39,28 +42,49 @@ from safetensors.torch import save_file
 from llm.config import EOT
 from llm.errors import InputError
 from llm.fileio import atomic_dir
-from llm.model import GPT, tied_aliases
+from llm.model import GPT, NORM_EPS, GPTConfig, tied_aliases
 from llm.tokenizer import load_tokenizer
 
 ROPE_THETA = 10_000.0  # llm.model.rope_tables' default
-NORM_EPS = 1e-5  # nn.LayerNorm's default, and the eps of our RMSNorm
+
+
+# What each transformers class computes, in our parts. zero_init is left out: it shapes only the initial weights.
+HF_PARTS = {
+    "GPT2LMHeadModel": {"positions": "learned", "norm": "layernorm", "norm_gain": True, "mlp": "gelu",
+                        "head": "tied", "bias": True, "qk_norm": False, "logit_softcap": 0.0},
+    "LlamaForCausalLM": {"positions": "rope", "norm": "rmsnorm", "norm_gain": True, "mlp": "swiglu",
+                         "bias": False, "qk_norm": False, "logit_softcap": 0.0},  # head: tied or untied
+}
+
+
+def hf_class(cfg: GPTConfig) -> str:
+    """The transformers class that computes exactly what a model of `cfg` does; InputError naming the first part
+    it cannot represent otherwise. The positions decide which class is tried."""
+    name = "GPT2LMHeadModel" if cfg.positions == "learned" else "LlamaForCausalLM"
+    for part, needed in HF_PARTS[name].items():
+        if getattr(cfg, part) != needed:
+            raise InputError(f"cannot export to transformers: model.{part} is {getattr(cfg, part)!r} (arch "
+                             f"{cfg.arch}), and {name} computes only {part} {needed!r}")
+    if name == "GPT2LMHeadModel" and cfg.n_kv_head != cfg.n_head:
+        raise InputError(f"cannot export to transformers: model.n_kv_head is {cfg.n_kv_head}, and GPT2LMHeadModel "
+                         f"has no grouped-query attention (n_kv_head must equal n_head, {cfg.n_head})")
+    return name
 
 
 def export_hf(model: GPT, tokenizer_path: Path, out: Path) -> None:
     """Write `out` (replaced whole, atomically) as a transformers model folder for `model` and its tokenizer."""
     cfg = model.config
-    if cfg.arch not in ("gpt2", "llama"):
-        raise InputError(f"cannot export arch {cfg.arch!r} to transformers: only gpt2 and llama")
+    target = hf_class(cfg)
     tokenizer = load_tokenizer(tokenizer_path)  # raises InputError without <|endoftext|>
     if tokenizer.get_vocab_size() != cfg.vocab_size:
         raise InputError(f"{tokenizer_path}: {tokenizer.get_vocab_size()} tokens, but the model has "
                          f"vocab_size {cfg.vocab_size}; is this the tokenizer it was trained with?")
     eot_id = tokenizer.token_to_id(EOT)
     weights = _our_weights(model)
-    if cfg.arch == "gpt2":
+    if target == "GPT2LMHeadModel":
         config, tensors = _gpt2_config(model, eot_id), _gpt2_tensors(weights, cfg.n_layer)
     else:
-        config, tensors = _llama_config(model, eot_id), _llama_tensors(weights, cfg.n_layer)
+        config, tensors = _llama_config(model, eot_id), _llama_tensors(weights, cfg)
     if weights:
         raise ValueError(f"weights with no transformers name: {sorted(weights)}")
 
@@ -95,17 +119,20 @@ def _gpt2_tensors(weights: dict[str, torch.Tensor], n_layer: int) -> dict[str, t
     return tensors
 
 
-def _llama_tensors(weights: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Pops every entry of `weights` it maps."""
+def _llama_tensors(weights: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Pops every entry of `weights` it maps. A tied head is not stored: tie_word_embeddings restores it."""
     tensors = {
         "model.embed_tokens.weight": weights.pop("wte.weight"),
         "model.norm.weight": weights.pop("ln_f.weight"),
-        "lm_head.weight": weights.pop("lm_head.weight"),
     }
-    for i in range(n_layer):
+    if cfg.head == "untied":
+        tensors["lm_head.weight"] = weights.pop("lm_head.weight")
+    q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        # Rows: q, then k, then v. Cloned, as each chunk is a view into the fused weight.
-        q, k, v = (part.clone() for part in weights.pop(f"{ours}.attn.c_attn.weight").chunk(3, dim=0))
+        # Rows: q, then k, then v. Cloned, as each part is a view into the fused weight.
+        fused = weights.pop(f"{ours}.attn.c_attn.weight")
+        q, k, v = (part.clone() for part in fused.split([q_rows, kv_rows, kv_rows], dim=0))
         tensors |= {
             f"{theirs}.input_layernorm.weight": weights.pop(f"{ours}.ln_1.weight"),
             f"{theirs}.post_attention_layernorm.weight": weights.pop(f"{ours}.ln_2.weight"),
@@ -160,7 +187,7 @@ def _llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
         "intermediate_size": cfg.mlp_hidden,
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.block_size,
@@ -171,7 +198,7 @@ def _llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
         "attention_bias": False,
         "attention_dropout": cfg.dropout,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.head == "tied",
         **_common_config(model, eot_id),
     }
 

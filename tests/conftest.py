@@ -135,9 +135,10 @@ def data_project(data_stages_output: Path, empty_mlflow_db: Path):
     return make
 
 
-def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_size: int = 32, seed: int = 0) -> Path:
+def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_size: int = 32, seed: int = 0,
+                   **parts) -> Path:
     """A models/final-style folder holding a tiny random model (weights spread wider than at init, so that
-    greedy decoding does not just repeat one token) and the given tokenizer."""
+    greedy decoding does not just repeat one token) and the given tokenizer; `parts` override the preset's."""
     import torch
 
     from llm.model import GPT, GPTConfig, tied_aliases
@@ -146,7 +147,7 @@ def make_model_dir(out: Path, tokenizer_path: Path, arch: str = "gpt2", block_si
 
     vocab_size = load_tokenizer(tokenizer_path).get_vocab_size()
     cfg = GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=block_size, dropout=0.0,
-                    vocab_size=vocab_size)
+                    vocab_size=vocab_size, **parts)
     torch.manual_seed(seed)
     model = GPT(cfg)
     with torch.no_grad():

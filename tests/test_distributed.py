@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 TRAIN = {"batch_size": 4, "grad_accum_steps": 2, "max_steps": 8, "warmup_steps": 2, "eval_interval": 4,
-         "eval_batches": 2, "log_interval": 1, "checkpoint_interval": 4, "dtype": "float32", "lr": 0.003}
+         "eval_batches": 2, "log_interval": 1, "checkpoint_interval": 4, "dtype": "float32", "lr": 0.003,
+         "optimizer": "muon"}  # Muon for the block matrices, AdamW for the rest: both optimizers under DDP and FSDP2
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,14 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=["gpt2", "llama", "llama-gqa-tied"])
 def exported(request, tmp_path, sample_tokenizer_path):
     """(our model, our tokenizer, the exported folder) for a tiny model whose every weight is perturbed off its
-    init (biases and norm weights included), so that a tensor mapped wrongly changes the logits."""
-    model_dir = make_model_dir(tmp_path / "model", sample_tokenizer_path, arch=request.param, block_size=64)
+    init (biases and norm weights included), so that a tensor mapped wrongly changes the logits. llama-gqa-tied:
+    llama with one key/value head for its two query heads and the head tied to the embedding."""
+    arch, *variant = request.param.split("-", 1)
+    parts = {"n_kv_head": 1, "head": "tied"} if variant else {}
+    model_dir = make_model_dir(tmp_path / "model", sample_tokenizer_path, arch=arch, block_size=64, **parts)
     model, tokenizer = load_model_dir(model_dir)
     out = tmp_path / "hf"
     export_hf(model, model_dir / "tokenizer.json", out)
@@ -102,9 +105,11 @@ def test_weights_file_and_configs(exported):
         assert "lm_head.weight" not in names and config["tie_word_embeddings"]  # restored from wte
         assert len(names) == 4 + 12 * model.config.n_layer
     else:
-        assert "lm_head.weight" in names and not config["tie_word_embeddings"]
+        tied = model.config.head == "tied"
+        assert ("lm_head.weight" in names) != tied and config["tie_word_embeddings"] == tied
+        assert config["num_key_value_heads"] == model.config.n_kv_head
         assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
-        assert len(names) == 3 + 9 * model.config.n_layer
+        assert len(names) == 2 + (not tied) + 9 * model.config.n_layer
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["bos_token_id"] == generation["eos_token_id"] == eot_id
 
@@ -122,15 +127,27 @@ def test_export_replaces_the_folder_whole(tmp_path, sample_tokenizer_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
 
 
-def test_unsupported_arch_or_tokenizer_is_an_input_error(tmp_path, sample_tokenizer_path, monkeypatch):
+def test_a_tokenizer_without_endoftext_is_an_input_error(tmp_path, sample_tokenizer_path):
     model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
     no_eot = tmp_path / "no_eot.json"
     no_eot.write_text(Tokenizer(models.BPE()).to_str())
     with pytest.raises(InputError, match=EOT):
         export_hf(model, no_eot, tmp_path / "hf")
-    monkeypatch.setattr("llm.config.ARCHS", ("gpt2", "llama", "mamba"))  # an arch the exporter does not know yet
-    model.config = dataclasses.replace(model.config, arch="mamba")
-    with pytest.raises(InputError, match="mamba"):
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(("parts", "named"), [
+    ({"arch": "modern"}, "model.norm_gain"),  # the first of its parts neither class computes
+    ({"arch": "llama", "mlp": "relu2"}, "model.mlp"),
+    ({"arch": "llama", "qk_norm": True}, "model.qk_norm"),
+    ({"arch": "llama", "logit_softcap": 30.0}, "model.logit_softcap"),
+    ({"arch": "gpt2", "head": "untied"}, "model.head"),
+    ({"arch": "gpt2", "n_kv_head": 1}, "model.n_kv_head"),
+])
+def test_a_model_transformers_cannot_compute_is_refused_naming_the_part(tmp_path, sample_tokenizer_path, parts,
+                                                                        named):
+    model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path, **parts))
+    with pytest.raises(InputError, match=named.replace(".", r"\.")):
         export_hf(model, sample_tokenizer_path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -1,14 +1,14 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from llm.config import TrainConfig
-from llm.model import GPT, GPTConfig
+from llm.config import ARCHS, PRESETS, TrainConfig, from_mapping
+from llm.errors import ConfigError
+from llm.model import GPT, GPTConfig, apply_rope, rope_tables
 from llm.parallel import apply_activation_checkpointing
 from llm.train import lr_at
-
-ARCHS = ["gpt2", "llama"]
 
 
 def tiny(arch: str, **overrides) -> GPTConfig:
@@ -17,9 +17,16 @@ def tiny(arch: str, **overrides) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-def make(arch: str, seed: int = 0, **overrides) -> GPT:
+def make(arch: str, seed: int = 0, perturb: bool = True, **overrides) -> GPT:
+    """A tiny model; `perturb` moves every weight off its init (zero-initialised projections and heads
+    included), as training would, so that every part shapes the output."""
     torch.manual_seed(seed)
-    return GPT(tiny(arch, **overrides))
+    model = GPT(tiny(arch, **overrides))
+    if perturb:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+    return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -37,7 +44,7 @@ def test_a_future_token_never_changes_past_logits(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_at_init_is_about_ln_vocab(arch):
-    model = make(arch, vocab_size=512)
+    model = make(arch, vocab_size=512, perturb=False)
     idx, targets = torch.randint(0, 512, (8, 16)), torch.randint(0, 512, (8, 16))
     _, loss = model(idx, targets)
     assert abs(loss.item() - math.log(512)) < 0.1
@@ -107,7 +114,7 @@ def test_variants_differ_as_named():
 
 
 def test_residual_projections_are_scaled_at_init():
-    model = make("gpt2", n_layer=8, n_embd=256, n_head=4)
+    model = make("gpt2", n_layer=8, n_embd=256, n_head=4, perturb=False)
     assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
     assert abs(model.blocks[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
 
@@ -143,3 +150,132 @@ def test_attention_maps_are_the_probabilities_forward_applies(arch):
     _, _, v = block.attn.qkv(h, rope)
     y = (maps[0] @ v[0]).transpose(0, 1).reshape(12, -1)
     torch.testing.assert_close(block.attn.c_proj(y)[None], block.attn(h, rope), atol=1e-5, rtol=1e-5)
+
+
+# --- the named parts -----------------------------------------------------------------------------------------
+
+def test_presets_resolve_every_part_and_an_explicit_part_overrides_its_preset():
+    for arch in ARCHS:
+        cfg = tiny(arch)
+        assert {name: getattr(cfg, name) for name in PRESETS[arch]} == PRESETS[arch]
+        assert cfg.n_kv_head == cfg.n_head
+    mixed = tiny("gpt2", mlp="relu2", head="untied")
+    assert (mixed.mlp, mixed.head, mixed.positions) == ("relu2", "untied", "learned")
+    model = GPT(mixed)
+    assert model.lm_head.weight is not model.wte.weight
+
+
+def test_a_config_json_without_the_parts_loads_as_its_preset():
+    """config.json files written before the parts existed name only the arch."""
+    old = {"arch": "llama", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.0,
+           "vocab_size": 97}
+    assert from_mapping(GPTConfig, old, "config.json") == tiny("llama")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"mlp": "tanh"}, "model.mlp"), ({"positions": "alibi"}, "model.positions"), ({"norm": "batchnorm"}, "model.norm"),
+    ({"head": "shared"}, "model.head"), ({"n_kv_head": 3, "n_head": 4}, "model.n_kv_head"),
+    ({"logit_softcap": -1.0}, "model.logit_softcap"), ({"logit_softcap": math.inf}, "model.logit_softcap"),
+    ({"arch": "mamba"}, "model.arch"),
+])
+def test_a_bad_part_is_refused_naming_its_key(override, key):
+    fields = {"arch": "modern", **override}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny(fields.pop("arch"), **fields)
+
+
+def test_rotary_attention_scores_depend_only_on_the_distance_between_positions():
+    cos, sin = rope_tables(8, 32)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(20, 17))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_norms_without_gains_have_no_parameters_and_normalise():
+    model = make("modern", perturb=False)
+    assert not any("ln_" in name or "norm" in name for name, _ in model.named_parameters())
+    x = 3 + 5 * torch.randn(4, 32)
+    rms = model.ln_f(x).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones(4), atol=1e-4, rtol=0)
+    layernorm = make("gpt2", perturb=False).ln_f
+    torch.testing.assert_close(layernorm(x).mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
+
+
+def test_qk_norm_gives_every_query_and_key_unit_rms():
+    attn = make("modern", positions="learned").blocks[0].attn  # no rotation: the norm's output itself
+    q, k, _ = attn.qkv(torch.randn(2, 5, 32), rope=None)
+    for t in (q, k):
+        torch.testing.assert_close(t.pow(2).mean(-1).sqrt(), torch.ones(t.shape[:-1]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(("mlp", "hidden"), [("gelu", 128), ("relu2", 128), ("swiglu", 128)])
+def test_each_mlp_computes_its_activation(mlp, hidden):
+    model = make("modern", mlp=mlp)
+    block_mlp = model.blocks[0].mlp
+    assert model.config.mlp_hidden == hidden  # swiglu: 8/3 x 32 = 85.3, rounded up to a multiple of 64
+    x = torch.randn(3, 32)
+    if mlp == "swiglu":
+        expected = block_mlp.down(torch.nn.functional.silu(block_mlp.gate(x)) * block_mlp.up(x))
+    else:
+        h = block_mlp.c_fc(x)
+        h = torch.relu(h) ** 2 if mlp == "relu2" else 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) *
+                                                                              (h + 0.044715 * h**3)))
+        expected = block_mlp.c_proj(h)
+    torch.testing.assert_close(block_mlp(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_bias_no_layer_has_one():
+    for arch, has_bias in (("gpt2", True), ("llama", False), ("modern", False)):
+        names = [name for name, _ in make(arch).named_parameters()]
+        assert any(name.endswith(".bias") for name in names) == has_bias, arch
+
+
+def test_logit_softcap_squashes_the_logits_below_the_cap():
+    capped = make("modern", logit_softcap=2.0)
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(10)
+    plain = GPT(dataclasses.replace(capped.config, logit_softcap=0.0))
+    plain.load_state_dict(capped.state_dict())
+    idx = torch.randint(0, 97, (2, 16))
+    logits, uncapped = capped(idx)[0], plain(idx)[0]
+    assert uncapped.abs().max() > 4.0, "the test needs logits well beyond the cap"
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(uncapped / 2.0))
+    assert logits.abs().max() < 2.0
+
+
+def test_zero_init_makes_every_block_the_identity_and_the_logits_uniform():
+    model = make("modern", perturb=False)
+    x = torch.randn(2, 16, 32)
+    rope = (model.rope_cos[:16], model.rope_sin[:16])
+    for block in model.blocks:
+        torch.testing.assert_close(block(x, rope), x, atol=0, rtol=0)
+    logits, _ = model(torch.randint(0, 97, (2, 16)))
+    assert torch.all(logits == 0)
+    assert make("llama", perturb=False).blocks[0].attn.c_proj.weight.abs().sum() > 0, "llama does not zero-init"
+
+
+def test_grouped_query_attention_equals_full_attention_with_shared_key_value_heads():
+    """n_kv_head=1 of 4 heads: the same model as 4 key/value heads whose weights are copies of the one."""
+    gqa = make("llama", n_head=4, n_kv_head=1)
+    full = make("llama", n_head=4)
+    state = gqa.state_dict()
+    head_dim = 8
+    for name, weight in list(state.items()):
+        if name.endswith("attn.c_attn.weight"):  # rows: q (4 heads), k (1 head), v (1 head)
+            q, k, v = weight.split([4 * head_dim, head_dim, head_dim])
+            state[name] = torch.cat([q, k.repeat(4, 1), v.repeat(4, 1)])
+    full.load_state_dict(state)
+    assert gqa.num_params() < full.num_params()
+    idx = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(gqa(idx)[0], full(idx)[0], atol=1e-5, rtol=1e-5)
+    # ... and the cache holds the one key/value head, continuing the sequence exactly
+    cache = gqa.new_cache(2)
+    assert cache.keys[0].shape[1] == 1
+    stepwise = torch.cat([gqa(idx[:, :10], cache=cache)[0], gqa(idx[:, 10:], cache=cache)[0]], dim=1)
+    torch.testing.assert_close(stepwise, gqa(idx)[0], atol=1e-5, rtol=1e-5)
+    maps = gqa.attention_maps(idx[:1])
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 16))

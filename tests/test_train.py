@@ -75,15 +75,17 @@ def test_both_variants_train_and_the_loss_falls(tokens_dir, tmp_path, arch, dtyp
     assert result.metrics["tokens_per_sec"] > 0 and 0 < result.metrics["mfu"] < 1
 
 
-def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path):
-    full = run(tokens_dir, tmp_path / "full")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path, optimizer):
+    cfg = train_config(optimizer=optimizer)
+    full = run(tokens_dir, tmp_path / "full", cfg)
     interrupted_dir = tmp_path / "interrupted"
-    first = run(tokens_dir, interrupted_dir, stop_after=6)
+    first = run(tokens_dir, interrupted_dir, cfg, stop_after=6)
     # Simulate a crash after step 6 but before its checkpoint landed: the newest is then step 4.
     [newest, *_] = checkpoint_dirs(interrupted_dir)
     assert newest.name == "step_00000006"
     newest.rename(newest.with_name(".crashed"))
-    resumed = run(tokens_dir, interrupted_dir)
+    resumed = run(tokens_dir, interrupted_dir, cfg)
     assert resumed.resumed_from == 4
     np.testing.assert_allclose(first.step_losses[:4] + resumed.step_losses, full.step_losses, rtol=0, atol=1e-6)
     assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
@@ -93,6 +95,16 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path):
     np.testing.assert_allclose([row["train_loss"] for row in resumed.history],
                                [row["train_loss"] for row in full.history], rtol=0, atol=1e-6)
     assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], abs=1e-6)
+
+
+def test_muon_lowers_the_loss_faster_than_adamw_at_the_same_steps(tokens_dir, tmp_path):
+    def val_loss(optimizer: str) -> float:
+        cfg = train_config(max_steps=40, optimizer=optimizer, eval_interval=40, checkpoint_interval=40,
+                           log_interval=40)
+        return run(tokens_dir, tmp_path / optimizer, cfg, model_config(dropout=0.0)).metrics["val_loss"]
+
+    adamw, muon = val_loss("adamw"), val_loss("muon")
+    assert muon < adamw - 0.03, (muon, adamw)  # 2.334 vs 2.393 measured
 
 
 def test_an_incompatible_checkpoint_is_not_resumed(tokens_dir, tmp_path, caplog):
