@@ -1,6 +1,5 @@
 """Hugging Face export: transformers loads the folder offline and computes what our model and tokenizer do."""
 
-import dataclasses
 import json
 import socket
 

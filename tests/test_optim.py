@@ -50,8 +50,8 @@ def test_muon_trains_the_matrices_inside_the_blocks_and_adamw_the_rest():
     by_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
     names = {id(p): name for name, p in model.named_parameters()}
     assert by_muon.isdisjoint(by_adamw) and by_muon | by_adamw == set(names)
-    assert sorted(names[i] for i in by_muon) == sorted(
-        f"blocks.{i}.{part}.weight" for i in range(2) for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert sorted(names[i] for i in by_muon) == sorted(f"blocks.{i}.{m}.weight" for i in range(2) for m in matrices)
     set_lr([adamw, muon], 0.5)
     assert [g["lr"] for g in adamw.param_groups] == [5e-4, 5e-4] and muon.param_groups[0]["lr"] == 0.01
     [only_adamw] = configure_optimizers(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
