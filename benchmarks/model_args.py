@@ -2,11 +2,12 @@
 
 import argparse
 
+from llm.config import ARCHS
 from llm.model import GPTConfig
 
 
 def add_model_args(parser: argparse.ArgumentParser, n_layer: int, n_head: int, n_embd: int) -> None:
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--arch", default="gpt2", choices=ARCHS)
     parser.add_argument("--n-layer", type=int, default=n_layer)
     parser.add_argument("--n-head", type=int, default=n_head)
     parser.add_argument("--n-embd", type=int, default=n_embd)

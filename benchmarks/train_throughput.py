@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py --n-layer 6 --n-embd 384 --n-head 6 --block-size 256 --dtype bfloat16
 
 Random token ids (throughput does not depend on the data); a full optimizer step per iteration
-(forward, backward, clip, AdamW). MFU = model FLOPs per token x tokens/s / peak, the peak measured
+(forward, backward, clip, AdamW or Muon + AdamW). MFU = model FLOPs per token x tokens/s / peak, the peak measured
 here with large matmuls in the same dtype (or a datasheet figure for known GPUs).
 """
 
@@ -18,7 +18,8 @@ from llm.distributed import Runtime, default_device
 from llm.model import GPT
 from llm.parallel import parallelize
 from llm.throughput import peak_flops, sync
-from llm.train import autocast, configure_optimizer
+from llm.optim import configure_optimizers
+from llm.train import autocast
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     add_model_args(parser, n_layer=6, n_head=6, n_embd=384)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
@@ -36,8 +38,8 @@ def main() -> None:
     cfg = model_config(args)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    train_cfg = TrainConfig(dtype=args.dtype)
-    optimizer = configure_optimizer(model, train_cfg, device)
+    train_cfg = TrainConfig(dtype=args.dtype, optimizer=args.optimizer)
+    optimizers = configure_optimizers(model, train_cfg, device)
     step_model = parallelize(model, Runtime(device=device), "ddp", args.dtype, args.compile,
                              args.activation_checkpointing)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
@@ -48,8 +50,9 @@ def main() -> None:
             _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(3):  # warm-up (and compilation)
         step()
@@ -62,7 +65,7 @@ def main() -> None:
     tokens_per_sec = args.batch_size * cfg.block_size / seconds
     mfu = model.flops_per_token() * tokens_per_sec / peak
     print(f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size} "
-          f"batch {args.batch_size} {args.dtype} compile={args.compile}: {model.num_params() / 1e6:.1f}M params, "
+          f"batch {args.batch_size} {args.dtype} {args.optimizer} compile={args.compile}: {model.num_params() / 1e6:.1f}M params, "
           f"{tokens_per_sec:,.0f} tokens/s, {seconds * 1e3:.0f} ms/step, MFU {100 * mfu:.1f}% of "
           f"{peak / 1e12:.2f} TFLOP/s ({source}), torch threads {torch.get_num_threads()}")
 

@@ -54,17 +54,20 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
 
 
 def rope_tables(head_dim: int, length: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (length, head_dim / 2) for rotary embeddings."""
+    """Rotary tables of shape (length, head_dim): cos of each pair's angle, twice, and sin with the sign that
+    rotates the first half, (-sin, sin). Pair j is (channel j, channel j + head_dim / 2), turned by
+    position / theta^(2j / head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dimension; x is (B, n_head, T, head_dim)."""
+    """Rotate each pair (x1, x2) of the head dimension to (x1 cos - x2 sin, x2 cos + x1 sin); x is
+    (B, n_head, T, head_dim). Two multiplies and an add over whole heads, computed in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.type_as(x)
+    swapped = torch.cat([x2, x1], dim=-1)
+    return (x.float() * cos + swapped * sin).type_as(x)
 
 
 class KVCache:
@@ -230,14 +233,22 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean cross-entropy.
-        With a cache, idx continues the sequence the cache holds (positions cache.pos onwards)."""
+        """idx (B, T) token ids -> (logits (B, T, vocab), None); with targets (B, T), the mean cross-entropy in
+        place of None. While training (train mode, gradients on), targets give (None, loss): the logits are not
+        kept (ChunkedHeadLoss). With a cache, idx continues the sequence the cache holds (positions cache.pos
+        onwards)."""
         x, rope = self.embed(idx, start=cache.pos if cache is not None else 0)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += idx.size(1)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if targets is not None and self.training and torch.is_grad_enabled():
+            # Training: the loss and its gradients chunk by chunk, never the whole batch's logits.
+            loss = ChunkedHeadLoss.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1),
+                                         self.config.logit_softcap)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)  # bounded to (-cap, cap), near-identity below it
@@ -284,6 +295,55 @@ class GPT(nn.Module):
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         cfg = self.config
         return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of softcap(hidden @ weight^T) against targets, and its gradients, computed in chunks of
+    rows during the forward pass: what F.cross_entropy over the whole (rows, vocab) logits computes, without ever
+    holding them. Each chunk's logits are made, softmaxed, turned into their gradient in place and multiplied
+    back while they are still in cache; the vocabulary-sized elementwise passes (log-softmax, its backward, the
+    softcap's tanh and their temporaries) cost half or more of a small model's step otherwise. Matmuls run in
+    autocast's dtype when it is on; the softmax in float32."""
+
+    CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB of float32, in the last-level cache of most CPUs
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        rows = hidden.size(0)
+        chunk = max(1, ChunkedHeadLoss.CHUNK_ELEMENTS // weight.size(0))
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, rows, chunk):
+                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                logits = (h @ w.T).float()  # (chunk, vocab)
+                if softcap:
+                    squashed = logits.div_(softcap).tanh_()  # in place: logits now holds tanh(z / cap)
+                    logits = squashed * softcap
+                log_norm = torch.logsumexp(logits, dim=-1)
+                total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad = logits.sub_(log_norm[:, None]).exp_()  # softmax
+                grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits, per row
+                if softcap:
+                    grad.mul_(squashed.square_().neg_().add_(1))  # d cap tanh(z / cap) / dz = 1 - tanh^2
+                grad = grad.div_(rows).to(dtype)
+                grad_hidden[start:start + chunk] = grad @ w
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)
+                else:
+                    grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
 
 
 def initial_model(config: GPTConfig, seed: int) -> GPT:

@@ -26,23 +26,28 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(update: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The nearest semi-orthogonal matrix to `update` (rows x cols), approximately: U V^T of its SVD U S V^T,
-    by `steps` Newton-Schulz iterations computed in `dtype`. Returned in update's dtype."""
+    """The nearest semi-orthogonal matrix to `update` (rows x cols, or a stack of them: batch x rows x cols),
+    approximately: U V^T of its SVD U S V^T, by `steps` Newton-Schulz iterations computed in `dtype`. Returned
+    in update's dtype."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype)
-    tall = x.size(0) > x.size(1)
+    x = x if x.dim() == 3 else x.unsqueeze(0)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x x^T is the smaller one
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # Frobenius norm >= spectral norm, so every singular value is now <= 1
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: singular values <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(update.dtype)
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2, one kernel
+        x = torch.baddbmm(x, poly, x, beta=a)  # a x + (b G + c G^2) x
+    x = x.mT if tall else x
+    return x.reshape(update.shape).to(update.dtype)
 
 
 class Muon(torch.optim.Muon):
     """Muon with Nesterov momentum, decoupled weight decay and torch's "original" lr scaling
-    (lr * sqrt(max(1, rows / cols))), orthogonalising in `ns_dtype` and handling FSDP2 shards."""
+    (lr * sqrt(max(1, rows / cols))), orthogonalising in `ns_dtype` and handling FSDP2 shards. Matrices of one
+    shape (the same projection in every block) are orthogonalised together, as one batch."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int,
                  ns_dtype: torch.dtype = torch.float32) -> None:
@@ -54,29 +59,44 @@ class Muon(torch.optim.Muon):
     def step(self, closure=None) -> None:
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            params = [param for param in group["params"] if param.grad is not None]
+            updates = []
+            for param in params:
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param.grad)
                 buf = state["momentum_buffer"]
                 buf.lerp_(param.grad, 1 - momentum)
-                update = param.grad.lerp(buf, momentum)  # Nesterov: the gradient pushed on along the momentum
-                update = self._orthogonalize(update, group["ns_steps"])
+                updates.append(param.grad.lerp(buf, momentum))  # Nesterov: the gradient pushed along the momentum
+            for param, update in zip(params, self._orthogonalize(updates, group["ns_steps"]), strict=True):
                 rows, cols = param.shape
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
-    def _orthogonalize(self, update: torch.Tensor, steps: int) -> torch.Tensor:
-        if not hasattr(update, "full_tensor"):  # a plain tensor: one process, or DDP
-            return orthogonalize(update, steps, self.ns_dtype)
-        from torch.distributed.tensor import DTensor, Replicate
+    def _orthogonalize(self, updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """Each update orthogonalised whole. A DTensor (FSDP2's row shard) is gathered first (every rank then
+        computes the same whole result) and comes back as this rank's rows."""
+        whole = [update.full_tensor() if hasattr(update, "full_tensor") else update for update in updates]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, matrix in enumerate(whole):
+            by_shape.setdefault(tuple(matrix.shape), []).append(i)
+        result: list[torch.Tensor] = [torch.empty(0)] * len(whole)
+        for indices in by_shape.values():
+            stacked = orthogonalize(torch.stack([whole[i] for i in indices]), steps, self.ns_dtype)
+            for i, ortho in zip(indices, stacked, strict=True):
+                result[i] = ortho
+        return [_like(ortho, update) for ortho, update in zip(result, updates, strict=True)]
 
-        whole = orthogonalize(update.full_tensor(), steps, self.ns_dtype)  # all-gather the rows, then compute
-        replicated = DTensor.from_local(whole, update.device_mesh, [Replicate()] * update.device_mesh.ndim,
-                                        run_check=False)
-        return replicated.redistribute(update.device_mesh, update.placements)  # keep this rank's rows: no comms
+
+def _like(whole: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `update`: itself for a plain tensor, this rank's shard for a DTensor (no comms)."""
+    if not hasattr(update, "full_tensor"):
+        return whole
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = update.device_mesh
+    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, update.placements)
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:

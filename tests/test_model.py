@@ -6,7 +6,7 @@ import torch
 
 from llm.config import ARCHS, PRESETS, TrainConfig, from_mapping
 from llm.errors import ConfigError
-from llm.model import GPT, GPTConfig, apply_rope, rope_tables
+from llm.model import GPT, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
 from llm.parallel import apply_activation_checkpointing
 from llm.train import lr_at
 
@@ -98,7 +98,8 @@ def test_bf16_autocast_forward_and_backward(arch):
     model = make(arch)
     idx, targets = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, targets)
+        logits, _ = model(idx)
+        _, loss = model(idx, targets)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -279,3 +280,28 @@ def test_grouped_query_attention_equals_full_attention_with_shared_key_value_hea
     torch.testing.assert_close(stepwise, gqa(idx)[0], atol=1e-5, rtol=1e-5)
     maps = gqa.attention_maps(idx[:1])
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 16))
+
+
+def plain_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The reference: whole-batch logits (forward without targets), then F.cross_entropy in float32."""
+    logits, _ = model(idx)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@pytest.mark.parametrize("arch", ARCHS)  # gpt2: tied head; llama: untied; modern: untied with a softcap
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_training_loss_and_its_gradients_equal_the_plain_ones(arch, dtype, monkeypatch):
+    monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 97 * 10)  # chunks of 10 rows: 7 chunks, the last short
+    idx, targets = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    cap = 3.0 if arch == "modern" else None  # low enough that the softcap's tanh bends the perturbed logits
+    fused, plain = make(arch, logit_softcap=cap), make(arch, logit_softcap=cap)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits, fused_loss = fused(idx, targets)
+        reference = plain_loss(plain, idx, targets)
+    assert logits is None, "training keeps no logits"
+    fused_loss.backward()
+    reference.backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(fused_loss, reference, **tolerance)
+    for name, grad in grads(plain).items():
+        torch.testing.assert_close(grads(fused)[name], grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
