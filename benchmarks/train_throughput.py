@@ -16,9 +16,9 @@ from model_args import add_model_args, model_config
 from llm.config import TrainConfig
 from llm.distributed import Runtime, default_device
 from llm.model import GPT
+from llm.optim import configure_optimizers
 from llm.parallel import parallelize
 from llm.throughput import peak_flops, sync
-from llm.optim import configure_optimizers
 from llm.train import autocast
 
 
