@@ -65,7 +65,8 @@ def main() -> None:
     tokens_per_sec = args.batch_size * cfg.block_size / seconds
     mfu = model.flops_per_token() * tokens_per_sec / peak
     print(f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size} "
-          f"batch {args.batch_size} {args.dtype} {args.optimizer} compile={args.compile}: {model.num_params() / 1e6:.1f}M params, "
+          f"batch {args.batch_size} {args.dtype} {args.optimizer} compile={args.compile}: "
+          f"{model.num_params() / 1e6:.1f}M params, "
           f"{tokens_per_sec:,.0f} tokens/s, {seconds * 1e3:.0f} ms/step, MFU {100 * mfu:.1f}% of "
           f"{peak / 1e12:.2f} TFLOP/s ({source}), torch threads {torch.get_num_threads()}")
 
