@@ -251,10 +251,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     # One rank measures the peak (ranks sharing a CPU would slow each other); MFU is over all devices.
     peak, peak_source = runtime.broadcast(peak_flops(device, cfg.dtype) if runtime.is_main else None)
     meter = ThroughputMeter(tokens_per_step, model.flops_per_token(), peak * runtime.world_size, device)
-    log.info("model %s: %.2fM parameters; %d tokens per step (%d sequences per rank x %d accumulation x %d ranks "
-             "x %d); %s; peak %.1f TFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, tokens_per_step,
-             cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, model_cfg.block_size, cfg.dtype, peak / 1e12,
-             peak_source)
+    log.info("model %s: %.2fM parameters; %s; %d tokens per step (%d sequences per rank x %d accumulation x %d "
+             "ranks x %d); %s; peak %.0f GFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, cfg.optimizer,
+             tokens_per_step, cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, model_cfg.block_size,
+             cfg.dtype, peak / 1e9, peak_source)
 
     loaded = load_resume_point(checkpoint_dir, fingerprint) if runtime.is_main else None
     state = runtime.broadcast(loaded[0] if loaded else {"step": 0, "tokens_seen": 0, "history": []})
