@@ -153,7 +153,7 @@ def bpb(args: argparse.Namespace, nanogpt) -> None:
             rows = [val_ids[s:s + block + 1] for s in range(first, min(first + block * 64, len(val_ids) - 1), block)]
             for length in sorted({len(r) for r in rows}):
                 same = torch.from_numpy(np.stack([r for r in rows if len(r) == length]))
-                logits, _ = model(same[:, :-1], same[:, 1:])  # targets make nanoGPT return every position
+                logits, _ = model(same[:, :-1], same[:, 1:].contiguous())  # targets: logits at every position
                 nats += F.cross_entropy(logits.flatten(0, 1), same[:, 1:].flatten(), reduction="sum").item()
                 targets += same[:, 1:].numel()
     val_bytes = len(val_text[1:].encode())  # every character but the first is a target once
