@@ -115,6 +115,9 @@ def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr},
     ]
+    # No empty group (a model without biases or norm gains has no 1-D weights): torch's state-dict API
+    # refuses empty groups when there are several optimizers.
+    adamw_groups = [group for group in adamw_groups if group["params"]]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     ]

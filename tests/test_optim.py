@@ -53,7 +53,8 @@ def test_muon_trains_the_matrices_inside_the_blocks_and_adamw_the_rest():
     matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert sorted(names[i] for i in by_muon) == sorted(f"blocks.{i}.{m}.weight" for i in range(2) for m in matrices)
     set_lr([adamw, muon], 0.5)
-    assert [g["lr"] for g in adamw.param_groups] == [5e-4, 5e-4] and muon.param_groups[0]["lr"] == 0.01
+    assert len(adamw.param_groups) == 1, "no empty group: the modern model has no 1-D weights"
+    assert adamw.param_groups[0]["lr"] == 5e-4 and muon.param_groups[0]["lr"] == 0.01
     [only_adamw] = configure_optimizers(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
     assert sum(len(g["params"]) for g in only_adamw.param_groups) == len(names)
 
