@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llm.config import TrainConfig
 from llm.distributed import default_device
 from llm.evaluate import score_shards, token_byte_lengths
 from llm.model import GPTConfig
@@ -29,7 +30,7 @@ from stages.params import load_params
 PROBE_STEPS = 8  # timed after a warm-up step; the first lap also pays for start-up
 
 
-def probe_steps(model_cfg: GPTConfig, cfg, tokens: Path, scratch: Path, minutes: float) -> int:
+def probe_steps(model_cfg: GPTConfig, cfg: TrainConfig, tokens: Path, scratch: Path, minutes: float) -> int:
     """The steps of this recipe that fit `minutes`, from the speed of a few timed steps."""
     probe = dataclasses.replace(cfg, max_steps=PROBE_STEPS, warmup_steps=1, log_interval=PROBE_STEPS // 2)
     probed = train(model_cfg, probe, tokens, scratch / "probe", default_device())

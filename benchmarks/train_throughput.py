@@ -11,7 +11,7 @@ import argparse
 import time
 
 import torch
-from model_args import add_model_args, model_config
+from model_args import add_model_args, model_config, optimizer_step
 
 from llm.config import TrainConfig
 from llm.distributed import Runtime, default_device
@@ -19,7 +19,6 @@ from llm.model import GPT
 from llm.optim import configure_optimizers
 from llm.parallel import parallelize
 from llm.throughput import peak_flops, sync
-from llm.train import autocast
 
 
 def main() -> None:
@@ -46,13 +45,7 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
 
     def step() -> None:
-        with autocast(device, args.dtype):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer_step(step_model, optimizers, x, y, args.dtype)
 
     for _ in range(3):  # warm-up (and compilation)
         step()

@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from model_args import add_model_args, model_config
+from model_args import add_model_args, model_config, optimizer_step
 
 from llm.clean import iter_documents
 from llm.config import TrainConfig
 from llm.model import GPT
 from llm.optim import configure_optimizers
 from llm.split import is_val
-from llm.train import autocast
 from stages.params import load_params
 
 
@@ -68,21 +67,18 @@ def speed(args: argparse.Namespace, nanogpt) -> None:
     their_optimizer = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size))
 
-    def train_step(model, optimizers) -> None:
-        with autocast(torch.device("cpu"), args.dtype):
-            _, loss = model(x, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
     tokens = args.batch_size * cfg.block_size
     best = {"ours": 0.0, "nanoGPT": 0.0}
+
+    def ours_step() -> None:
+        optimizer_step(ours, our_optimizers, x, x, args.dtype)
+
+    def their_step() -> None:
+        optimizer_step(theirs, [their_optimizer], x, x, args.dtype)
+
     for _ in range(args.rounds):
-        best["ours"] = max(best["ours"], tokens / step_seconds(lambda: train_step(ours, our_optimizers), args.steps))
-        best["nanoGPT"] = max(best["nanoGPT"],
-                              tokens / step_seconds(lambda: train_step(theirs, [their_optimizer]), args.steps))
+        best["ours"] = max(best["ours"], tokens / step_seconds(ours_step, args.steps))
+        best["nanoGPT"] = max(best["nanoGPT"], tokens / step_seconds(their_step, args.steps))
     print(f"{cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} vocab {cfg.vocab_size} batch {args.batch_size} "
           f"{args.dtype}, best of {args.rounds} alternated rounds of {args.steps} steps, torch threads "
           f"{torch.get_num_threads()}: ours ({cfg.arch}, {args.optimizer}) {best['ours']:,.0f} tokens/s, nanoGPT "

@@ -108,9 +108,11 @@ def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch
     """AdamW with weight decay on >= 2-D weights (none on biases and norm gains); with `optimizer: muon`, the
     hidden matrices go to Muon instead. Each parameter group records its peak lr (`peak_lr`); `set_lr`
     scales every group along the schedule."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon = [p for name, p in named if cfg.optimizer == "muon" and is_hidden_matrix(name, p)]
-    rest = [p for name, p in named if not any(p is q for q in muon)]
+    muon: list[torch.nn.Parameter] = []
+    rest: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (muon if cfg.optimizer == "muon" and is_hidden_matrix(name, param) else rest).append(param)
     adamw_groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr},
