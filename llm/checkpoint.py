@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm.distributed import Runtime
-from llm.fileio import atomic_dir
+from llm.fileio import atomic_dir, remove_stale_temps
 from llm.model import tied_aliases
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: l
     options = api.StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
     optimizer_state = api.get_optimizer_state_dict(model, optimizers, options=options)
     if runtime.is_main:
+        remove_stale_temps(Path(root), _NAME.pattern)  # what a killed run left, whatever its step
         with atomic_dir(Path(root) / f"step_{step:08d}") as tmp:
             save_file(weights, str(tmp / "model.safetensors"))
             torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
@@ -76,9 +77,39 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: l
     runtime.barrier()
 
 
+# state.json's fields and their JSON types; check_state refuses a file without them (damaged or edited).
+STATE_FIELDS = {"step": int, "tokens_seen": int, "fingerprint": str, "history": list, "row_losses": list,
+                "throughput": dict, "numpy_rng": list, "python_rng": list}
+
+
+def check_state(state: Any, path: Path) -> None:
+    """Raise ValueError unless `state` (a checkpoint's state.json) has every field, of its type, its step is
+    the folder's and its RNG states restore: so a damaged field sends resume to the previous checkpoint
+    instead of failing halfway through restoring this one."""
+    if not isinstance(state, dict):
+        raise ValueError("state.json is not a JSON object")
+    for field, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool):
+            raise ValueError(f"state.json field {field!r} is missing or not a {kind.__name__}")
+    if path.name != f"step_{state['step']:08d}":
+        raise ValueError(f"state.json says step {state['step']}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in state["row_losses"]):
+        raise ValueError("state.json field 'row_losses' holds a non-number")
+    if not all(isinstance(row, dict) and isinstance(row.get("step"), int) for row in state["history"]):
+        raise ValueError("state.json field 'history' holds a row without a step")
+    if not all(isinstance(state["throughput"].get(k), int | float) for k in ("run_tokens", "run_seconds")):
+        raise ValueError("state.json field 'throughput' is incomplete")
+    try:
+        np.random.RandomState().set_state(_from_json_numpy(state["numpy_rng"]))
+        random.Random().setstate(_from_json_python(state["python_rng"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"state.json holds an RNG state that does not restore ({err})") from None
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(state.json, weights, optimizer bundle) from disk; raises on any damage. No code is executed."""
     state = json.loads((path / "state.json").read_text())
+    check_state(state, path)
     weights = load_file(str(path / "model.safetensors"))
     bundle = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     return state, weights, bundle
@@ -104,10 +135,12 @@ def restore_checkpoint(model: torch.nn.Module, optimizers: list[torch.optim.Opti
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's state.json when it reads as a JSON object, else None."""
     try:
-        return json.loads((Path(path) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
+    return state if isinstance(state, dict) else None
 
 
 def _numpy_rng_state() -> list:

@@ -128,6 +128,14 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_plain_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
     data = path.read_bytes()
     stats.documents_in += 1
@@ -156,12 +164,15 @@ def read_jsonl_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDoc
                 continue
             try:
                 record = json.loads(raw)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
                 stats.drop("malformed_jsonl", len(line), f"{name}:{lineno}")
                 continue
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 stats.drop("missing_text", len(line), f"{name}:{lineno}")
+                continue
+            if not _encodes(text):  # JSON's \ud800 escapes decode to lone surrogates, which UTF-8 cannot hold
+                stats.drop("lone_surrogate", len(line), f"{name}:{lineno}")
                 continue
             yield RawDocument(id=f"{name}:{lineno}", source=name, text=text)
 

@@ -16,6 +16,13 @@ from llm.errors import ConfigError
 EOT = "<|endoftext|>"
 MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
 MAX_BLOCK_SIZE = 1 << 16  # positions (learned or rotary tables) are allocated up front
+MAX_INT = 2**63 - 1  # every integer param fits an int64 (seeds reach numpy and torch generators)
+
+
+def check_seed(key: str, seed: int) -> None:
+    """Seeds reach numpy's generators, which take non-negative integers only."""
+    if seed < 0:
+        raise ConfigError(key, f"must be >= 0, got {seed}")
 
 
 class Validated:
@@ -51,6 +58,7 @@ class DataConfig(Validated):
             raise ConfigError("data.source", "must not be empty")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check_seed("data.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +223,7 @@ class TrainConfig(Validated):
     checkpoint_interval: int = 200  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept in models/checkpoints/
     seed: int = 1337  # initial weights, data windows and dropout
+    max_restarts: int = 0  # with nproc_per_node > 1: restarts of all workers (from the last checkpoint) when one fails
 
     def validate(self) -> None:
         for name in ("nproc_per_node", "batch_size", "grad_accum_steps", "max_steps", "eval_interval",
@@ -245,6 +254,9 @@ class TrainConfig(Validated):
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        check_seed("train.seed", self.seed)
+        if self.max_restarts < 0:
+            raise ConfigError("train.max_restarts", f"must be >= 0, got {self.max_restarts}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +282,7 @@ class EvaluateConfig(Validated):
         check_sampling(self.temperature, self.top_k, self.top_p, key=lambda param: f"evaluate.{param}")
         if not self.attention_text.strip():
             raise ConfigError("evaluate.attention_text", "must not be empty")
+        check_seed("evaluate.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,9 +315,13 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         (item_kind, _) = typing.get_args(kind)
         return tuple(_coerce(f"{key}[{i}]", item, item_kind) for i, item in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    if kind is int and not -MAX_INT <= value <= MAX_INT:
+        raise ConfigError(key, f"must be an integer within +-2**63, got {value}")
     return value
 
 

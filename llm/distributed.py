@@ -48,6 +48,14 @@ class Runtime:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values / self.world_size
 
+    def max(self, value: int) -> int:
+        """The largest of the ranks' `value`s (every rank gets it)."""
+        if not self.distributed:
+            return value
+        box = torch.tensor(value, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box.item())
+
     def broadcast(self, obj: object) -> object:
         """Rank 0's `obj` on every rank."""
         if not self.distributed:

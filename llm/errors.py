@@ -11,3 +11,16 @@ class ConfigError(InputError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+class TrainingDiverged(InputError):
+    """The loss or the weights became inf or nan: the params (usually the learning rate) do not train."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run (after writing a checkpoint, on the first signal). Stages exit with
+    128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
-from llm.config import EOT, EvaluateConfig
+from llm.config import EOT, EvaluateConfig, MlflowConfig
 from llm.distributed import default_device
 from llm.errors import InputError
 from llm.fileio import atomic_dir, read_utf8, write_json_atomic
@@ -153,13 +153,15 @@ class EvalPaths:
     reports: Path  # reports/, replaced whole
 
 
-def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths) -> dict[str, Any]:
+def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
+                   mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     """Score the model on the val split, write metrics/eval.json and reports/, and add both to the MLflow run
-    that trained the model. `init_seed` (train.seed) rebuilds the initial weights for the attention maps."""
+    that trained the model (at `mlflow_cfg`'s tracking URI). `init_seed` (train.seed) rebuilds the initial
+    weights for the attention maps."""
     model, tokenizer = load_model_dir(paths.model, default_device())
     meta = read_meta(paths.tokens)
     meta.check_tokenizer(paths.tokens, paths.model / "tokenizer.json")
-    run = run_of_model(paths.model)
+    run = run_of_model(paths.model, mlflow_cfg)
 
     shards = meta.shard_paths(paths.tokens, "val")
     score = score_shards(model, shards, token_byte_lengths(tokenizer), cfg.max_tokens, cfg.batch_size)

@@ -12,12 +12,14 @@ from typing import Any
 
 from llm.config import MlflowConfig, ModelConfig, TrainConfig
 from llm.distributed import distributed_runtime
+from llm.errors import Interrupted
 from llm.fileio import write_json_atomic
 from llm.history import write_history_csv
 from llm.model import GPTConfig
 from llm.model_io import save_model_dir
 from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
+from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
 from llm.tracking import MODEL_RUN_FILE, MlflowRun, model_run_record, start_training_run
 from llm.train import TrainResult, resolve_dtype, resumable_state, train
@@ -85,12 +87,13 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             fail_for_testing(row["step"])
 
         try:
-            with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress:
+            with StopSignals() as stop, TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) \
+                    as progress:
                 result = train(model_cfg, cfg, paths.tokens, paths.checkpoints, runtime, on_log=on_log,
-                               run_state=run_state)
-        except BaseException:
+                               run_state=run_state, stop=stop)
+        except BaseException as err:
             if run is not None:
-                run.finish("FAILED")
+                run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
             raise
         if runtime.is_main:
             write_outputs(result, model_cfg, meta, run, paths)
@@ -98,11 +101,12 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
 
 def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun,
                   paths: TrainPaths) -> None:
+    """The outputs first, then the tracker (which never raises: what it cannot log is reported by finish)."""
     save_model_dir(paths.out, model_cfg, result.weights, paths.tokenizer, extra={MODEL_RUN_FILE: model_run_record(run)})
     metrics = {**result.metrics, "val_bpb_estimate": val_bpb_estimate(result.metrics["val_loss"], meta.splits["val"])}
-    run.log_metrics({"val_bpb_estimate": metrics["val_bpb_estimate"]}, step=metrics["steps"])
     write_json_atomic(paths.metrics, {**metrics, "mlflow_run_id": run.run_id})
     write_history_csv(paths.plots, result.history)
+    run.log_metrics({"val_bpb_estimate": metrics["val_bpb_estimate"]}, step=metrics["steps"])
     for artifact in (paths.out / "config.json", paths.out / "tokenizer.json", paths.plots):
         run.log_artifact(artifact)
     run.log_artifact(paths.out, "model")

@@ -1,9 +1,12 @@
 """Files: atomic writes (an artifact is either complete or absent, never half-written) and checked reads."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,19 +30,88 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file-size limit (RLIMIT_FSIZE)
+SPACE_MESSAGES = ("no space left", "file too large", "disk quota", "os error 28", "os error 27")
+# What torch's and safetensors' writers say when a write fails, whatever the cause.
+WRITE_FAILED_MESSAGES = ("write failed", "unexpected pos", "failed writing")
+
+
+def out_of_space(err: BaseException, folder: Path) -> bool:
+    """Whether `err`, raised while writing into `folder`, means there is no room: an OSError with the errno
+    that says so, a library's message that says so, or a library's bare "write failed" while the disk is
+    nearly full or a file-size limit is set."""
+    if isinstance(err, OSError) and err.errno in SPACE_ERRNOS:
+        return True
+    message = str(err).lower()
+    if any(text in message for text in SPACE_MESSAGES):
+        return True
+    if any(text in message for text in WRITE_FAILED_MESSAGES):
+        limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+        return limited or shutil.disk_usage(folder).free < 64 << 20
+    return False
+
+
+class DiskFull(InputError):
+    def __init__(self, path: Path) -> None:
+        free = shutil.disk_usage(path.parent).free / 1e6
+        super().__init__(f"{path}: no space to write it (the disk is full, or over a quota or file-size limit; "
+                         f"{free:,.0f} MB free on its file system); free some space and rerun")
+
+
+@contextlib.contextmanager
+def space_checked(path: Path) -> Iterator[None]:
+    """Turn a write error that means "no room" into DiskFull naming `path`; let any other error through."""
+    try:
+        yield
+    except Exception as err:
+        if out_of_space(err, path.parent):
+            raise DiskFull(path) from None
+        raise
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temp files and folders beside `path` carry the writer's pid, so a later writer can tell the leftovers
+    of a killed one (pid gone) from those of a live one."""
+    return f".{path.name}.pid{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove what killed writers left in `folder` of artifacts whose name matches the regex `name`: temp
+    files and folders (`.NAME.pidN.*.tmp`) and a replaced folder not yet deleted (`.NAME.old-N`)."""
+    pattern = re.compile(rf"\.(?:{name})\.(?:pid(?P<pid>\d+)\..*\.tmp|old-(?P<old>\d+))")
+    if not folder.is_dir():
+        return
+    for leftover in folder.iterdir():
+        found = pattern.fullmatch(leftover.name)
+        if found and not _pid_alive(int(found["pid"] or found["old"])):
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent, re.escape(path.name))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; artifacts get the usual permissions
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with space_checked(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -82,10 +154,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path.parent, re.escape(path.name))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        with space_checked(path):
+            yield tmp
         old = None
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -43,6 +43,26 @@ def read_model_config(model_dir: Path) -> GPTConfig:
         raise InputError(f"{path}: not a valid model config ({err})") from None
 
 
+def check_shapes(cfg: GPTConfig, path: Path) -> None:
+    """Compare the tensor shapes the config implies (a model built on the meta device: no memory) with those
+    in the weights file's header, before a config.json asking for absurd sizes allocates anything."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    aliases = tied_aliases(model)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases}
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    for name, shape in expected.items():
+        if stored.get(name) != shape:
+            raise InputError(f"{path}: weights do not fit config.json: {name} is "
+                             f"{stored.get(name, 'missing')}, the config needs {shape}")
+
+
 def load_weights(model: GPT, path: Path) -> GPT:
     """Load model.safetensors (from a model folder or a checkpoint) into `model`, strictly."""
     try:
@@ -64,5 +84,6 @@ def load_model_dir(model_dir: Path, device: str | torch.device = "cpu") -> tuple
     if tokenizer.get_vocab_size() != cfg.vocab_size:
         raise InputError(f"{model_dir}/tokenizer.json: {tokenizer.get_vocab_size()} tokens, but config.json "
                          f"says vocab_size {cfg.vocab_size}")
+    check_shapes(cfg, model_dir / "model.safetensors")
     model = load_weights(GPT(cfg), model_dir / "model.safetensors")
     return model.to(device).eval(), tokenizer

@@ -94,6 +94,7 @@ class MlflowRun:
             mlflow.set_tags({f"resumed.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
         self.run_id = self.run.info.run_id
         self.resumed = previous is not None
+        self.backlog = Backlog(mlflow.MlflowClient(self.uri), self.run_id, self.uri)
 
     def _find_run(self, run_id: str):
         try:
@@ -103,16 +104,81 @@ class MlflowRun:
             return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self.backlog.add_metrics(metrics, step)
+        self.backlog.flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.mlflow.log_artifacts(str(path), artifact_path)
-        else:
-            self.mlflow.log_artifact(str(path), artifact_path)
+        self.backlog.add_artifact(Path(path), artifact_path)
+        self.backlog.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        """End the run with `status`: one last try at the backlog, then a report of anything not logged."""
+        self.backlog.flush(force=True)
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as err:
+            self.backlog.note_failure(err)
+            self.backlog.end_status = status
+        self.backlog.report(status)
+
+
+class Backlog:
+    """What a training sends to its MLflow run, kept until the server takes it: a tracking server that fails
+    mid-run never stops training. Failed sends are retried with a growing pause (so a dead server costs a
+    log row no time); whatever is still not logged at the end is reported in one line."""
+
+    def __init__(self, client: Any, run_id: str, uri: str) -> None:
+        self.client, self.run_id, self.uri = client, run_id, uri
+        self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.end_status: str | None = None  # set when ending the run failed
+        self.failures, self.retry_at, self.last_error = 0, 0.0, ""
+
+    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.metrics += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+    def add_artifact(self, path: Path, artifact_path: str | None) -> None:
+        self.artifacts.append((path, artifact_path))
+
+    def flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self.retry_at:
+            return
+        try:
+            while self.metrics:
+                self.client.log_batch(self.run_id, metrics=self.metrics[:1000])
+                del self.metrics[:1000]
+            while self.artifacts:
+                path, artifact_path = self.artifacts[0]
+                if path.is_dir():
+                    self.client.log_artifacts(self.run_id, str(path), artifact_path)
+                else:
+                    self.client.log_artifact(self.run_id, str(path), artifact_path)
+                self.artifacts.pop(0)
+        except Exception as err:  # connection refused, timeouts, server errors: all mean "later"
+            self.note_failure(err)
+            return
+        if self.failures:
+            log.info("MLflow at %s answers again: the backlog is logged", self.uri)
+            self.failures = 0
+
+    def note_failure(self, err: Exception) -> None:
+        self.last_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not self.failures:
+            log.warning("MLflow at %s failed (%s): training goes on; what is not logged is kept and retried",
+                        self.uri, self.last_error)
+        self.failures += 1
+        self.retry_at = time.monotonic() + min(60.0, 2.0 ** self.failures)
+
+    def report(self, status: str) -> None:
+        if self.metrics or self.artifacts or self.end_status:
+            end = f", nor its end ({self.end_status})" if self.end_status else ""
+            outputs = "; the outputs (models/final, metrics/train.json, plots/train.csv) are complete" \
+                if status == "FINISHED" else ""
+            log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
+                      self.uri, len(self.metrics), len(self.artifacts), self.run_id, end, self.last_error, outputs)
 
 
 class ExistingRun:
@@ -161,15 +227,24 @@ def model_run_record(run: MlflowRun) -> dict[str, str]:
     return {"run_id": run.run_id, "tracking_uri": run.uri}
 
 
-def run_of_model(model_dir: Path) -> ExistingRun | None:
-    """The MLflow run that trained the model in `model_dir`, checked reachable; None (with a warning) when
-    the folder does not name one."""
+def run_of_model(model_dir: Path, cfg: MlflowConfig) -> ExistingRun | None:
+    """The MLflow run that trained the model in `model_dir`, looked up at params' tracking URI only (a model
+    folder from elsewhere never makes us contact the server it names). None, with a warning, when the folder
+    names no run or the run is not there: evaluation then writes its outputs without logging them."""
     path = Path(model_dir) / MODEL_RUN_FILE
     if not path.is_file():
         log.warning("%s not found: evaluation is not logged to MLflow", path)
         return None
     try:
         record = json.loads(path.read_text())
-        return ExistingRun(record["tracking_uri"], record["run_id"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        run_id, named_uri = str(record["run_id"]), record.get("tracking_uri")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         raise InputError(f"{path}: unreadable ({err})") from None
+    uri = resolve_tracking_uri(cfg.tracking_uri, project_root())
+    if named_uri != uri:
+        log.warning("%s names a run at %s; evaluation logs to mlflow.tracking_uri (%s) only", path, named_uri, uri)
+    try:
+        return ExistingRun(uri, run_id)
+    except InputError as err:
+        log.warning("%s: evaluation is not logged to MLflow", err)
+        return None

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,12 @@ from llm.checkpoint import (
 from llm.config import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows
 from llm.distributed import Runtime
+from llm.errors import Interrupted, TrainingDiverged
 from llm.model import GPT, GPTConfig, initial_model
 from llm.optim import configure_optimizers, set_lr
 from llm.parallel import gradient_sync, parallelize
 from llm.shards import TokensMeta, read_meta
+from llm.signals import StopSignals
 from llm.throughput import ThroughputMeter, peak_flops
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ CODE = {"model": llm.model, "train": sys.modules[__name__], "data": llm.data, "o
 
 # Settings that do not change the trajectory: a run may resume with other values of these.
 NOT_SHAPING = {"compile", "activation_checkpointing", "eval_interval", "eval_batches", "log_interval",
-               "checkpoint_interval", "keep_checkpoints", "nproc_per_node", "strategy"}
+               "checkpoint_interval", "keep_checkpoints", "nproc_per_node", "strategy", "max_restarts"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,6 +158,29 @@ def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple | None:
     return None
 
 
+# --- divergence --------------------------------------------------------------------------------------------
+
+def last_good_checkpoint(checkpoint_dir: Path) -> str:
+    """Where the user can go back to after a divergence (no checkpoint ever holds non-finite values)."""
+    newest = checkpoint_dirs(checkpoint_dir)
+    kept = f"the last good checkpoint, {newest[0]}, is kept" if newest else "no checkpoint was written"
+    return f"{kept}; lower train.lr (or train.muon_lr), or set train.grad_clip"
+
+
+def check_finite(losses: list[float], done: int, checkpoint_dir: Path) -> None:
+    """Stop a run whose loss became inf or nan (it never recovers: the weights are poisoned)."""
+    bad = next((loss for loss in losses if not math.isfinite(loss)), None)
+    if bad is not None:
+        raise TrainingDiverged(f"training diverged: the loss became {bad} by step {done}; "
+                               f"{last_good_checkpoint(checkpoint_dir)}")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight (this rank's shard, under FSDP) is finite: checked before each checkpoint."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return bool(torch.stack([p.detach().isfinite().all() for p in local]).all())
+
+
 # --- one step ----------------------------------------------------------------------------------------------
 
 def train_step(step_model: torch.nn.Module, model: GPT, optimizers: list[torch.optim.Optimizer],
@@ -228,13 +254,16 @@ def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
           runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
-          stop_after: int | None = None, run_state: dict[str, Any] | None = None) -> TrainResult:
+          stop_after: int | None = None, run_state: dict[str, Any] | None = None,
+          stop: StopSignals | None = None) -> TrainResult:
     """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
 
     Every rank of a distributed run calls this; rank 0 alone writes checkpoints and calls `on_log` with each
     history row (the moment to send metrics to a tracker). `stop_after` ends the run after that many steps, as
     an interruption would (tests use it to check resume). `run_state` (JSON) is saved in every checkpoint,
-    for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there)."""
+    for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there).
+    With `stop`, a SIGINT or SIGTERM ends the run after the current step and a checkpoint (Interrupted); a
+    non-finite loss or weight ends it before any checkpoint holds one (TrainingDiverged)."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
     device = runtime.device
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
@@ -267,34 +296,49 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     start_step, tokens_seen, history = state["step"], state["tokens_seen"], state["history"]
     last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
     step_losses: list[float] = []
-    pending_losses: list[torch.Tensor] = []  # read back once per log row: one device sync
+    row_losses: list[float] = state.get("row_losses", [])  # the next history row's steps so far (in checkpoints)
+    device_losses: list[torch.Tensor] = []  # read back when a row or a checkpoint is due: one device sync
     model.train()
     for step in range(start_step, last_step):
         loss, grad_norm = train_step(step_model, model, optimizers, train_data, cfg, step, runtime)
-        pending_losses.append(loss)
+        device_losses.append(loss)
         meter.step()
         done, tokens_seen = step + 1, tokens_seen + tokens_per_step
-        if is_log_step(done, cfg, last_step):
-            losses = runtime.mean(torch.stack(pending_losses).float()).tolist()
-            pending_losses.clear()
-            step_losses.extend(losses)
+        signum = runtime.max(stop.received) if stop is not None else 0
+        log_now = is_log_step(done, cfg, last_step)
+        checkpoint_now = is_checkpoint_step(done, cfg, last_step) or signum > 0
+        if log_now or checkpoint_now:
+            losses = runtime.mean(torch.stack(device_losses).float()).tolist()
+            device_losses.clear()
+            check_finite(losses, done, checkpoint_dir)
+            row_losses += losses
+            step_losses += losses
+        if log_now:
             tokens_per_sec = meter.lap()
             with meter.paused():
                 val_loss = evaluate_loss(step_model, val_data, cfg, runtime) if is_eval_step(done, cfg) else None
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            history.append({"step": done, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
+            history.append({"step": done, "train_loss": sum(row_losses) / len(row_losses), "val_loss": val_loss,
                             "lr": lr_at(step, cfg), "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
                             "mfu": meter.mfu(tokens_per_sec), "tokens_seen": tokens_seen})
+            row_losses = []
             if on_log is not None and runtime.is_main:
                 on_log(history[-1])
-        if is_checkpoint_step(done, cfg, last_step):
+        if checkpoint_now:
+            if runtime.max(int(not weights_finite(model))):
+                raise TrainingDiverged(f"training diverged: the weights hold inf or nan after step {done}; "
+                                       f"{last_good_checkpoint(checkpoint_dir)}")
             with meter.paused():
                 save_checkpoint(checkpoint_dir, done, model, optimizers,
                                 {**(run_state or {}), "fingerprint": fingerprint, "tokens_seen": tokens_seen,
-                                 "history": history, "throughput": meter.state_dict(),
+                                 "history": history, "row_losses": row_losses, "throughput": meter.state_dict(),
                                  "model_config": dataclasses.asdict(model_cfg),
                                  "train_config": dataclasses.asdict(cfg)},
                                 cfg.keep_checkpoints, runtime)
+        if signum:
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done} of "
+                                      f"{cfg.max_steps}: checkpoint {checkpoint_dir / f'step_{done:08d}'} written; "
+                                      f"run the stage again to resume from it")
 
     if start_step == last_step:
         log.info("the checkpoint at step %d already completes this run", start_step)

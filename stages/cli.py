@@ -2,13 +2,14 @@
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from llm.errors import InputError
+from llm.errors import InputError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -21,7 +22,9 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read
 
 
 def stage(fn: Callable) -> Callable:
-    """Register `fn` as a command. An InputError becomes one line on stderr and exit code 2."""
+    """Register `fn` as a command. An InputError becomes one line on stderr and exit code 2; SIGINT and
+    SIGTERM (Interrupted, KeyboardInterrupt) one line and 130 or 143 (said by rank 0 only, in a
+    distributed run)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -31,5 +34,12 @@ def stage(fn: Callable) -> Callable:
         except InputError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as err:
+            if os.environ.get("RANK", "0") == "0":
+                typer.echo(f"interrupted: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: stopped by SIGINT", err=True)
+            raise typer.Exit(130) from None
 
     return app.command(name=fn.__name__.replace("_", "-"))(run)

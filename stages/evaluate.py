@@ -27,4 +27,4 @@ def evaluate(
         return
     cfg = load_params(params)
     paths = EvalPaths(model_dir, tokens, checkpoints, train_plots, metrics, reports)
-    run_evaluation(cfg.evaluate, cfg.train.seed, paths)
+    run_evaluation(cfg.evaluate, cfg.train.seed, paths, cfg.mlflow)

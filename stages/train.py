@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import typer
@@ -16,10 +17,23 @@ def train(
     metrics: Path = typer.Option(Path("metrics/train.json"), help="final training metrics"),
     plots: Path = typer.Option(Path("plots/train.csv"), help="loss curves: one row per log step"),
 ) -> None:
-    """Train the transformer (launch with torchrun for several processes); resume from a compatible
-    checkpoint; rank 0 writes the outputs and logs to MLflow."""
-    from llm.experiment import TrainPaths, run_training
+    """Train the transformer; resume from a compatible checkpoint; rank 0 writes the outputs and logs to
+    MLflow. With train.nproc_per_node > 1 it starts that many worker processes itself; under torchrun
+    (several machines) it runs as one worker."""
+    from llm.experiment import TrainPaths, model_config, run_training
+    from llm.launch import die_with_launcher, is_worker, launch_workers
 
     cfg = load_params(params)
-    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow,
-                 TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots))
+    paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots)
+    if is_worker():
+        die_with_launcher()
+    elif cfg.train.nproc_per_node > 1:
+        model_config(cfg.model, paths)  # the inputs are checked before any worker starts
+        options = {"--params": params, "--tokens": tokens, "--tokenizer": tokenizer_path,
+                   "--checkpoints": checkpoints, "--out": out, "--metrics": metrics, "--plots": plots}
+        command = [sys.executable, "-m", "stages", "train", *(str(x) for pair in options.items() for x in pair)]
+        code, message = launch_workers(cfg.train.nproc_per_node, command, cfg.train.max_restarts)
+        if message:
+            typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code)
+    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow, paths)

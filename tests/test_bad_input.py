@@ -1,0 +1,177 @@
+"""Bad input of every kind: invalid params, bad raw records, damaged artifacts, a full disk. Each is refused
+with exit code 2 and one line naming the key or file (or, for a bad record, counted and skipped), and
+nothing is half-written."""
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from llm.checkpoint import checkpoint_dirs, read_checkpoint
+from llm.clean import clean_corpus, iter_documents
+from llm.config import EOT, CleanConfig
+from llm.errors import InputError
+from llm.model_io import load_model_dir
+from stages.__main__ import app
+from tests.conftest import ROOT, make_model_dir, write_params
+from tests.test_train import run, tokens_dir  # noqa: F401  (a fixture)
+
+INVALID = [  # (section, key, value): each is refused, the error naming section.key
+    ("data", "val_fraction", 0.0), ("data", "val_fraction", float("nan")), ("data", "seed", -1),
+    ("data", "seed", 2**64), ("data", "source", " "), ("clean", "min_chars", -1), ("clean", "shard_mb", 0),
+    ("tokenizer", "vocab_size", 256), ("tokenizer", "special_tokens", []),
+    ("tokenizer", "special_tokens", ["<|pad|>"]), ("model", "n_layer", 0), ("model", "n_head", 5),
+    ("model", "block_size", 0), ("model", "dropout", 1.5), ("model", "arch", "gpt5"),
+    ("model", "norm", "batchnorm"), ("model", "mlp", "tanh"), ("model", "n_kv_head", 2),
+    ("model", "n_layer", 2.5), ("train", "lr", float("inf")), ("train", "lr", float("nan")), ("train", "lr", -1.0),
+    ("train", "lr", "fast"), ("train", "min_lr", 1.0), ("train", "warmup_steps", 10**6),
+    ("train", "batch_size", 0), ("train", "max_steps", True), ("train", "optimizer", "sgd"),
+    ("train", "dtype", "fp8"), ("train", "strategy", "zero"), ("train", "muon_momentum", 1.0),
+    ("train", "grad_clip", -1.0), ("train", "grad_clip", float("inf")), ("train", "weight_decay", float("nan")),
+    ("train", "seed", -5), ("train", "max_restarts", -1), ("train", "beta2", 1.0), ("train", "compile", "yes"),
+    ("evaluate", "temperature", float("nan")), ("evaluate", "temperature", -1.0), ("evaluate", "top_p", 0.0),
+    ("evaluate", "top_k", -1), ("evaluate", "prompts", []), ("evaluate", "max_new_tokens", 0),
+    ("evaluate", "seed", 2**63), ("mlflow", "tracking_uri", ""), ("mlflow", "experiment", " "),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), INVALID, ids=[f"{s}.{k}={v!r}" for s, k, v in INVALID])
+def test_an_invalid_param_is_refused_naming_its_key_before_any_work(tmp_path, monkeypatch, section, key, value):
+    params = write_params(tmp_path / "params.yaml", **{section: {key: value}})
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"{section}.{key}" in result.stderr, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"], "nothing written"
+
+
+def test_yaml_infinities_and_huge_numbers_are_not_finite_params(tmp_path, monkeypatch):
+    params = write_params(tmp_path / "params.yaml")
+    for literal, message in ((".inf", "finite"), ("1.0e+400", "finite"), (".NaN", "finite"), ("-.inf", "finite")):
+        params.write_text(params.read_text().replace("\n  lr: 0.016", f"\n  lr: {literal}"))
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(app, ["train", "--params", str(params)])
+        assert result.exit_code == 2 and "train.lr" in result.stderr and message in result.stderr, result.stderr
+        params = write_params(tmp_path / "params.yaml")
+
+
+# Raw documents of every kind of damage, each a (file name, bytes) and the reason it is dropped; "kept" if not.
+RAW = [
+    ("nul.txt", b"text with a NUL \x00 byte in it, long enough to count as a document", "binary"),
+    ("png.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "binary"),
+    ("latin1.txt", "caf\xe9 au lait, written in Latin-1, long enough here".encode("latin-1"), "invalid_utf8"),
+    ("cut.txt", "a text cut inside a character: caf\u00e9".encode()[:-1] + b" more words follow here", "invalid_utf8"),
+    ("overlong.txt", b"an overlong encoding \xc0\xaf of a slash, which UTF-8 forbids outright", "invalid_utf8"),
+    ("surrogate.txt", b"a CESU-style surrogate \xed\xa0\x80 in UTF-8 bytes, which is invalid", "invalid_utf8"),
+    ("empty.txt", b"", "empty"),
+    ("spaces.txt", b"   \n\t\n   ", "empty"),
+    ("controls.txt", b"\x01\x02\x03\x1b\x08\x0b", "empty"),
+    ("short.md", b"tiny", "too_short"),
+    ("bom-only.txt", b"\xef\xbb\xbf", "empty"),
+    ("image.png", b"\x89PNG", "unsupported_file"),
+    ("notes.csv", b"a,b\n1,2\n", "unsupported_file"),
+    ("no-suffix", b"a file without a suffix we read", "unsupported_file"),
+    ("bad.parquet", b"PAR1 this is not really parquet PAR1", "unreadable_parquet"),
+]
+JSONL = [  # one line each of docs.jsonl, and what happens to it
+    (json.dumps({"text": "a good JSONL record that is long enough to keep"}), "kept"),
+    ('{"text": "the closing brace is missing"', "malformed_jsonl"),
+    ("[" * 100_000 + "]" * 100_000, "malformed_jsonl"),  # deeper than Python's recursion limit
+    ('{"text": "a lone surrogate \\ud800 escaped in JSON, long enough to keep"}', "lone_surrogate"),
+    (json.dumps({"body": "no text field"}), "missing_text"),
+    (json.dumps({"text": 42}), "missing_text"),
+    (json.dumps({"text": None}), "missing_text"),
+    (json.dumps(["a", "list"]), "missing_text"),
+    (json.dumps("a bare string"), "missing_text"),
+    ("NaN", "missing_text"),
+    ("\xff\xfe not utf-8", "invalid_utf8"),
+    (json.dumps({"text": "x" * 5}), "too_short"),
+]
+
+
+def test_every_kind_of_bad_raw_record_is_counted_and_skipped_the_good_ones_kept(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, data, _ in RAW:
+        (raw / name).write_bytes(data)
+    (raw / "good.txt").write_text("A perfectly good plain document, kept by the clean stage whole.")
+    lines = [line.encode("latin-1") if line.startswith("\xff") else line.encode() for line, _ in JSONL]
+    (raw / "docs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    stats = clean_corpus(raw, tmp_path / "clean", CleanConfig(min_chars=20), (EOT,))
+
+    expected: dict[str, int] = {}
+    for reason in [r for _, _, r in RAW] + [r for _, r in JSONL if r != "kept"]:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert stats.dropped == expected
+    assert sorted(doc_id for doc_id, _ in iter_documents(tmp_path / "clean")) == ["docs.jsonl:1", "good.txt"]
+    assert stats.documents_in == stats.documents_out + sum(stats.dropped.values()) == len(RAW) + len(JSONL) + 1
+
+
+def test_a_checkpoint_whose_state_json_is_damaged_falls_back_to_the_previous_one(tokens_dir, tmp_path):  # noqa: F811
+    ckpt = tmp_path / "ckpt"
+    run(tokens_dir, ckpt, stop_after=8)
+    newest = checkpoint_dirs(ckpt)[0]
+    state = json.loads((newest / "state.json").read_text())
+    damage = [("step", "eight"), ("step", 4), ("history", None), ("row_losses", ["x"]), ("numpy_rng", [1, 2]),
+              ("python_rng", "x"), ("throughput", {}), ("tokens_seen", 1.5)]
+    for field, value in damage:
+        (newest / "state.json").write_text(json.dumps({**state, field: value}))
+        with pytest.raises(ValueError, match="state.json"):
+            read_checkpoint(newest)
+    assert run(tokens_dir, ckpt).resumed_from == 4, "resumed from the previous checkpoint, and finished"
+
+
+def test_a_model_config_asking_for_absurd_shapes_is_refused_before_allocating(tmp_path, sample_tokenizer_path):
+    model_dir = make_model_dir(tmp_path / "model", sample_tokenizer_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "n_embd": 2**20, "n_head": 2**10, "n_layer": 96}))
+    # Petabytes of weights: building the model would fail with an allocation error, not this one.
+    with pytest.raises(InputError, match="do not fit config.json"):
+        load_model_dir(model_dir)
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+sys.argv = ["stages", *sys.argv[1:]]
+from stages.__main__ import app
+app()
+"""
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_exit_2_with_nothing_half_written(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    words = random.Random(0)
+    for i in range(4):  # random letters: Parquet cannot compress them below the limit
+        (raw / f"{i}.txt").write_text(" ".join("".join(words.choices(string.ascii_lowercase, k=7))
+                                               for _ in range(50_000)))
+    write_params(tmp_path / "params.yaml")
+    result = subprocess.run([sys.executable, "-c", FULL_DISK.format(limit=200_000), "clean"], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "no space" in result.stderr and "data/clean" in result.stderr
+    assert not (tmp_path / "data" / "clean").exists() and not (tmp_path / "metrics").exists()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"], "no temp folder left behind"
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    data = tmp_path / "data"
+    data.mkdir()
+    leftovers = [f".clean.pid{dead.pid}.x1.tmp", f".clean.old-{dead.pid}"]
+    live = f".clean.pid{os.getpid()}.x2.tmp"  # this process, as if writing now
+    for name in [*leftovers, live]:
+        (data / name).mkdir()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("a document long enough to be kept by the clean stage")
+    clean_corpus(raw, data / "clean", CleanConfig(min_chars=10), (EOT,))
+    assert sorted(p.name for p in data.iterdir()) == sorted([live, "clean"])
