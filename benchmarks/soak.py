@@ -1,8 +1,11 @@
 """Soak test of resume: train a tiny project once without interruption, then again while killing the train stage
 (kill -9, or SIGTERM) at random moments and rerunning it each time, until it finishes; compare the two.
 
-    python benchmarks/soak.py --kills 20 --steps 2000
+    python benchmarks/soak.py --kills 20 --steps 3000
     python benchmarks/soak.py --kills 10 --signal TERM
+
+Each kill comes a random 3-15 s (--delay) after the stage starts (it starts in a few seconds and checkpoints
+every steps/20 steps), so some land during start-up, some between checkpoints, some inside a write.
 
 Prints the kills survived, how many reruns resumed from a checkpoint, and what differs from the uninterrupted
 run: history rows, metrics and weight bytes (all 0 when resume is exact).
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delay", type=float, nargs=2, default=(3.0, 15.0), help="seconds from start to kill")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     sig = signal.Signals[f"SIG{args.signal}"]
@@ -86,7 +90,7 @@ def main() -> None:
             resumed += kills > 0 and any((soak / "models" / "checkpoints").glob("step_*"))
             process = stage(soak, "train")
             if kills < args.kills:
-                time.sleep(rng.uniform(0.5, whole))
+                time.sleep(rng.uniform(*args.delay))
                 if process.poll() is None:
                     process.send_signal(sig)
                     kills += 1

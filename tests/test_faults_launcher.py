@@ -1,0 +1,118 @@
+"""Faults around the training's processes: the launcher of two workers signalled or killed, a bad input found
+by the workers, a diverging loss, a tracking server that dies mid-run (tests/test_faults.py has the
+signals and kills of one process, and the resume they are followed by). Split in two files so that the
+test processes share them out."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_MODEL, TINY_TRAIN, free_port, only_mlflow_run, read_json
+from tests.test_faults import LONG, history, start_train, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_bad_input_found_by_the_workers_is_one_line_per_rank_and_exit_2(tmp_path, data_project):
+    """The launcher checks params and the tokenizer and meta.json before starting anyone; what only the workers
+    read (here a shard whose header lies) still ends as exit 2 and a line, not a launcher's traceback."""
+    work = data_project(tmp_path, model=TINY_MODEL, train={**TINY_TRAIN, "nproc_per_node": 2})
+    shard = next((work / "data" / "tokens").glob("val_*.bin"))
+    header = bytearray(shard.read_bytes())
+    header[0:4] = (12345).to_bytes(4, "little")  # not the llm.c magic
+    shard.write_bytes(bytes(header))
+    process, log = start_train(work)
+    assert process.wait(timeout=300) == 2, log.read_text()[-3000:]
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert 1 <= len(errors) <= 2 and all(shard.name in line for line in errors), log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text() and "ChildFailedError" not in log.read_text()
+    assert not (work / "models" / "final").exists()
+
+
+def test_sigterm_to_the_launcher_of_two_workers_checkpoints_and_exits_143(tmp_path, data_project):
+    work = data_project(tmp_path, model=TINY_MODEL, train={**LONG, "nproc_per_node": 2, "max_steps": 3000})
+    process, log = start_train(work)
+    wait_for(log, "step 50/", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0], "rank 0 alone says it"
+    [checkpoint] = [p for p in (work / "models" / "checkpoints").iterdir() if p.name in lines[0]]
+    assert read_json(checkpoint / "state.json")["step"] == int(checkpoint.name[5:])
+    assert not (work / "models" / "final").exists()
+
+
+def test_kill_9_of_the_launcher_leaves_no_worker_running(tmp_path, data_project):
+    work = data_project(tmp_path, model=TINY_MODEL, train={**LONG, "nproc_per_node": 2, "max_steps": 100_000})
+    process, log = start_train(work)
+    wait_for(log, "step 50/", process)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert len([w for w in workers if "stages" in w.cmdline()]) == 2
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"workers outlived their launcher: {alive}"
+    assert not (work / "models" / "final").exists() and not (work / "metrics" / "train.json").exists()
+    # They stopped as on SIGTERM: the checkpoint of the step they reached is there, whole.
+    [checkpoint] = (work / "models" / "checkpoints").iterdir()
+    assert read_json(checkpoint / "state.json")["step"] > 50
+
+
+def test_a_diverging_loss_stops_with_exit_2_and_keeps_only_finite_checkpoints(tmp_path, data_project):
+    work = data_project(tmp_path, model=TINY_MODEL, train={**TINY_TRAIN, "lr": 1e6, "max_steps": 40,
+                                                           "checkpoint_interval": 2, "log_interval": 5})
+    process, log = start_train(work)
+    assert process.wait(timeout=300) == 2, log.read_text()[-3000:]
+    error = log.read_text().splitlines()[-1]
+    assert error.startswith("error: training diverged") and "train.lr" in error
+    assert not (work / "models" / "final").exists()
+    for checkpoint in (work / "models" / "checkpoints").iterdir():
+        assert all(t.isfinite().all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+    _, run = only_mlflow_run(f"sqlite:///{work}/mlflow.db", "gpt-from-scratch")
+    assert run.info.status == "FAILED"
+
+
+def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(tmp_path, data_project, empty_mlflow_db):
+    home = tmp_path / "server"
+    home.mkdir()
+    shutil.copy(empty_mlflow_db, home / "mlflow.db")
+    port = free_port()
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+         "1", "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
+        cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        work = data_project(tmp_path / "work", model=TINY_MODEL, train={**LONG, "max_steps": 600},
+                            mlflow={"tracking_uri": base, "experiment": "dies"})
+        process, log = start_train(work)
+        wait_for(log, "step 100/", process)
+        os.killpg(server.pid, signal.SIGKILL)
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert "training goes on" in text
+    [report] = [line for line in text.splitlines() if "could not be logged" in line]
+    assert "outputs" in report and "complete" in report
+    metrics = read_json(work / "metrics" / "train.json")
+    assert metrics["steps"] == 600 and len(history(work)) == 60
+    assert (work / "models" / "final" / "model.safetensors").is_file()
