@@ -1,7 +1,7 @@
 """Faults during training, injected for real: SIGINT, kill -9 at a random step and inside a checkpoint write
-(tests/test_faults_launcher.py has those around the launcher of several workers, a diverging loss and a
-dying tracking server). Each leaves what the contract promises: a checkpoint, the right exit code, nothing
-half-written, and a resumed run equal to an uninterrupted one."""
+(tests/test_faults_launcher.py has those around the launcher of several workers and a dying tracking
+server; tests/test_train.py a diverging loss). Each leaves what the contract promises: a checkpoint, the
+right exit code, nothing half-written, and a resumed run equal to an uninterrupted one."""
 
 import csv
 import os

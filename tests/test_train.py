@@ -4,10 +4,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llm.checkpoint import checkpoint_dirs
 from llm.config import TrainConfig
 from llm.data import TokenWindows
+from llm.errors import TrainingDiverged
 from llm.model import GPTConfig
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
 from llm.train import has_fast_bf16, resolve_dtype, train
@@ -159,3 +161,13 @@ def test_rerunning_a_finished_run_resumes_at_its_end_and_reports_its_metrics(tok
     assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], abs=1e-6)
     assert again.metrics["train_loss"] == pytest.approx(first.metrics["train_loss"])
     torch.testing.assert_close(again.model.state_dict(), first.model.state_dict())
+
+
+def test_a_diverging_loss_stops_the_run_before_any_checkpoint_holds_it(tokens_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan by step \d+;.*lower train.lr") as raised:
+        run(tokens_dir, ckpt, train_config(lr=1e6, max_steps=40, log_interval=5, checkpoint_interval=2))
+    kept = checkpoint_dirs(ckpt)
+    assert kept and str(kept[0]) in str(raised.value), "names the last good checkpoint"
+    for checkpoint in kept:
+        assert all(t.isfinite().all() for t in load_file(str(checkpoint / "model.safetensors")).values())
