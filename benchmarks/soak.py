@@ -4,8 +4,8 @@
     python benchmarks/soak.py --kills 20 --steps 3000
     python benchmarks/soak.py --kills 10 --signal TERM
 
-Each kill comes a random 3-15 s (--delay) after the stage starts (it starts in a few seconds and checkpoints
-every steps/20 steps), so some land during start-up, some between checkpoints, some inside a write.
+Each kill comes a random 0-6 s (--delay) after the stage logs its first step (it checkpoints every steps/20
+steps, a few seconds apart), so kills land between checkpoints and inside checkpoint writes.
 
 Prints the kills survived, how many reruns resumed from a checkpoint, and what differs from the uninterrupted
 run: history rows, metrics and weight bytes (all 0 when resume is exact).
@@ -31,10 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = "But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 40
 
 
-def stage(work: Path, command: str) -> subprocess.Popen:
+def stage(work: Path, command: str, log: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stages", command], cwd=work, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                            stderr=open(log, "w") if log else subprocess.DEVNULL,  # noqa: SIM115
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_training(process: subprocess.Popen, log: Path) -> None:
+    """Until the stage logs a step (start-up done) or exits."""
+    while process.poll() is None and "step " not in log.read_text():
+        time.sleep(0.1)
 
 
 def make_project(work: Path, steps: int) -> None:
@@ -70,7 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--delay", type=float, nargs=2, default=(3.0, 15.0), help="seconds from start to kill")
+    parser.add_argument("--delay", type=float, nargs=2, default=(0.0, 6.0),
+                        help="seconds from the first logged step to the kill")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     sig = signal.Signals[f"SIG{args.signal}"]
@@ -88,8 +95,10 @@ def main() -> None:
         kills = resumed = 0
         while True:
             resumed += kills > 0 and any((soak / "models" / "checkpoints").glob("step_*"))
-            process = stage(soak, "train")
+            log = Path(tmp) / "train.log"
+            process = stage(soak, "train", log)
             if kills < args.kills:
+                wait_for_training(process, log)
                 time.sleep(rng.uniform(*args.delay))
                 if process.poll() is None:
                     process.send_signal(sig)

@@ -64,9 +64,10 @@ def fail_for_testing(step: int) -> None:
 def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, mlflow_cfg: MlflowConfig,
                  paths: TrainPaths) -> None:
     """Train (every rank calls this) and write the outputs. `params` are all the run's settings, as MLflow
-    records them."""
+    records them. From here on SIGINT and SIGTERM are requests (llm/signals.py): the loop stops after a step
+    and a checkpoint; once training is over, the outputs are written whole before the process exits."""
     model_cfg, meta = model_config(model, paths)
-    with distributed_runtime() as runtime:
+    with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         if cfg.dtype == "auto":
@@ -87,8 +88,7 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             fail_for_testing(row["step"])
 
         try:
-            with StopSignals() as stop, TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) \
-                    as progress:
+            with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress:
                 result = train(model_cfg, cfg, paths.tokens, paths.checkpoints, runtime, on_log=on_log,
                                run_state=run_state, stop=stop)
         except BaseException as err:
