@@ -4,11 +4,14 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from llm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +25,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@functools.cache
+PEAK_FLOPS_VARIABLE = "LLM_PEAK_FLOPS"
+
+
 def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from): a datasheet for known GPUs, else measured here with
     large matmuls. For bfloat16 the peak is the faster of bf16 and fp32 matmuls: a CPU without bf16
-    instructions runs autocast's small bf16 matmuls faster than its large ones, and MFU must stay below 1."""
+    instructions runs autocast's small bf16 matmuls faster than its large ones, and MFU must stay below 1.
+    The environment variable LLM_PEAK_FLOPS (FLOP/s per device, e.g. a datasheet figure) replaces the
+    measurement, which takes about a second."""
+    if os.environ.get(PEAK_FLOPS_VARIABLE):
+        try:
+            given = float(os.environ[PEAK_FLOPS_VARIABLE])
+        except ValueError:
+            given = math.nan
+        if not (math.isfinite(given) and given > 0):
+            raise InputError(f"{PEAK_FLOPS_VARIABLE}={os.environ[PEAK_FLOPS_VARIABLE]}: must be a positive "
+                             "FLOP/s figure")
+        return given, f"{PEAK_FLOPS_VARIABLE} (environment)"
+    return _device_peak(device, dtype)
+
+
+@functools.cache
+def _device_peak(device: torch.device, dtype: str) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in PEAK_FLOPS.items():

@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the stage subprocesses they start inherit the setting. Tiny models gain nothing from more.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# The peak FLOP/s for MFU, given instead of measured (a second per training): tests check MFU's arithmetic,
+# not this machine's speed. tests/test_train_stage.py measures it once.
+os.environ["LLM_PEAK_FLOPS"] = "1e11"
 
 # A small multilingual corpus: enough merges to make BPE non-trivial, seconds to train.
 SAMPLE_TEXTS = [
@@ -66,7 +69,8 @@ def read_json(path: Path) -> dict:
 def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m stages ARGS` in `cwd` as a user runs it: this checkout importable, a bare environment."""
     return subprocess.run([sys.executable, "-m", "stages", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "LLM_PEAK_FLOPS": os.environ["LLM_PEAK_FLOPS"], **(env or {})})
 
 
 def free_port() -> int:

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from llm.checkpoint import checkpoint_dirs
 from llm.config import TrainConfig
 from llm.data import TokenWindows
-from llm.errors import TrainingDiverged
+from llm.errors import InputError, TrainingDiverged
 from llm.model import GPTConfig
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
+from llm.throughput import peak_flops
 from llm.train import has_fast_bf16, resolve_dtype, train
 
 VOCAB = 64
@@ -171,3 +172,12 @@ def test_a_diverging_loss_stops_the_run_before_any_checkpoint_holds_it(tokens_di
     assert kept and str(kept[0]) in str(raised.value), "names the last good checkpoint"
     for checkpoint in kept:
         assert all(t.isfinite().all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+
+
+def test_the_peak_flops_can_be_given_instead_of_measured(monkeypatch):
+    monkeypatch.setenv("LLM_PEAK_FLOPS", "2.5e12")
+    assert peak_flops(torch.device("cpu"), "float32") == (2.5e12, "LLM_PEAK_FLOPS (environment)")
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv("LLM_PEAK_FLOPS", bad)
+        with pytest.raises(InputError, match="LLM_PEAK_FLOPS"):
+            peak_flops(torch.device("cpu"), "float32")

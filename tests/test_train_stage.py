@@ -34,8 +34,8 @@ def workdir(tmp_path_factory, data_project):
 
 @pytest.fixture(scope="module")
 def trained(workdir):
-    """The project after the train stage has run."""
-    result = stage(workdir, "train")
+    """The project after the train stage has run (measuring the peak FLOP/s, as a user's run does)."""
+    result = run_stage(workdir, "train", env={"HOME": str(workdir), "LLM_PEAK_FLOPS": ""})
     assert result.returncode == 0, result.stderr
     return result
 
@@ -53,6 +53,9 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     for key in ("train_loss", "val_loss", "tokens_per_sec", "mfu", "steps", "tokens_seen"):
         assert key in metrics
     assert metrics["steps"] == 12 and metrics["tokens_seen"] == 12 * 4 * 32
+    assert metrics["peak_flops_source"] == "measured float32 matmul on cpu"
+    flops_per_sec = metrics["tokens_per_sec"] * metrics["flops_per_token"]
+    assert metrics["mfu"] == pytest.approx(flops_per_sec / metrics["peak_flops"])
     val = read_meta(workdir / "data/tokens").splits["val"]
     assert metrics["val_bpb_estimate"] == pytest.approx(metrics["val_loss"] * val.tokens / val.bytes / math.log(2))
     rows = (workdir / "plots/train.csv").read_text().splitlines()
