@@ -5,6 +5,8 @@ nothing is half-written."""
 import json
 import os
 import random
+import shutil
+import socket
 import string
 import subprocess
 import sys
@@ -14,9 +16,10 @@ from typer.testing import CliRunner
 
 from llm.checkpoint import checkpoint_dirs, read_checkpoint
 from llm.clean import clean_corpus, iter_documents
-from llm.config import EOT, CleanConfig
+from llm.config import EOT, CleanConfig, MlflowConfig
 from llm.errors import InputError
 from llm.model_io import load_model_dir
+from llm.tracking import MODEL_RUN_FILE, run_of_model
 from stages.__main__ import app
 from tests.conftest import ROOT, make_model_dir, write_params
 from tests.test_train import run, tokens_dir  # noqa: F401  (a fixture)
@@ -175,3 +178,20 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_
     (raw / "a.txt").write_text("a document long enough to be kept by the clean stage")
     clean_corpus(raw, data / "clean", CleanConfig(min_chars=10), (EOT,))
     assert sorted(p.name for p in data.iterdir()) == sorted([live, "clean"])
+
+
+def test_a_model_folder_naming_a_foreign_tracking_server_is_never_contacted(tmp_path, monkeypatch, empty_mlflow_db):
+    """Evaluation looks for the training's run at params' mlflow.tracking_uri only."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    model_dir = tmp_path / "final"
+    model_dir.mkdir()
+    (model_dir / MODEL_RUN_FILE).write_text(json.dumps(
+        {"run_id": "0123456789abcdef", "tracking_uri": f"http://127.0.0.1:{listener.getsockname()[1]}"}))
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    ours = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert run_of_model(model_dir, ours) is None, "that run is not in our database: not logged"
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nobody connected to the server the folder names
+    listener.close()

@@ -1,22 +1,15 @@
 """Faults around the training's processes: the launcher of two workers signalled or killed, a bad input found
-by the workers, a tracking server that dies mid-run (tests/test_faults.py has the
-signals and kills of one process, and the resume they are followed by). Split in two files so that the
+by the workers (tests/test_faults.py has the signals and kills of one process, and the resume they are
+followed by; tests/test_mlflow_server.py a tracking server that dies mid-run). Split in two files so that the
 test processes share them out."""
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import TINY_MODEL, TINY_TRAIN, free_port, read_json
-from tests.test_faults import LONG, history, start_train, wait_for
+from tests.conftest import TINY_MODEL, TINY_TRAIN, read_json
+from tests.test_faults import LONG, start_train, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -64,40 +57,3 @@ def test_kill_9_of_the_launcher_leaves_no_worker_running(tmp_path, data_project)
     # They stopped as on SIGTERM: the checkpoint of the step they reached is there, whole.
     [checkpoint] = (work / "models" / "checkpoints").iterdir()
     assert read_json(checkpoint / "state.json")["step"] > 50
-
-
-def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(tmp_path, data_project, empty_mlflow_db):
-    home = tmp_path / "server"
-    home.mkdir()
-    shutil.copy(empty_mlflow_db, home / "mlflow.db")
-    port = free_port()
-    server = subprocess.Popen(
-        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
-         "1", "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
-        cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        work = data_project(tmp_path / "work", model=TINY_MODEL, train={**LONG, "max_steps": 600},
-                            mlflow={"tracking_uri": base, "experiment": "dies"})
-        process, log = start_train(work)
-        wait_for(log, "step 100/", process)
-        os.killpg(server.pid, signal.SIGKILL)
-        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    text = log.read_text()
-    assert "Traceback" not in text
-    assert "training goes on" in text
-    [report] = [line for line in text.splitlines() if "could not be logged" in line]
-    assert "outputs" in report and "complete" in report
-    metrics = read_json(work / "metrics" / "train.json")
-    assert metrics["steps"] == 600 and len(history(work)) == 60
-    assert (work / "models" / "final" / "model.safetensors").is_file()

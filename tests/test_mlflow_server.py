@@ -1,9 +1,11 @@
 """Two trainings with different learning rates against a real MLflow tracking server, checked through its
-REST API and in a real browser (headless Chromium on the compare view)."""
+REST API and in a real browser (headless Chromium on the compare view); then the server is killed during a
+third training, which must finish all the same."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import yaml
 from llm.tracking import flatten
 from stages.params import load_params
 from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, free_port, read_json
+from tests.test_faults import LONG, history, start_train, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +42,16 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, empty_mlflow_db):
-    """`mlflow server` on a free loopback port, with its own database and artifact store."""
+def server_process(tmp_path_factory, empty_mlflow_db):
+    """`mlflow server` on a free loopback port, with its own database and artifact store: (URL, process)."""
     home = tmp_path_factory.mktemp("mlflow")
     shutil.copy(empty_mlflow_db, home / "mlflow.db")
     port = free_port()
     process = subprocess.Popen(
         [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
-        cwd=home, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "w"))  # noqa: SIM115
+        cwd=home, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "w"),  # noqa: SIM115
+        start_new_session=True)  # its own process group: the server and its web workers stop together
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -58,10 +62,16 @@ def server(tmp_path_factory, empty_mlflow_db):
                 time.sleep(0.5)
         else:
             pytest.fail(f"MLflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        yield base
+        yield base, process
     finally:
-        process.terminate()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    return server_process[0]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +154,21 @@ def test_the_compare_view_shows_both_runs_and_the_metric_in_a_browser(server, ru
     assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
     if os.environ.get("LLM_SCREENSHOT_DIR"):  # to look at it: LLM_SCREENSHOT_DIR=docs pytest ...
         shutil.copy(screenshot, Path(os.environ["LLM_SCREENSHOT_DIR"]) / "mlflow-compare.png")
+
+
+def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(server_process, runs, tmp_path, data_project):
+    """Last in this file: it kills the module's server (the compare tests above are done with it)."""
+    url, server = server_process
+    work = data_project(tmp_path / "work", model=TINY_MODEL, train={**LONG, "max_steps": 600},
+                        mlflow={"tracking_uri": url, "experiment": "dies"})
+    process, log = start_train(work)
+    wait_for(log, "step 100/", process)
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, at once
+    server.wait()
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and "training goes on" in text
+    [report] = [line for line in text.splitlines() if "could not be logged" in line]
+    assert "outputs" in report and "complete" in report
+    assert read_json(work / "metrics" / "train.json")["steps"] == 600 and len(history(work)) == 60
+    assert (work / "models" / "final" / "model.safetensors").is_file()

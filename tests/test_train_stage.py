@@ -1,10 +1,8 @@
 """The train and evaluate stages as DVC runs them: outputs, metrics, and one MLflow run holding the
 training's params, metrics and artifacts, to which evaluation adds its own."""
 
-import json
 import math
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -148,22 +146,3 @@ def test_an_empty_meta_json_is_one_line_and_exit_2(workdir, tmp_path):
     assert result.returncode == 2
     assert "meta.json" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "final").exists()
-
-
-def test_evaluate_never_contacts_the_tracking_server_a_model_folder_names(workdir, trained, tmp_path):
-    """A model folder from elsewhere names its run's server; evaluate logs only to params' tracking URI."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.5)
-    foreign = tmp_path / "foreign"
-    shutil.copytree(workdir / "models/final", foreign)
-    record = read_json(foreign / "mlflow_run.json")
-    (foreign / "mlflow_run.json").write_text(json.dumps(
-        {"run_id": record["run_id"], "tracking_uri": f"http://127.0.0.1:{listener.getsockname()[1]}"}))
-    result = stage(workdir, "evaluate", "--model", foreign, "--metrics", tmp_path / "eval.json",
-                   "--reports", tmp_path / "reports")
-    assert result.returncode == 0, result.stderr
-    assert "logs to mlflow.tracking_uri" in result.stderr
-    with pytest.raises(TimeoutError):
-        listener.accept()  # nobody connected
-    listener.close()
-    assert read_json(tmp_path / "eval.json")["mlflow_run_id"] == record["run_id"], "logged to our run of that id"
