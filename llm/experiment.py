@@ -21,7 +21,7 @@ from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
-from llm.tracking import MODEL_RUN_FILE, MlflowRun, model_run_record, start_training_run
+from llm.tracking import MODEL_RUN_FILE, MlflowRun, UntrackedRun, model_run_record, start_training_run
 from llm.train import TrainResult, resolve_dtype, resumable_state, train
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             write_outputs(result, model_cfg, meta, run, paths)
 
 
-def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun,
+def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun | UntrackedRun,
                   paths: TrainPaths) -> None:
     """The outputs first, then the tracker (which never raises: what it cannot log is reported by finish)."""
     save_model_dir(paths.out, model_cfg, result.weights, paths.tokenizer, extra={MODEL_RUN_FILE: model_run_record(run)})

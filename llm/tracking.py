@@ -207,22 +207,52 @@ class ExistingRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+class UntrackedRun:
+    """Stands in for the MLflow run when the tracking server cannot be used as training starts: a failing
+    tracker never stops training, so it goes on untracked and its end says so."""
+
+    run_id = None
+    resumed = False
+
+    def __init__(self, uri: str, error: str) -> None:
+        self.uri, self.error = uri, error
+        self.metrics = self.artifacts = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics += len(metrics)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts += 1
+
+    def finish(self, status: str = "FINISHED") -> None:
+        log.error("MLflow at %s was not usable when training started (%s): this training was not tracked "
+                  "(%d metric values, %d artifacts not logged)%s", self.uri, self.error, self.metrics,
+                  self.artifacts, "; the outputs are complete" if status == "FINISHED" else "")
+
+
 def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, world_size: int,
-                       resume_run_id: str | None = None) -> MlflowRun:
+                       resume_run_id: str | None = None) -> MlflowRun | UntrackedRun:
     """The MLflow run of a training: every param, the git commit, the device; named after the DVC experiment
-    when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened."""
+    when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened. A
+    tracking server that cannot be used gives an UntrackedRun, with a warning: training goes on."""
     root = project_root()
     tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    run = MlflowRun(cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
-                    run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
+    try:
+        run = MlflowRun(cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
+                        run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
+    except Exception as err:  # a refused connection, a bad database, an unknown scheme: all "not usable"
+        uri = resolve_tracking_uri(cfg.tracking_uri, root)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log.warning("MLflow at %s is not usable (%s): training goes on without tracking", uri, message)
+        return UntrackedRun(uri, message)
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
 
 
-def model_run_record(run: MlflowRun) -> dict[str, str]:
+def model_run_record(run: MlflowRun | UntrackedRun) -> dict[str, str | None]:
     """What MODEL_RUN_FILE holds."""
     return {"run_id": run.run_id, "tracking_uri": run.uri}
 
@@ -237,14 +267,17 @@ def run_of_model(model_dir: Path, cfg: MlflowConfig) -> ExistingRun | None:
         return None
     try:
         record = json.loads(path.read_text())
-        run_id, named_uri = str(record["run_id"]), record.get("tracking_uri")
+        run_id, named_uri = record["run_id"], record.get("tracking_uri")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         raise InputError(f"{path}: unreadable ({err})") from None
+    if run_id is None:
+        log.warning("%s: the training was not tracked; evaluation is not logged to MLflow either", path)
+        return None
     uri = resolve_tracking_uri(cfg.tracking_uri, project_root())
     if named_uri != uri:
         log.warning("%s names a run at %s; evaluation logs to mlflow.tracking_uri (%s) only", path, named_uri, uri)
     try:
-        return ExistingRun(uri, run_id)
+        return ExistingRun(uri, str(run_id))
     except InputError as err:
         log.warning("%s: evaluation is not logged to MLflow", err)
         return None

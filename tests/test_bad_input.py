@@ -192,6 +192,8 @@ def test_a_model_folder_naming_a_foreign_tracking_server_is_never_contacted(tmp_
     monkeypatch.chdir(tmp_path)
     ours = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert run_of_model(model_dir, ours) is None, "that run is not in our database: not logged"
+    (model_dir / MODEL_RUN_FILE).write_text(json.dumps({"run_id": None, "tracking_uri": "http://127.0.0.1:9"}))
+    assert run_of_model(model_dir, ours) is None, "an untracked training: nothing to log to"
     with pytest.raises(TimeoutError):
         listener.accept()  # nobody connected to the server the folder names
     listener.close()
