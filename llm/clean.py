@@ -129,6 +129,9 @@ def _decode(data: bytes) -> str | None:
 
 
 def _encodes(text: str) -> bool:
+    """Whether `text` has a UTF-8 form (no lone surrogate). Free for ASCII text: isascii reads a flag."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import MlflowConfig
-from llm.errors import ConfigError, InputError
+from llm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,30 @@ def _import_mlflow():
     return mlflow
 
 
+def first_line(err: BaseException) -> str:
+    """What an MLflow error says, in one line (they can run to pages of server response)."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def metric_batch(metrics: dict[str, float], step: int) -> list:
+    """mlflow Metric entities for one step, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+
+def send_artifact(client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
+    """Log a file or a whole folder to the run."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 class MlflowRun:
-    """Opens the run at construction (after checking the tracking server answers); log_* afterwards.
+    """Opens the run at construction (raising whatever MLflow raises when the server cannot be used: the caller,
+    start_training_run, then trains untracked); log_* afterwards, through a Backlog that never raises.
 
     With `resume_run_id` (a training resumed from a checkpoint), the run that training started is reopened
     if the server still has it, so an interrupted and resumed training stays one run."""
@@ -72,14 +94,11 @@ class MlflowRun:
         self.mlflow = mlflow = _import_mlflow()
         self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
         mlflow.set_tracking_uri(self.uri)
-        try:
-            if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.experiment) is None:
-                # Artifacts beside the database, not in the working directory of the first run (which may
-                # be a temporary DVC experiment folder).
-                mlflow.create_experiment(cfg.experiment, artifact_location=(Path(root) / "mlruns").resolve().as_uri())
-            mlflow.set_experiment(cfg.experiment)
-        except Exception as err:  # mlflow raises many kinds: connection, sqlalchemy, permission
-            raise ConfigError("mlflow.tracking_uri", f"{self.uri} is not usable: {str(err).splitlines()[0]}") from None
+        if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.experiment) is None:
+            # Artifacts beside the database, not in the working directory of the first run (which may be a
+            # temporary DVC experiment folder).
+            mlflow.create_experiment(cfg.experiment, artifact_location=(Path(root) / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(cfg.experiment)
         params = {k: str(v)[:6000] for k, v in flatten(params).items()}
         previous = self._find_run(resume_run_id) if resume_run_id else None
         if previous is None:
@@ -135,10 +154,7 @@ class Backlog:
         self.failures, self.retry_at, self.last_error = 0, 0.0, ""
 
     def add_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.metrics += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.metrics += metric_batch(metrics, step)
 
     def add_artifact(self, path: Path, artifact_path: str | None) -> None:
         self.artifacts.append((path, artifact_path))
@@ -151,11 +167,7 @@ class Backlog:
                 self.client.log_batch(self.run_id, metrics=self.metrics[:1000])
                 del self.metrics[:1000]
             while self.artifacts:
-                path, artifact_path = self.artifacts[0]
-                if path.is_dir():
-                    self.client.log_artifacts(self.run_id, str(path), artifact_path)
-                else:
-                    self.client.log_artifact(self.run_id, str(path), artifact_path)
+                send_artifact(self.client, self.run_id, *self.artifacts[0])
                 self.artifacts.pop(0)
         except Exception as err:  # connection refused, timeouts, server errors: all mean "later"
             self.note_failure(err)
@@ -165,7 +177,7 @@ class Backlog:
             self.failures = 0
 
     def note_failure(self, err: Exception) -> None:
-        self.last_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+        self.last_error = first_line(err)
         if not self.failures:
             log.warning("MLflow at %s failed (%s): training goes on; what is not logged is kept and retried",
                         self.uri, self.last_error)
@@ -191,20 +203,13 @@ class ExistingRun:
         try:
             self.client.get_run(run_id)
         except Exception as err:  # connection errors, missing run, bad database: all mean "cannot log there"
-            raise InputError(f"MLflow run {run_id} at {tracking_uri}: not reachable "
-                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            raise InputError(f"MLflow run {run_id} at {tracking_uri}: not reachable ({first_line(err)})") from None
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=metric_batch(metrics, step))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        send_artifact(self.client, self.run_id, Path(path), artifact_path)
 
 
 class UntrackedRun:
@@ -244,9 +249,8 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
                         run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
     except Exception as err:  # a refused connection, a bad database, an unknown scheme: all "not usable"
         uri = resolve_tracking_uri(cfg.tracking_uri, root)
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        log.warning("MLflow at %s is not usable (%s): training goes on without tracking", uri, message)
-        return UntrackedRun(uri, message)
+        log.warning("MLflow at %s is not usable (%s): training goes on without tracking", uri, first_line(err))
+        return UntrackedRun(uri, first_line(err))
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
