@@ -3,8 +3,9 @@
 A checkpoint is a folder step_NNNNNNNN/ written whole and atomically (temp folder, fsync, rename) by rank 0
 from full (gathered) state dicts, so a run saved by N processes resumes on M:
   model.safetensors   weights, float32, by parameter name (a tied alias such as lm_head.weight is stored once)
-  optimizer.pt        the state of every optimizer (AdamW, and Muon if used) by parameter name, and the torch
-                      RNG; read with torch.load(weights_only=True)
+  optimizer.pt        the state of every optimizer (AdamW, and Muon if used) by parameter name, the torch RNG,
+                      and what else the loop keeps as tensors (the attention record); read with
+                      torch.load(weights_only=True)
   state.json          step, tokens seen, fingerprint of the run, configs, numpy/python RNG states
 """
 
@@ -56,8 +57,9 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                    state: dict[str, Any], keep: int, runtime: Runtime) -> None:
-    """Every rank calls this (the state is gathered); rank 0 writes step_NNNNNNNN/ and keeps the newest `keep`."""
+                    state: dict[str, Any], keep: int, runtime: Runtime, extra: dict[str, Any] | None = None) -> None:
+    """Every rank calls this (the state is gathered); rank 0 writes step_NNNNNNNN/ and keeps the newest `keep`.
+    `extra` (tensors, by name) goes into optimizer.pt beside the optimizer state."""
     weights = gather_weights(model, runtime)
     api = _state_dicts()
     options = api.StateDictOptions(full_state_dict=True, cpu_offload=runtime.distributed)
@@ -66,7 +68,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizers: l
         remove_stale_temps(Path(root), _NAME.pattern)  # what a killed run left, whatever its step
         with atomic_dir(Path(root) / f"step_{step:08d}") as tmp:
             save_file(weights, str(tmp / "model.safetensors"))
-            torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(), **(extra or {})},
+                       tmp / "optimizer.pt")
             full_state = {**state, "step": step, "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
             (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
             for file in tmp.iterdir():

@@ -21,7 +21,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from llm.config import EOT, EvaluateConfig, MlflowConfig
 from llm.distributed import default_device
 from llm.errors import InputError
-from llm.fileio import atomic_dir, read_utf8, write_json_atomic
+from llm.fileio import read_utf8, write_json_atomic
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
 from llm.report import write_reports
@@ -150,7 +150,7 @@ class EvalPaths:
     checkpoints: Path  # the training's checkpoints, for the attention maps
     train_plots: Path  # the training's loss table (plots/train.csv)
     metrics: Path  # metrics/eval.json
-    reports: Path  # reports/, replaced whole
+    reports: Path  # reports/: samples.md, loss.png, attention/ and attention_evolution.png are replaced
 
 
 def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
@@ -171,14 +171,15 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
              "all" if score.tokens >= meta.splits["val"].tokens - len(shards) else "sampled windows",
              score.loss, score.perplexity, score.bpb)
 
-    with atomic_dir(paths.reports) as staging:
-        write_reports(staging, model, initial_model(model.config, init_seed), tokenizer, cfg,
-                      tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    written = write_reports(paths.reports, model, initial_model(model.config, init_seed), tokenizer, cfg,
+                  tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
     write_json_atomic(paths.metrics, {**results, "mlflow_run_id": run.run_id if run else None})
     log.info("wrote %s and %s/", paths.metrics, paths.reports)
     if run is not None:
         run.log_metrics({f"eval/{k}": v for k, v in results.items()})
-        run.log_artifact(paths.reports, "eval")
+        for report in sorted({paths.reports / path.relative_to(paths.reports).parts[0] for path in written}):
+            run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
         run.log_artifact(paths.metrics, "eval")
         log.info("logged to MLflow run %s at %s", run.run_id, run.uri)
     return results

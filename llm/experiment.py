@@ -1,6 +1,6 @@
 """One training as the train stage runs it: the inputs checked, the MLflow run opened (or reopened when the
 training resumes), the loop run with progress and tracking, and the outputs written: models/final/,
-metrics/train.json and plots/train.csv, on rank 0 only.
+metrics/train.json, plots/train.csv and plots/attention.safetensors, on rank 0 only.
 """
 
 import dataclasses
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llm.attention import probe_ids, write_record
 from llm.config import MlflowConfig, ModelConfig, TrainConfig
 from llm.distributed import distributed_runtime
 from llm.errors import Interrupted
@@ -35,6 +36,7 @@ class TrainPaths:
     out: Path  # the final model folder
     metrics: Path  # metrics/train.json
     plots: Path  # plots/train.csv
+    attention: Path  # plots/attention.safetensors: the attention on one text at every evaluation
 
 
 def model_config(model: ModelConfig, paths: TrainPaths) -> tuple[GPTConfig, TokensMeta]:
@@ -62,11 +64,13 @@ def fail_for_testing(step: int) -> None:
 
 
 def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, mlflow_cfg: MlflowConfig,
-                 paths: TrainPaths) -> None:
+                 paths: TrainPaths, attention_text: str) -> None:
     """Train (every rank calls this) and write the outputs. `params` are all the run's settings, as MLflow
-    records them. From here on SIGINT and SIGTERM are requests (llm/signals.py): the loop stops after a step
-    and a checkpoint; once training is over, the outputs are written whole before the process exits."""
+    records them; the attention on `attention_text` is recorded at every evaluation. From here on SIGINT and
+    SIGTERM are requests (llm/signals.py): the loop stops after a step and a checkpoint; once training is
+    over, the outputs are written whole before the process exits."""
     model_cfg, meta = model_config(model, paths)
+    attention_ids = probe_ids(load_tokenizer(paths.tokenizer), attention_text, meta.eot_id, model_cfg.block_size)
     with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
@@ -75,7 +79,7 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             log.info("train.dtype auto: %s on this %s", cfg.dtype, runtime.device.type)
         run, run_state = None, None
         if runtime.is_main:
-            resumed = resumable_state(model_cfg, cfg, paths.tokens, paths.checkpoints) or {}
+            resumed = resumable_state(model_cfg, cfg, paths.tokens, paths.checkpoints, attention_ids) or {}
             tracked = {**params, "data_tokenizer_sha256": meta.tokenizer_sha256,
                        "data_train_tokens": meta.splits["train"].tokens, "train_dtype_resolved": cfg.dtype}
             run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size,
@@ -90,22 +94,23 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
         try:
             with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress:
                 result = train(model_cfg, cfg, paths.tokens, paths.checkpoints, runtime, on_log=on_log,
-                               run_state=run_state, stop=stop)
+                               run_state=run_state, stop=stop, attention_ids=attention_ids)
         except BaseException as err:
             if run is not None:
                 run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
             raise
         if runtime.is_main:
-            write_outputs(result, model_cfg, meta, run, paths)
+            write_outputs(result, model_cfg, meta, run, paths, attention_text)
 
 
 def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun | UntrackedRun,
-                  paths: TrainPaths) -> None:
+                  paths: TrainPaths, attention_text: str) -> None:
     """The outputs first, then the tracker (which never raises: what it cannot log is reported by finish)."""
     save_model_dir(paths.out, model_cfg, result.weights, paths.tokenizer, extra={MODEL_RUN_FILE: model_run_record(run)})
     metrics = {**result.metrics, "val_bpb_estimate": val_bpb_estimate(result.metrics["val_loss"], meta.splits["val"])}
     write_json_atomic(paths.metrics, {**metrics, "mlflow_run_id": run.run_id})
     write_history_csv(paths.plots, result.history)
+    write_record(paths.attention, result.attention, attention_text)
     run.log_metrics({"val_bpb_estimate": metrics["val_bpb_estimate"]}, step=metrics["steps"])
     for artifact in (paths.out / "config.json", paths.out / "tokenizer.json", paths.plots):
         run.log_artifact(artifact)

@@ -7,7 +7,7 @@ from typing import Any
 
 from llm.fileio import write_bytes_atomic
 
-COLUMNS = ["step", "train_loss", "val_loss", "lr", "tokens_per_sec"]
+COLUMNS = ["step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"]
 
 
 def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -22,5 +22,6 @@ def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 def read_history_csv(path: Path) -> list[dict[str, float | None]]:
     """Rows of floats (step as int); None where a value is empty."""
     with open(path, newline="") as f:
-        return [{key: (int(value) if key == "step" else float(value)) if value else None for key, value in row.items()}
+        return [{key: (int(value) if key in ("step", "tokens_seen") else float(value)) if value else None
+                 for key, value in row.items()}
                 for row in csv.DictReader(f)]

@@ -46,9 +46,14 @@ def parallelize(model: GPT, runtime: Runtime, strategy: str, dtype: str, compile
     return step_model
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 holds `model`'s parameters as shards (each rank has a slice of every weight)."""
+    return isinstance(model, FSDPModule)
+
+
 def gradient_sync(step_model: torch.nn.Module, model: GPT, enabled: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
     ddp = getattr(step_model, "_orig_mod", step_model)

@@ -1,4 +1,5 @@
-"""PNG figures for reports/: loss curves and attention heatmaps. Only this module imports matplotlib."""
+"""PNG figures for reports/: loss curves and attention heatmaps. Only this module imports matplotlib (the guide's
+figures, llm/guide/figures.py, take it from here)."""
 
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from llm.fileio import atomic_path  # noqa: E402
 from llm.history import read_history_csv  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Write `fig` as a PNG at `path` (atomically) and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -31,11 +33,16 @@ def plot_loss(train_csv: Path, path: Path) -> None:
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_attention(maps: np.ndarray, labels: list[str], title: str, path: Path) -> None:
     """A grid of heatmaps, layers as rows and heads as columns; maps is (n_layer, n_head, T, T)."""
+    save_figure(attention_figure(maps, labels, title), path)
+
+
+def attention_figure(maps: np.ndarray, labels: list[str] | None, title: str) -> plt.Figure:
+    """plot_attention's figure; without labels, no token names on the axes (the frames of an animation)."""
     n_layer, n_head, T, _ = maps.shape
     size = 1.2 + 0.09 * T
     fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
@@ -49,11 +56,12 @@ def plot_attention(maps: np.ndarray, labels: list[str], title: str, path: Path) 
                 ax.set_title(f"head {head}", fontsize=8)
             if head == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
-                ax.set_yticks(range(T), labels, fontsize=5)
-            if layer == n_layer - 1:
+                if labels:
+                    ax.set_yticks(range(T), labels, fontsize=5)
+            if layer == n_layer - 1 and labels:
                 ax.set_xticks(range(T), labels, fontsize=5, rotation=90)
     fig.suptitle(title)
-    _save(fig, path)
+    return fig
 
 
 def plot_attention_evolution(snapshots: list[tuple[str, np.ndarray]], path: Path) -> None:
@@ -72,4 +80,4 @@ def plot_attention_evolution(snapshots: list[tuple[str, np.ndarray]], path: Path
             if layer == 0:
                 ax.set_ylabel(name, fontsize=9)
     fig.suptitle("attention, mean over heads")
-    _save(fig, path)
+    save_figure(fig, path)

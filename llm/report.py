@@ -1,4 +1,5 @@
-"""reports/: what a trained model writes (samples.md) and how its attention formed (heatmaps PNG)."""
+"""reports/: what a trained model writes (samples.md) and how its attention formed (heatmaps PNG). Each file is
+replaced on its own (reports/guide/ belongs to the guide stage)."""
 
 import html
 import logging
@@ -7,18 +8,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from llm.attention import probe_ids
 from llm.checkpoint import checkpoint_dirs, read_state
 from llm.config import EvaluateConfig
 from llm.errors import InputError
+from llm.fileio import atomic_dir, write_bytes_atomic
 from llm.generate import generate, prompt_ids
 from llm.model import GPT
 from llm.model_io import load_weights
 from llm.plots import plot_attention, plot_attention_evolution, plot_loss
 
 log = logging.getLogger(__name__)
-
-MAX_ATTENTION_TOKENS = 48  # heatmaps beyond this many tokens are unreadable
-
 
 def prompt_seed(seed: int, index: int) -> int:
     """The sampling seed of the index-th prompt (0-based): each prompt draws its own random stream, so that
@@ -75,24 +75,23 @@ def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tup
 def write_reports(out: Path, model: GPT, initial: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int,
                   checkpoints: Path, train_csv: Path | None) -> list[Path]:
     """Write samples.md, loss.png (when the training's loss table exists) and the attention heatmaps into
-    `out`; return the files written."""
+    `out`, each file atomically (attention/ as a whole); return the files written."""
     written = [out / "samples.md"]
-    written[0].write_text(samples_markdown(model, tokenizer, cfg, eot_id))
+    write_bytes_atomic(written[0], samples_markdown(model, tokenizer, cfg, eot_id).encode())
     if train_csv is not None and Path(train_csv).is_file():
         plot_loss(train_csv, out / "loss.png")
         written.append(out / "loss.png")
 
-    ids = [eot_id, *tokenizer.encode(cfg.attention_text).ids][:min(MAX_ATTENTION_TOKENS, model.config.block_size)]
+    ids = probe_ids(tokenizer, cfg.attention_text, eot_id, model.config.block_size)
     labels = token_labels(tokenizer, ids)
     evolution = []
     device = model.wte.weight.device
-    (out / "attention").mkdir(parents=True, exist_ok=True)
-    for title, stem, snapshot in attention_snapshots(model, initial, checkpoints):
-        maps = snapshot.to(device).eval().attention_maps(torch.tensor([ids], device=device)).cpu().numpy()
-        file = out / "attention" / f"{stem}.png"
-        plot_attention(maps, labels, f"attention, {title}: {cfg.attention_text!r}", file)
-        written.append(file)
-        evolution.append((title, maps))
+    with atomic_dir(out / "attention") as staging:
+        for title, stem, snapshot in attention_snapshots(model, initial, checkpoints):
+            maps = snapshot.to(device).eval().attention_maps(torch.tensor([ids], device=device)).cpu().numpy()
+            plot_attention(maps, labels, f"attention, {title}: {cfg.attention_text!r}", staging / f"{stem}.png")
+            written.append(out / "attention" / f"{stem}.png")
+            evolution.append((title, maps))
     plot_attention_evolution(evolution, out / "attention_evolution.png")
     written.append(out / "attention_evolution.png")
     return written

@@ -1,5 +1,7 @@
-"""MLflow: one run per training, which evaluation later adds to. Only this module imports mlflow."""
+"""MLflow: one run per training, which evaluation and the guide later add to; the runs of an experiment, listed. Only
+this module imports mlflow."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -254,6 +256,29 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    name: str | None
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    params: dict[str, str]
+    metrics: dict[str, float]  # the last value of each
+
+
+def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSummary]:
+    """The `limit` most recently started runs of an experiment (none if it does not exist); raises when the
+    tracking server cannot be used."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
+    return [RunSummary(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
+            for r in runs]
 
 
 def model_run_record(run: MlflowRun | UntrackedRun) -> dict[str, str | None]:

@@ -24,6 +24,7 @@ import torch
 import llm.data
 import llm.model
 import llm.optim
+from llm.attention import AttentionRecord, attention_frame, frame_model
 from llm.checkpoint import (
     checkpoint_dirs,
     gather_weights,
@@ -38,7 +39,7 @@ from llm.distributed import Runtime
 from llm.errors import Interrupted, TrainingDiverged
 from llm.model import GPT, GPTConfig, initial_model
 from llm.optim import configure_optimizers, set_lr
-from llm.parallel import gradient_sync, parallelize
+from llm.parallel import gradient_sync, is_sharded, parallelize
 from llm.shards import TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.throughput import ThroughputMeter, peak_flops
@@ -103,15 +104,16 @@ def is_checkpoint_step(done: int, cfg: TrainConfig, last_step: int) -> bool:
 
 # --- which checkpoint a run resumes from -------------------------------------------------------------------
 
-def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta) -> str:
+def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta,
+                    attention_ids: list[int] | None = None) -> str:
     """What a checkpoint must share with this run to be resumed: the model, the data, the code of the
-    model and the loop, and every setting that shapes the trajectory (NOT_SHAPING excluded). So a run whose
-    params or code changed starts fresh, as DVC expects."""
+    model and the loop, every setting that shapes the trajectory (NOT_SHAPING excluded) and the tokens whose
+    attention is recorded. So a run whose params or code changed starts fresh, as DVC expects."""
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SHAPING}
     data = {"tokenizer_sha256": meta.tokenizer_sha256, "splits": dataclasses.asdict(meta)["splits"]}
     code = {name: hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest() for name, module in CODE.items()}
-    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data, "code": code},
-                      sort_keys=True)
+    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data, "code": code,
+                       **({"attention_ids": list(attention_ids)} if attention_ids else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -130,11 +132,11 @@ def scan_checkpoints(checkpoint_dir: Path, fingerprint: str) -> CheckpointScan:
     return CheckpointScan([(p, s) for p, s in readable if s.get("fingerprint") == fingerprint], foreign=False)
 
 
-def resumable_state(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path,
-                    checkpoint_dir: Path) -> dict[str, Any] | None:
+def resumable_state(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
+                    attention_ids: list[int] | None = None) -> dict[str, Any] | None:
     """state.json of the checkpoint `train` would resume from, or None for a fresh start (the caller's view,
     e.g. to reopen the run's tracker; it does not check the weights, which `train` does)."""
-    scan = scan_checkpoints(checkpoint_dir, run_fingerprint(model_cfg, cfg, read_meta(tokens_dir)))
+    scan = scan_checkpoints(checkpoint_dir, run_fingerprint(model_cfg, cfg, read_meta(tokens_dir), attention_ids))
     return scan.resumable[0][1] if scan.resumable else None
 
 
@@ -220,6 +222,16 @@ def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, 
     return runtime.mean(total).item() / cfg.eval_batches
 
 
+def record_attention(record: AttentionRecord | None, model: GPT, runtime: Runtime, step: int) -> None:
+    """Add the attention after `step` steps to the record, which rank 0 keeps. A collective under FSDP, whose
+    ranks hold shards of the weights: they are gathered for the frame."""
+    if record is None:
+        return
+    weights = gather_weights(model, runtime) if is_sharded(model) else None
+    if runtime.is_main:
+        record.add(step, attention_frame(frame_model(model, weights), record.ids))
+
+
 # --- the run -----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -230,6 +242,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # one row per log step of the whole run (restored across resumes)
     step_losses: list[float]  # the training loss of every step this process ran
     resumed_from: int  # step the run resumed from (0: a fresh start)
+    attention: AttentionRecord | None  # on rank 0: the attention at step 0 and every evaluation
 
 
 def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: GPT, steps: int,
@@ -255,7 +268,7 @@ def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
           runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
           stop_after: int | None = None, run_state: dict[str, Any] | None = None,
-          stop: StopSignals | None = None) -> TrainResult:
+          stop: StopSignals | None = None, attention_ids: list[int] | None = None) -> TrainResult:
     """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
 
     Every rank of a distributed run calls this; rank 0 alone writes checkpoints and calls `on_log` with each
@@ -263,12 +276,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     an interruption would (tests use it to check resume). `run_state` (JSON) is saved in every checkpoint,
     for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there).
     With `stop`, a SIGINT or SIGTERM ends the run after the current step and a checkpoint (Interrupted); a
-    non-finite loss or weight ends it before any checkpoint holds one (TrainingDiverged)."""
+    non-finite loss or weight ends it before any checkpoint holds one (TrainingDiverged). With
+    `attention_ids`, the attention on those tokens is recorded at step 0 and at every evaluation."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
     device = runtime.device
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     meta = read_meta(tokens_dir)
-    fingerprint = run_fingerprint(model_cfg, cfg, meta)
+    fingerprint = run_fingerprint(model_cfg, cfg, meta, attention_ids)
     train_data, val_data = (TokenWindows(meta.shard_paths(tokens_dir, split), model_cfg.block_size,
                                          model_cfg.vocab_size, f"{tokens_dir}: the {split} split")
                             for split in ("train", "val"))
@@ -287,9 +301,14 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
 
     loaded = load_resume_point(checkpoint_dir, fingerprint) if runtime.is_main else None
     state = runtime.broadcast(loaded[0] if loaded else {"step": 0, "tokens_seen": 0, "history": []})
+    record = AttentionRecord(list(attention_ids)) if attention_ids else None
     if state["step"] > 0:
         restore_checkpoint(model, optimizers, loaded, runtime)
         meter.load_state_dict(state["throughput"])
+        if record is not None and runtime.is_main:
+            record = AttentionRecord.from_tensors(loaded[2]["attention"])
+    else:
+        record_attention(record, model, runtime, 0)
     if runtime.distributed:  # dropout differs across ranks (one process restores its exact RNG instead)
         torch.manual_seed(hash((cfg.seed, runtime.rank, state["step"])) % 2**63)
 
@@ -317,6 +336,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
             tokens_per_sec = meter.lap()
             with meter.paused():
                 val_loss = evaluate_loss(step_model, val_data, cfg, runtime) if is_eval_step(done, cfg) else None
+                if val_loss is not None:
+                    record_attention(record, model, runtime, done)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             history.append({"step": done, "train_loss": sum(row_losses) / len(row_losses), "val_loss": val_loss,
                             "lr": lr_at(step, cfg), "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
@@ -334,7 +355,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
                                  "history": history, "row_losses": row_losses, "throughput": meter.state_dict(),
                                  "model_config": dataclasses.asdict(model_cfg),
                                  "train_config": dataclasses.asdict(cfg)},
-                                cfg.keep_checkpoints, runtime)
+                                cfg.keep_checkpoints, runtime,
+                                extra={"attention": record.tensors()} if record is not None else None)
         if signum:
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done} of "
                                       f"{cfg.max_steps}: checkpoint {checkpoint_dir / f'step_{done:08d}'} written; "
@@ -343,4 +365,5 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     if start_step == last_step:
         log.info("the checkpoint at step %d already completes this run", start_step)
     metrics = final_metrics(history, meter, model, last_step, tokens_seen, peak_source, start_step, cfg.dtype)
-    return TrainResult(model, gather_weights(model, runtime), metrics, history, step_losses, start_step)
+    return TrainResult(model, gather_weights(model, runtime), metrics, history, step_losses, start_step,
+                       record if runtime.is_main else None)

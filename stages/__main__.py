@@ -10,6 +10,7 @@ from stages import (  # noqa: F401  (each module registers its command)
     export_hf,
     fetch,
     generate,
+    guide,
     tokenize,
     tokenizer,
     tracking_uri,

@@ -15,7 +15,7 @@ def evaluate(
     checkpoints: Path = typer.Option(Path("models/checkpoints"), help="checkpoints for the attention maps"),
     train_plots: Path = typer.Option(Path("plots/train.csv"), help="the training's loss table"),
     metrics: Path = typer.Option(Path("metrics/eval.json"), help="val loss, perplexity, bits per byte"),
-    reports: Path = typer.Option(Path("reports"), help="samples.md and PNG figures (replaced whole)"),
+    reports: Path = typer.Option(Path("reports"), help="samples.md and PNG figures (reports/guide/ is left alone)"),
     text: Path | None = typer.Option(None, help="score this UTF-8 file instead: print JSON, write nothing"),
 ) -> None:
     """Score the model on the whole val split, write samples and attention heatmaps, and log them all to

@@ -16,6 +16,8 @@ def train(
     out: Path = typer.Option(Path("models/final"), help="final model: config.json, model.safetensors, tokenizer.json"),
     metrics: Path = typer.Option(Path("metrics/train.json"), help="final training metrics"),
     plots: Path = typer.Option(Path("plots/train.csv"), help="loss curves: one row per log step"),
+    attention: Path = typer.Option(Path("plots/attention.safetensors"),
+                                   help="the attention on evaluate.attention_text at every evaluation"),
 ) -> None:
     """Train the transformer; resume from a compatible checkpoint; rank 0 writes the outputs and logs to
     MLflow. With train.nproc_per_node > 1 it starts that many worker processes itself; under torchrun
@@ -24,16 +26,17 @@ def train(
     from llm.launch import die_with_launcher, is_worker, launch_workers
 
     cfg = load_params(params)
-    paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots)
+    paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots, attention)
     if is_worker():
         die_with_launcher()
     elif cfg.train.nproc_per_node > 1:
         model_config(cfg.model, paths)  # the inputs are checked before any worker starts
         options = {"--params": params, "--tokens": tokens, "--tokenizer": tokenizer_path,
-                   "--checkpoints": checkpoints, "--out": out, "--metrics": metrics, "--plots": plots}
+                   "--checkpoints": checkpoints, "--out": out, "--metrics": metrics, "--plots": plots,
+                   "--attention": attention}
         command = [sys.executable, "-m", "stages", "train", *(str(x) for pair in options.items() for x in pair)]
         code, message = launch_workers(cfg.train.nproc_per_node, command, cfg.train.max_restarts)
         if message:
             typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code)
-    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow, paths)
+    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow, paths, cfg.evaluate.attention_text)

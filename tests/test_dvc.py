@@ -73,23 +73,29 @@ def repo(tmp_path, empty_mlflow_db):
 
 
 def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
-    everything = {"fetch", "clean", "tokenizer", "tokenize", "train", "evaluate"}
+    everything = {"fetch", "clean", "tokenizer", "tokenize", "train", "evaluate", "guide"}
     assert repro(repo) == everything
     assert read_json(repo / "metrics/clean.json")["documents_out"] == 24
     assert read_json(repo / "metrics/train.json")["steps"] == 4
     assert read_json(repo / "metrics/eval.json")["val_bpb"] > 0
+    guide = (repo / "reports/guide/index.html").stat().st_mtime_ns
     assert repro(repo) == set(), "a no-op repro does nothing"
+    assert (repo / "reports/guide/index.html").stat().st_mtime_ns == guide
     assert "up to date" in run(["dvc", "status"], repo)
 
     (repo / "params.yaml").write_text("# a comment only\n" + (repo / "params.yaml").read_text())
     assert repro(repo) == set()
 
+    edit_params(repo, "evaluate", "temperature", 0.5)
+    assert repro(repo) == {"evaluate", "guide"}, "sampling settings rerun the samples and the guide, not train"
+
+    # From here on the guide is left out (`dvc repro evaluate`): it would only rerun each time.
     edit_params(repo, "train", "lr", 0.01)
-    assert repro(repo) == {"train", "evaluate"}
+    assert repro(repo, "evaluate") == {"train", "evaluate"}
     assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0, "new params start a fresh run"
 
-    edit_params(repo, "evaluate", "temperature", 0.5)
-    assert repro(repo) == {"evaluate"}
+    edit_params(repo, "evaluate", "max_new_tokens", 6)
+    assert repro(repo, "evaluate") == {"evaluate"}
 
     # The data stages, up to tokenize (`dvc repro tokenize`): each change reruns its stage and what depends
     # on it; the training on the new shards comes once at the end.
@@ -103,14 +109,14 @@ def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
 
     edit_params(repo, "tokenize", "shard_tokens", 1000)
     assert repro(repo, "tokenize") == {"tokenize"}
-    assert repro(repo) == {"train", "evaluate"}, "new token shards retrain"
+    assert repro(repo, "evaluate") == {"train", "evaluate"}, "new token shards retrain"
     assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0
 
     # Experiments: commit this state as the baseline, run one with another learning rate, compare.
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
 
-    output = run(["dvc", "exp", "run", "-n", "lr-low", "-S", "train.lr=0.005"], repo)
+    output = run(["dvc", "exp", "run", "-n", "lr-low", "-S", "train.lr=0.005", "evaluate"], repo)
     assert ran(output) == {"train", "evaluate"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.005
 

@@ -14,7 +14,7 @@ PACKAGES = ("llm", "stages")
 
 
 def imported_modules(path: Path) -> set[Path]:
-    """Project files (llm/*.py, stages/*.py) that the file at `path` imports, anywhere in it."""
+    """Project files (llm/*.py, llm/guide/*.py, stages/*.py) that the file at `path` imports, anywhere in it."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -26,8 +26,11 @@ def imported_modules(path: Path) -> set[Path]:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] in PACKAGES and len(parts) == 2 and (ROOT / parts[0] / f"{parts[1]}.py").is_file():
-                found.add(Path(parts[0], f"{parts[1]}.py"))
+            if parts[0] not in PACKAGES or len(parts) < 2:
+                continue
+            for candidate in (Path(*parts[:-1], f"{parts[-1]}.py"), Path(*parts, "__init__.py")):
+                if (ROOT / candidate).is_file():
+                    found.add(candidate)
     return found
 
 

@@ -82,14 +82,15 @@ def test_both_variants_train_and_the_loss_falls(tokens_dir, tmp_path, arch, dtyp
 @pytest.mark.parametrize(("optimizer", "arch"), [("adamw", "gpt2"), ("muon", "gpt2"), ("muon", "modern")])
 def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path, optimizer, arch):
     cfg, model = train_config(optimizer=optimizer), model_config(arch)
-    full = run(tokens_dir, tmp_path / "full", cfg, model)
+    probe = [0, 5, 9, 12, 3]  # the attention on these tokens is recorded at each evaluation
+    full = run(tokens_dir, tmp_path / "full", cfg, model, attention_ids=probe)
     interrupted_dir = tmp_path / "interrupted"
-    first = run(tokens_dir, interrupted_dir, cfg, model, stop_after=6)
+    first = run(tokens_dir, interrupted_dir, cfg, model, stop_after=6, attention_ids=probe)
     # Simulate a crash after step 6 but before its checkpoint landed: the newest is then step 4.
     [newest, *_] = checkpoint_dirs(interrupted_dir)
     assert newest.name == "step_00000006"
     newest.rename(newest.with_name(".crashed"))
-    resumed = run(tokens_dir, interrupted_dir, cfg, model)
+    resumed = run(tokens_dir, interrupted_dir, cfg, model, attention_ids=probe)
     assert resumed.resumed_from == 4
     np.testing.assert_allclose(first.step_losses[:4] + resumed.step_losses, full.step_losses, rtol=0, atol=1e-6)
     assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
@@ -99,6 +100,9 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path, optimi
     np.testing.assert_allclose([row["train_loss"] for row in resumed.history],
                                [row["train_loss"] for row in full.history], rtol=0, atol=1e-6)
     assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], abs=1e-6)
+    # The attention record too (the guide's evolution): step 0 and every evaluation, frames equal.
+    assert resumed.attention.steps == full.attention.steps == [0, 6, 12]
+    np.testing.assert_allclose(np.stack(resumed.attention.maps), np.stack(full.attention.maps), rtol=0, atol=1e-6)
 
 
 def test_muon_lowers_the_loss_faster_than_adamw_at_the_same_steps(tokens_dir, tmp_path):

@@ -57,7 +57,7 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     val = read_meta(workdir / "data/tokens").splits["val"]
     assert metrics["val_bpb_estimate"] == pytest.approx(metrics["val_loss"] * val.tokens / val.bytes / math.log(2))
     rows = (workdir / "plots/train.csv").read_text().splitlines()
-    assert rows[0] == "step,train_loss,val_loss,lr,tokens_per_sec" and len(rows) == 1 + 4
+    assert rows[0] == "step,tokens_seen,train_loss,val_loss,lr,grad_norm,tokens_per_sec,mfu" and len(rows) == 1 + 4
 
     client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
     assert run.info.run_id == metrics["mlflow_run_id"] == read_json(final / "mlflow_run.json")["run_id"]

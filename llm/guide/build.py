@@ -1,0 +1,57 @@
+"""The guide stage: load the run, write every chapter's figures and the HTML and PDF into reports/guide/
+(replaced whole, atomically), and log the folder to the MLflow run that trained the model."""
+
+import logging
+import time
+from pathlib import Path
+
+from llm.fileio import atomic_dir
+from llm.guide.data_chapters import corpus, shards_chapter, tokenizer_chapter
+from llm.guide.document import Chapter, write_html, write_pdf
+from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
+from llm.guide.model_chapters import attention_chapter, evolution_chapter, model_chapter
+from llm.guide.run_chapters import experiments_chapter, generation_chapter, training_chapter
+from llm.tracking import run_of_model
+
+log = logging.getLogger(__name__)
+
+TITLE = "How your language model was made"
+
+
+def chapters(run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
+    """The nine chapters, in the pipeline's order; each writes its figures into `figure_dir`."""
+    made = []
+    for build in (corpus, tokenizer_chapter, shards_chapter, model_chapter, attention_chapter, evolution_chapter,
+                  training_chapter, generation_chapter):
+        start = time.perf_counter()
+        made.append(build(run, figure_dir))
+        log.info("chapter %d, %s: %.1f s", len(made), made[-1].title, time.perf_counter() - start)
+    made.append(experiments_chapter(run, figure_dir, run_id))
+    return made
+
+
+def subtitle(run: Run) -> str:
+    cfg, metrics = run.model.config, run.train_metrics
+    return (f"A {cfg.arch} transformer of {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd}, "
+            f"{run.model.num_params():,} parameters, trained {metrics['steps']:,} steps on "
+            f"{metrics['tokens_seen']:,} tokens of `{run.settings.data.source}`: "
+            f"{run.eval_metrics['val_bpb']:.4f} bits per byte on held-out text. Every number and figure below "
+            "comes from this run's own files.")
+
+
+def build_guide(paths: GuidePaths, settings: GuideSettings) -> list[Path]:
+    """Write reports/guide/ (index.html, guide.pdf, attention_evolution.gif, figures/); return its files."""
+    run = load_run(paths, settings)
+    tracked = run_of_model(paths.model, settings.mlflow)
+    with atomic_dir(paths.out) as staging:
+        figure_dir = staging / "figures"
+        figure_dir.mkdir()
+        made = chapters(run, figure_dir, run.eval_metrics.get("mlflow_run_id"))
+        write_html(staging / "index.html", TITLE, subtitle(run), made)
+        write_pdf(staging / "guide.pdf", staging, TITLE, subtitle(run), made)
+    files = sorted(p for p in paths.out.rglob("*") if p.is_file())
+    log.info("wrote %s: %d chapters, %d files", paths.out, len(made), len(files))
+    if tracked is not None:
+        tracked.log_artifact(paths.out, "guide")
+        log.info("logged to MLflow run %s", tracked.run_id)
+    return files

@@ -1,0 +1,249 @@
+"""The guide as a document: chapters made of a few kinds of block, written as one HTML page and one PDF.
+
+The PDF is made with fpdf2: pure Python (no Cairo, Pango or browser to install, unlike WeasyPrint or printing
+the HTML from Chromium), maintained, and it embeds the PNG figures and TrueType fonts directly. The fonts
+are the DejaVu faces matplotlib ships, so every machine that draws the figures can also set the text.
+"""
+
+import dataclasses
+import html
+import logging
+import re
+from pathlib import Path
+
+from llm.fileio import atomic_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A paragraph; `code` in backquotes."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    file: str  # relative to the guide's folder: figures/NAME.png
+    caption: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """Text as the tokenizer cut it: (what the token stands for, its id) in order; control tokens are marked."""
+
+    spans: list[tuple[str, int]]
+    control: frozenset[int] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class Pre:
+    """Monospaced text: a hex dump, a sample."""
+
+    text: str
+
+
+Block = Text | Table | Figure | Tokens | Pre
+
+
+@dataclasses.dataclass(frozen=True)
+class Chapter:
+    slug: str  # the HTML anchor
+    title: str
+    blocks: list[Block]
+
+
+def visible(text: str) -> str:
+    """Whitespace a reader can see inside a token: newline, tab, and (as the only content) a space."""
+    return text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
+
+
+SPAN_COLOURS = ["#fde2a7", "#c9e7f5", "#d6f0c8", "#f6cde0", "#e0d7f5", "#f9d3b8"]  # pale, readable under text
+
+CSS = """
+body { font-family: DejaVu Sans, Verdana, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       line-height: 1.5; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ccc; margin-top: 3rem; }
+nav ol { columns: 2; } figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; }
+figcaption { font-size: 0.9rem; color: #555; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } code, pre { font-family: DejaVu Sans Mono, monospace; font-size: 0.85rem; }
+pre { background: #f7f7f7; padding: 0.7rem; overflow-x: auto; white-space: pre-wrap; }
+.tokens { line-height: 2.6; } .tok { display: inline-block; line-height: 1.4; white-space: pre; padding: 0.15rem 0.1rem;
+        margin: 0 1px 0.3rem 0; border-radius: 3px; }
+.tok sub { font-size: 0.6rem; color: #555; margin-left: 0.1rem; } .control { outline: 2px solid #c00; }
+"""
+
+
+def _inline(text: str) -> str:
+    """A paragraph's HTML: escaped, `code` set as code."""
+    parts = re.split(r"`([^`]*)`", text)
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
+def _block_html(block: Block) -> str:
+    if isinstance(block, Text):
+        return f"<p>{_inline(block.text)}</p>"
+    if isinstance(block, Table):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if isinstance(block, Figure):
+        caption = html.escape(block.caption)
+        image = f'<img src="{html.escape(block.file)}" alt="{caption}">'
+        return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+    if isinstance(block, Tokens):
+        spans = "".join(
+            f'<span class="tok{" control" if token_id in block.control else ""}" '
+            f'style="background:{SPAN_COLOURS[i % len(SPAN_COLOURS)]}" title="id {token_id}">'
+            f"{html.escape(visible(text))}<sub>{token_id}</sub></span>"
+            for i, (text, token_id) in enumerate(block.spans))
+        return f'<p class="tokens">{spans}</p>'
+    return f"<pre>{html.escape(block.text)}</pre>"
+
+
+def write_html(path: Path, title: str, subtitle: str, chapters: list[Chapter]) -> None:
+    """One page: a table of contents, then a section per chapter with its figures beside the text."""
+    toc = "".join(f'<li><a href="#{c.slug}">{html.escape(c.title)}</a></li>' for c in chapters)
+    sections = "".join(
+        f'<section id="{c.slug}"><h2>{i}. {html.escape(c.title)}</h2>'
+        + "".join(_block_html(b) for b in c.blocks) + "</section>"
+        for i, c in enumerate(chapters, 1))
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<link rel="icon" href="data:,"><style>{CSS}</style></head><body>'
+            f"<header><h1>{html.escape(title)}</h1><p>{_inline(subtitle)}</p>"
+            f'<p>The same guide as one printable file: <a href="guide.pdf">guide.pdf</a>.</p>'
+            f"<nav><ol>{toc}</ol></nav></header>{sections}</body></html>\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+
+
+# --- the PDF -----------------------------------------------------------------------------------------------
+
+def _fonts_dir() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+def _hex(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+class _Pdf:
+    """fpdf2 with this guide's fonts and the few layouts its blocks need."""
+
+    def __init__(self, folder: Path) -> None:
+        from fpdf import FPDF
+
+        logging.getLogger("fontTools").setLevel(logging.WARNING)  # its font subsetting logs every glyph
+
+        self.folder = folder
+        self.pdf = FPDF(format="A4")
+        self.pdf.set_margins(18, 16, 18)
+        self.pdf.set_auto_page_break(True, margin=16)
+        fonts = _fonts_dir()
+        self.pdf.add_font("Sans", "", fonts / "DejaVuSans.ttf")
+        self.pdf.add_font("Sans", "B", fonts / "DejaVuSans-Bold.ttf")
+        self.pdf.add_font("Mono", "", fonts / "DejaVuSansMono.ttf")
+
+    def heading(self, text: str, size: int) -> None:
+        self.pdf.set_font("Sans", "B", size)
+        self.pdf.multi_cell(0, size * 0.5, text, new_x="LMARGIN", new_y="NEXT")
+        self.pdf.ln(3)
+
+    def paragraph(self, text: str, size: float = 10) -> None:
+        self.pdf.set_font("Sans", "", size)
+        self.pdf.multi_cell(0, 5, text.replace("`", ""), new_x="LMARGIN", new_y="NEXT")
+        self.pdf.ln(2)
+
+    def table(self, block: Table) -> None:
+        self.pdf.set_font("Sans", "", 7.5)
+        with self.pdf.table(line_height=4, text_align="LEFT", first_row_as_headings=True) as table:
+            for row in [block.header, *block.rows]:
+                cells = table.row()
+                for value in row:
+                    cells.cell(value)
+        self.pdf.ln(3)
+
+    def figure(self, block: Figure) -> None:
+        from PIL import Image
+
+        path = self.folder / block.file
+        with Image.open(path) as image:
+            width_px, height_px = image.size
+        width = min(self.pdf.epw, width_px / 110 * 25.4)  # the figures are drawn at 110 dpi
+        height = width * height_px / width_px
+        if height > 0.75 * self.pdf.eph:
+            height = 0.75 * self.pdf.eph
+            width = height * width_px / height_px
+        if self.pdf.get_y() + height + 10 > self.pdf.page_break_trigger:
+            self.pdf.add_page()
+        self.pdf.image(str(path), x=self.pdf.l_margin + (self.pdf.epw - width) / 2, w=width, h=height)
+        self.pdf.set_font("Sans", "", 8)
+        self.pdf.multi_cell(0, 4, block.caption, new_x="LMARGIN", new_y="NEXT", align="C")
+        self.pdf.ln(3)
+
+    def tokens(self, block: Tokens) -> None:
+        pdf = self.pdf
+        pdf.ln(1)
+        for i, (text, token_id) in enumerate(block.spans):
+            label = visible(text) or " "
+            pdf.set_font("Mono", "", 9)
+            width = max(pdf.get_string_width(label), 4) + 1.5
+            if pdf.get_x() + width > pdf.l_margin + pdf.epw:
+                pdf.ln(10)
+            if pdf.get_y() + 10 > pdf.page_break_trigger:
+                pdf.add_page()
+            x, y = pdf.get_x(), pdf.get_y()
+            pdf.set_fill_color(*_hex(SPAN_COLOURS[i % len(SPAN_COLOURS)]))
+            pdf.set_draw_color(*((200, 0, 0) if token_id in block.control else (255, 255, 255)))
+            pdf.cell(width, 5.5, label, border=1, fill=True, align="C")
+            pdf.set_xy(x, y + 5.5)
+            pdf.set_font("Sans", "", 5.5)
+            pdf.cell(width, 3, str(token_id), align="C")
+            pdf.set_xy(x + width + 0.4, y)
+        pdf.set_draw_color(0, 0, 0)
+        pdf.ln(12)
+
+    def pre(self, block: Pre) -> None:
+        self.pdf.set_font("Mono", "", 7)
+        self.pdf.set_fill_color(245, 245, 245)
+        self.pdf.multi_cell(0, 3.5, block.text, fill=True, new_x="LMARGIN", new_y="NEXT")
+        self.pdf.ln(3)
+
+
+def write_pdf(path: Path, folder: Path, title: str, subtitle: str, chapters: list[Chapter]) -> None:
+    """The same chapters as the HTML, each starting on a new page (an outline entry each); figures from
+    `folder`."""
+    doc = _Pdf(folder)
+    doc.pdf.set_title(title)
+    doc.pdf.add_page()
+    doc.heading(title, 20)
+    doc.paragraph(subtitle)
+    for i, chapter in enumerate(chapters, 1):
+        doc.paragraph(f"{i}. {chapter.title}")
+    for i, chapter in enumerate(chapters, 1):
+        doc.pdf.add_page()
+        doc.pdf.start_section(f"{i}. {chapter.title}")
+        doc.heading(f"{i}. {chapter.title}", 15)
+        for block in chapter.blocks:
+            if isinstance(block, Text):
+                doc.paragraph(block.text)
+            elif isinstance(block, Table):
+                doc.table(block)
+            elif isinstance(block, Figure):
+                doc.figure(block)
+            elif isinstance(block, Tokens):
+                doc.tokens(block)
+            else:
+                doc.pre(block)
+    with atomic_path(path) as tmp:
+        doc.pdf.output(str(tmp))

@@ -1,0 +1,255 @@
+"""Chapters 7-9: training, generation, the experiments of the MLflow experiment."""
+
+import html
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.generate import filter_logits, prompt_ids
+from llm.guide import figures
+from llm.guide.data_chapters import token_text
+from llm.guide.document import Chapter, Figure, Pre, Table, Text
+from llm.guide.inputs import Run
+from llm.model import GPT
+from llm.parallel import apply_activation_checkpointing
+from llm.tracking import first_line, newest_runs, project_root, resolve_tracking_uri
+from llm.train import autocast, has_fast_bf16, lr_at
+
+log = logging.getLogger(__name__)
+
+
+# --- 7. training -------------------------------------------------------------------------------------------
+
+def saved_activation_bytes(model: GPT, tokens: torch.Tensor, dtype: str) -> int:
+    """Bytes of the tensors one forward pass keeps for the backward pass besides the weights themselves (the
+    activation memory of a micro-batch): each storage autograd saves, counted once. The step is then run
+    backward and thrown away."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(tokens.device, dtype):
+        _, loss = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def step_seconds(model: GPT, tokens: torch.Tensor, dtype: str, repeats: int = 2) -> float:
+    """Seconds of one forward and backward pass (after one untimed warm-up)."""
+    timings = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast(tokens.device, dtype):
+            _, loss = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        loss.backward()
+        timings.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return min(timings[1:])
+
+
+def memory_and_time(run: Run) -> list[tuple[str, int, float | None]]:
+    """(variant, saved activation bytes for one sequence, seconds per step of two sequences) for this model:
+    as trained in float32, with activation checkpointing, with bf16 autocast (timed only where the hardware
+    multiplies bf16: elsewhere torch emulates it, a hundred times slower)."""
+    cfg = run.model.config
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
+    fast_bf16 = has_fast_bf16(torch.device("cpu"))
+    variants = []
+    for name, dtype, checkpointed in (("float32", "float32", False), ("float32 + activation checkpointing",
+                                                                       "float32", True),
+                                      ("bf16 autocast", "bfloat16", False)):
+        model = GPT(cfg)
+        model.load_state_dict(run.model.state_dict())
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        sample = tokens[:1, : 65] if dtype == "bfloat16" and not fast_bf16 else tokens[:1]
+        saved = saved_activation_bytes(model, sample, dtype) * (cfg.block_size / (sample.size(1) - 1))
+        seconds = step_seconds(model, tokens, dtype) if dtype == "float32" or fast_bf16 else None
+        variants.append((name, int(saved), seconds))
+    return variants
+
+
+def training_chapter(run: Run, figure_dir: Path) -> Chapter:
+    cfg, metrics, history = run.settings.train, run.train_metrics, run.history
+    model_cfg = run.model.config
+    tokens_per_step = metrics["tokens_seen"] // max(metrics["steps"], 1)
+    world = tokens_per_step // (cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size)
+    val_rows = [r for r in history if r["val_loss"] is not None]
+    all_steps = list(range(cfg.max_steps))
+    schedule = [("train.lr (AdamW)", [s + 1 for s in all_steps], [lr_at(s, cfg) for s in all_steps], "-")]
+    if cfg.optimizer == "muon":
+        schedule.append(("train.muon_lr (Muon)", [s + 1 for s in all_steps],
+                         [lr_at(s, cfg) * cfg.muon_lr / cfg.lr for s in all_steps], "-"))
+    steps = [r["step"] for r in history]
+    figures.curves([
+        ("loss", "tokens seen", "nats per token",
+         [("train", [r["tokens_seen"] for r in history], [r["train_loss"] for r in history], "-"),
+          ("val", [r["tokens_seen"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-")]),
+        ("learning rate", "step", "lr", schedule),
+        ("gradient norm (before clipping)", "step", "norm", [("grad norm", steps, [r["grad_norm"] for r in history],
+                                                              "o-")]),
+        ("speed", "step", "tokens per second", [("tokens/s", steps, [r["tokens_per_sec"] for r in history], "o-")]),
+        ("model FLOPs utilisation", "step", "% of peak", [("MFU", steps, [100 * r["mfu"] for r in history], "o-")]),
+    ], figure_dir / "training.png", columns=3)
+    bpb = run.eval_metrics["val_bpb"]
+    blocks: list = [
+        Text(f"Training ran {metrics['steps']:,} steps of {tokens_per_step:,} tokens each "
+             f"({cfg.batch_size} sequences x {cfg.grad_accum_steps} accumulation micro-steps x {world} "
+             f"process{'es' if world > 1 else ''} x {model_cfg.block_size} tokens): {metrics['tokens_seen']:,} "
+             f"tokens, {metrics['tokens_seen'] / run.meta.splits['train'].tokens:.2f} passes over the train split. "
+             f"The optimizer was {cfg.optimizer}"
+             + (f" (Muon, orthogonalised momentum, for the matrices inside the blocks at peak lr {cfg.muon_lr}; "
+                f"AdamW at {cfg.lr} for the embedding, the head and the norms)" if cfg.optimizer == "muon"
+                else f" at peak lr {cfg.lr}")
+             + f", warmed up over {cfg.warmup_steps} steps, then decayed on a cosine to {cfg.min_lr}."),
+        Figure("figures/training.png", "Loss against tokens seen (train: the mean of each logged interval; val: "
+                                       "fixed held-out batches), the learning rate at every step, the gradient "
+                                       "norm, the speed and the MFU of each logged interval."),
+        Text(f"The run ended at train loss {metrics['train_loss']:.3f} and val loss {metrics['val_loss']:.3f} "
+             f"nats per token; the evaluate stage, scoring every val token, measured {bpb:.4f} bits per byte. It "
+             f"trained at {metrics['tokens_per_sec']:,.0f} tokens per second, {100 * metrics['mfu']:.1f} % of the "
+             f"{metrics['peak_flops'] / 1e9:,.0f} GFLOP/s peak ({metrics['peak_flops_source']}), in "
+             f"{metrics['dtype']}."),
+    ]
+    variants = memory_and_time(run)
+    base_saved, base_seconds = variants[0][1], variants[0][2]
+    rows = [(name, f"{saved / 1e6:,.1f} MB", f"{saved / base_saved:.2f}x",
+             f"{seconds * 1e3:,.0f} ms" if seconds is not None else "not timed",
+             f"{seconds / base_seconds:.2f}x" if seconds is not None else "")
+            for name, saved, seconds in variants]
+    micro = cfg.batch_size * base_saved
+    fast_bf16 = has_fast_bf16(torch.device("cpu"))
+    blocks += [
+        Text(f"What the memory settings change, measured now on this model: the bytes one sequence of "
+             f"{model_cfg.block_size} tokens keeps for the backward pass, and the time of a forward and backward "
+             "pass over two sequences. Activation checkpointing keeps only each block's input and recomputes the "
+             "rest during the backward pass: less memory for about a third more compute. bf16 autocast halves "
+             "what the matrix multiplications keep and, on hardware with bf16 units (recent GPUs, CPUs with AMX or "
+             f"AVX-512 BF16), runs them several times faster; this machine {'has' if fast_bf16 else 'has no'} such "
+             f"units, so `train.dtype: auto` chose {metrics['dtype']}."),
+        Table(("variant", "activations per sequence", "vs float32", "step of 2 sequences", "vs float32"), rows),
+        Text(f"Gradient accumulation runs `train.grad_accum_steps` micro-batches before each optimizer step and "
+             f"adds their gradients: the step sees their tokens together, while memory holds one micro-batch's "
+             f"activations (here {cfg.batch_size} sequences, about {micro / 1e6:,.0f} MB). Twice the accumulation "
+             "with half the batch size trains on the same tokens per step with half the activation memory, at "
+             "the same number of FLOPs."),
+    ]
+    return Chapter("training", "Training", blocks)
+
+
+# --- 8. generation -----------------------------------------------------------------------------------------
+
+def next_token_distributions(model: GPT, ids: list[int], temperature: float, top_k: int,
+                             top_p: float) -> list[tuple[str, torch.Tensor]]:
+    """The probabilities of the next token, as sampling transforms them in turn (llm.generate.sample):
+    the model's softmax, then after temperature, after top-k, after top-p."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[-model.config.block_size:]]))
+    logits = logits[0, -1].float()
+    scaled = logits / temperature if temperature > 0 else logits
+    return [("the model's softmax", logits.softmax(-1)),
+            (f"temperature {temperature}", scaled.softmax(-1)),
+            (f"top-k {top_k}", filter_logits(scaled, top_k, 1.0).softmax(-1)),
+            (f"top-p {top_p}", filter_logits(scaled, top_k, top_p).softmax(-1))]
+
+
+def samples_of(markdown: str) -> list[tuple[str, str]]:
+    """(title, text) of each sample in reports/samples.md."""
+    found = re.findall(r"## (Sample [^\n]*)\n\n(seed \d+)\n\n<pre>\n(.*?)\n</pre>", markdown, flags=re.S)
+    return [(f"{title} ({seed})", html.unescape(re.sub(r"</?b>", "", body))) for title, seed, body in found]
+
+
+def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
+    cfg = run.settings.evaluate
+    prompt = cfg.prompts[0]
+    ids = prompt_ids(run.tokenizer, prompt, run.eot_id)
+    stages = next_token_distributions(run.model, ids, cfg.temperature, cfg.top_k, cfg.top_p)
+    shown = torch.argsort(stages[0][1], descending=True)[:15].tolist()
+    labels = [repr(token_text(run.tokenizer, i)) for i in shown]
+    figures.distributions([(title, [float(p[i]) for i in shown]) for title, p in stages], labels,
+                          figure_dir / "next_token.png")
+    counts = [int((p > 0).sum()) for _, p in stages]
+    top = shown[0]
+    blocks: list = [
+        Text(f"Generation feeds the model its own output, one token at a time. After the prompt "
+             f"{prompt!r} ({len(ids)} tokens), the model gives a probability to each of the "
+             f"{run.model.config.vocab_size:,} tokens; the most likely next token is {labels[0]} at "
+             f"{float(stages[0][1][top]):.3f}. Sampling then transforms the distribution, as "
+             f"`evaluate.temperature`, `evaluate.top_k` and `evaluate.top_p` say:"),
+        Text(f"dividing the logits by the temperature {cfg.temperature} "
+             f"{'sharpens' if cfg.temperature < 1 else 'flattens'} it (the top token now has "
+             f"{float(stages[1][1][top]):.3f}); top-k keeps the {cfg.top_k} most likely tokens ({counts[2]:,} "
+             f"left of {counts[1]:,}); top-p keeps the fewest tokens whose probability reaches {cfg.top_p} "
+             f"({counts[3]:,} left). One token is drawn from what remains, with the sample's seeded generator, so "
+             f"the same seed writes the same text."),
+        Figure("figures/next_token.png", "The probability of the 15 most likely next tokens, as each step of "
+                                         "sampling leaves it."),
+        Text(f"The samples of the evaluate stage (reports/samples.md): each prompt of `evaluate.prompts` sampled "
+             f"with its own seed, up to {cfg.max_new_tokens} new tokens."),
+    ]
+    for title, text in samples_of(run.samples):
+        blocks += [Text(title), Pre(text)]
+    return Chapter("generation", "Generation", blocks)
+
+
+# --- 9. your experiments -----------------------------------------------------------------------------------
+
+RUNS_SHOWN = 20
+IGNORED_PARAMS = {"git_commit", "data_tokenizer_sha256"}
+
+
+def differing_params(runs: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in runs for k in r["params"]} - IGNORED_PARAMS)
+    return [k for k in keys if len({r["params"].get(k) for r in runs}) > 1]
+
+
+def experiments_chapter(run: Run, figure_dir: Path, run_id: str | None) -> Chapter:
+    settings = run.settings.mlflow
+    uri = resolve_tracking_uri(settings.tracking_uri, project_root())
+    blocks: list = [Text(
+        f"Every training is an MLflow run in the experiment `{settings.experiment}` at `{settings.tracking_uri}`, "
+        "with all its params, its metrics at every log step, the model, and the evaluation and this guide as "
+        "artifacts. `make ui` serves the MLflow UI on http://127.0.0.1:5000: select runs and press Compare to "
+        "see their params side by side and their loss curves on one chart. `dvc exp run -S train.lr=0.01` "
+        "trains a variant as a new run; `dvc exp show` lists them in the terminal.")]
+    try:
+        runs = [{"name": r.name, "id": r.run_id, "status": r.status, "params": r.params,
+                 "bpb": r.metrics.get("eval/val_bpb", r.metrics.get("val_bpb_estimate"))}
+                for r in newest_runs(uri, settings.experiment, RUNS_SHOWN)]
+    except Exception as err:  # a server down or a bad URI: the guide is still built, and says so
+        log.warning("MLflow at %s is not usable (%s): the guide lists no runs", uri, first_line(err))
+        return Chapter("experiments", "Your experiments",
+                       blocks + [Text(f"The runs could not be listed: MLflow at {uri} answered {first_line(err)}")])
+    if not runs:
+        return Chapter("experiments", "Your experiments", blocks + [Text("The experiment has no runs yet.")])
+    keys = differing_params(runs)
+    rows = [((r["name"] or r["id"][:8]) + (" (this run)" if r["id"] == run_id else ""), r["status"].lower(),
+             f"{r['bpb']:.4f}" if r["bpb"] is not None else "",
+             "; ".join(f"{k}={r['params'].get(k, '')}" for k in keys) or "the same params")
+            for r in runs]
+    with_bpb = [r for r in runs if r["bpb"] is not None]
+    blocks.append(Text(
+        f"The {len(runs)} newest runs of the experiment{'' if len(runs) < RUNS_SHOWN else ' (older ones: make ui)'}"
+        f", with their val bits per byte and the params that differ between them"
+        + (f" ({', '.join(f'`{k}`' for k in keys[:8])}{', ...' if len(keys) > 8 else ''})" if keys else
+           " (none: they share every param)") + "."))
+    blocks.append(Table(("run", "status", "val bpb", "params that differ"), rows))
+    if with_bpb:
+        best = min(with_bpb, key=lambda r: r["bpb"])
+        figures.bars([(r["name"] or r["id"][:8]) for r in with_bpb], [r["bpb"] for r in with_bpb],
+                      "val bits per byte (lower is better)", "runs of the experiment", figure_dir / "runs.png")
+        blocks += [Figure("figures/runs.png", "Val bits per byte of each run (eval/val_bpb where the run was "
+                                              "evaluated, else the training's estimate)."),
+                   Text(f"The best so far is {best['name'] or best['id'][:8]} at {best['bpb']:.4f} bits per byte.")]
+    return Chapter("experiments", "Your experiments", blocks)

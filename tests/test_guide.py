@@ -1,0 +1,210 @@
+"""The guide stage on a tiny project: every chapter and figure present, numbers that are the run's, attention
+that is the model's (recomputed here independently), a page that loads whole in headless Chromium, a PDF with
+a page per chapter, the folder logged to the training's MLflow run."""
+
+import functools
+import http.server
+import math
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import llm.model
+from llm.attention import probe_ids, read_record
+from llm.evaluate import token_byte_lengths
+from llm.guide.model_chapters import attention_steps
+from llm.model import initial_model
+from llm.model_io import load_model_dir
+from llm.shards import open_shard, read_meta
+from tests.conftest import TINY_MODEL, TINY_TRAIN, make_model_dir, only_mlflow_run, read_json, run_stage
+
+pytestmark = pytest.mark.slow
+
+CHAPTERS = ["The corpus", "The tokenizer", "Token shards", "The model", "Attention, step by step",
+            "Attention over training", "Training", "Generation", "Your experiments"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, data_project):
+    """A tiny project trained (12 steps, an evaluation every 6), evaluated, and its guide built."""
+    work = tmp_path_factory.mktemp("guide")
+    data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "guide"},
+                 model=TINY_MODEL, train=TINY_TRAIN)
+    for command in ("train", "evaluate", "guide"):
+        start = time.monotonic()
+        result = run_stage(work, command, env={"HOME": str(work)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        print(f"{command}: {time.monotonic() - start:.1f} s")
+    return work
+
+
+def page(project: Path) -> str:
+    return (project / "reports/guide/index.html").read_text()
+
+
+def text_of(html: str) -> str:
+    """The page's words, tags removed and whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_every_chapter_and_figure_is_there(project):
+    html = page(project)
+    titles = re.findall(r'<section id="[^"]+"><h2>\d+\. ([^<]+)</h2>', html)
+    assert [t.replace("&#x27;", "'") for t in titles] == CHAPTERS
+    guide = project / "reports/guide"
+    images = re.findall(r'<img src="([^"]+)"', html)
+    expected = {"corpus_files", "token_lengths", "memmap", "weight_std", "attention_qkv", "attention_scores",
+                "attention_output", "attention_heads", "attention_grid", "attention_curves", "training", "next_token",
+                "runs"}
+    assert sorted(images) == sorted([*(f"figures/{name}.png" for name in expected), "attention_evolution.gif"])
+    for src in images:
+        with Image.open(guide / src) as image:
+            assert image.size[0] > 200 and image.size[1] > 100, src
+    drawn = {f"figures/{p.name}" for p in (guide / "figures").iterdir()}
+    assert drawn == set(images) - {"attention_evolution.gif"}, "every figure drawn is shown, and only those"
+
+
+def test_the_numbers_are_the_runs(project):
+    words = text_of(page(project))
+    meta = read_meta(project / "data/tokens")
+    model, tokenizer = load_model_dir(project / "models/final")
+    lengths = token_byte_lengths(tokenizer)
+    val = np.concatenate([open_shard(p) for p in meta.shard_paths(project / "data/tokens", "val")])
+    val_bytes = int(lengths[val].sum())
+    assert val_bytes == meta.splits["val"].bytes, "the tokens decode to every byte of the val text"
+    assert f"{val_bytes / len(val):.2f} bytes per token" in words
+    assert f"byte-level BPE with {tokenizer.get_vocab_size():,} ids" in words
+    assert f"{model.num_params():,} parameters" in words
+    assert f"{read_json(project / 'metrics/eval.json')['val_bpb']:.4f} bits per byte" in words
+    train = read_json(project / "metrics/train.json")
+    assert f"Training ran {train['steps']:,} steps of {train['tokens_seen'] // train['steps']:,} tokens" in words
+    clean = read_json(project / "metrics/clean.json")
+    assert f"kept {clean['documents_out']:,} ({clean['bytes_out']:,} bytes)" in words
+
+
+def test_the_recorded_attention_is_the_models_at_each_evaluation(project):
+    record, text = read_record(project / "plots/attention.safetensors")
+    assert record.steps == [0, 6, 12], "step 0, then every eval_interval = 6 steps and the end"
+    model, tokenizer = load_model_dir(project / "models/final")
+    ids = probe_ids(tokenizer, text, tokenizer.token_to_id("<|endoftext|>"), model.config.block_size)
+    assert record.ids == ids and text == "To be, or not to be, that is the question"
+    for maps in record.maps:
+        T = len(ids)
+        assert maps.shape == (model.config.n_layer, model.config.n_head, T, T)
+        np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+        assert np.all(np.triu(maps, k=1) == 0), "causal: no weight on later tokens"
+    seed = yaml.safe_load((project / "params.yaml").read_text())["train"]["seed"]
+    np.testing.assert_allclose(record.maps[0], initial_model(model.config, seed).attention_maps(
+        torch.tensor([ids])).numpy(), atol=1e-6)
+    np.testing.assert_allclose(record.maps[-1], model.attention_maps(torch.tensor([ids])).numpy(), atol=1e-5)
+    with Image.open(project / "reports/guide/attention_evolution.gif") as gif:
+        assert gif.n_frames == len(record.steps)
+
+
+@pytest.mark.parametrize("parts", [{"arch": "modern"}, {"arch": "gpt2", "n_kv_head": 1}, {"arch": "llama"}])
+def test_attention_step_by_step_is_what_the_model_computes(tmp_path, sample_tokenizer_path, monkeypatch, parts):
+    """Q, K, V, the weights and the output shown are the tensors the model's own forward pass gives
+    scaled_dot_product_attention (caught there), and the weights are softmax(QK^T / sqrt(d)) under the mask."""
+    model, tokenizer = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path, **parts))
+    ids = tokenizer.encode("To be, or not to be").ids
+    caught = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def catching(q, k, v, **kwargs):
+        out = sdpa(q, k, v, **kwargs)
+        caught.append((q, k, v, out))
+        return out
+
+    monkeypatch.setattr(llm.model.F, "scaled_dot_product_attention", catching)
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    monkeypatch.undo()
+    n_rep = model.config.n_head // model.config.n_kv_head
+    for layer, (q, k, v, out) in enumerate(caught):
+        for head in range(model.config.n_head):
+            steps = attention_steps(model, ids, layer, head)
+            np.testing.assert_allclose(steps["q"], q[0, head].numpy(), atol=1e-5)
+            np.testing.assert_allclose(steps["k"], k[0, head // n_rep].numpy(), atol=1e-5)
+            np.testing.assert_allclose(steps["v"], v[0, head // n_rep].numpy(), atol=1e-5)
+            d = q.size(-1)
+            scores = q[0, head] @ k[0, head // n_rep].T / math.sqrt(d)
+            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            np.testing.assert_allclose(steps["scores"], scores.numpy(), atol=1e-5)
+            assert (steps["mask"] == causal.numpy()).all()
+            np.testing.assert_allclose(steps["weights"], scores.masked_fill(~causal, -math.inf).softmax(-1).numpy(),
+                                       atol=1e-5)
+            np.testing.assert_allclose(steps["out"], out[0, head].numpy(), atol=1e-5)
+
+
+@pytest.fixture
+def served(project):
+    """reports/guide/ over HTTP on loopback, as a browser reads a site."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(project / "reports/guide"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_page_loads_every_image_in_headless_chromium_without_errors(served, project):
+    from playwright.sync_api import sync_playwright
+
+    problems = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        tab = browser.new_page()
+        tab.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        tab.on("pageerror", lambda error: problems.append(str(error)))
+        tab.on("requestfailed", lambda request: problems.append(f"failed: {request.url}"))
+        tab.goto(f"{served}/index.html", wait_until="load")
+        images = tab.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
+                              "i.naturalWidth])")
+        sections = tab.evaluate("document.querySelectorAll('section h2').length")
+        browser.close()
+    assert problems == []
+    assert len(images) == len(re.findall(r"<img ", page(project)))
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert sections == len(CHAPTERS)
+
+
+def test_the_pdf_opens_with_a_page_per_chapter(project):
+    from pypdf import PdfReader
+
+    reader = PdfReader(project / "reports/guide/guide.pdf")
+    assert len(reader.pages) >= 1 + len(CHAPTERS)
+    starts = {}
+    for number, pdf_page in enumerate(reader.pages):
+        first = " ".join(pdf_page.extract_text().split())
+        for i, title in enumerate(CHAPTERS, 1):
+            if first.startswith(f"{i}. {title}"):
+                starts[title] = number
+    assert list(starts) == CHAPTERS, "each chapter starts a page of its own, in order"
+    assert [item.title for item in reader.outline] == [f"{i}. {t}" for i, t in enumerate(CHAPTERS, 1)]
+
+
+def test_the_guide_is_logged_to_the_training_run(project):
+    client, run = only_mlflow_run(f"sqlite:///{project}/mlflow.db", "guide")
+    assert run.info.run_id == read_json(project / "metrics/eval.json")["mlflow_run_id"]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "guide")}
+    assert {"guide/index.html", "guide/guide.pdf", "guide/attention_evolution.gif", "guide/figures"} <= logged
+    assert f"{run.info.run_name} (this run)" in text_of(page(project)), "chapter 9 marks the run the guide explains"
+
+
+def test_a_missing_input_is_one_line_and_exit_2_and_nothing_is_written(project, tmp_path):
+    result = run_stage(project, "guide", "--attention", tmp_path / "absent.safetensors", "--out", tmp_path / "guide")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'absent.safetensors'}: not found; run the train stage first"
+    assert not (tmp_path / "guide").exists()
