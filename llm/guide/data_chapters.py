@@ -159,8 +159,9 @@ def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
     rows = [(f"{rank:,}", quoted(piece_text(tokenizer, a)), quoted(piece_text(tokenizer, b)),
              quoted(piece_text(tokenizer, a + b)), str(vocab_ids.get(a + b, "")))
             for rank, (a, b) in shown]
-    blocks += [Text("The first merges join the most frequent pairs of bytes: a space and a letter, common "
-                    "endings. The last ones, learned when little was left to merge, are whole rarer words."),
+    blocks += [Text("The first merges join the most frequent pairs of bytes, such as a space and a letter; the last "
+                    "ones, learned when little was left to merge, make longer pieces: rarer words and parts of "
+                    "them."),
                Table(("merge", "left", "right", "token", "id"), rows)]
     spans = specimen_spans(tokenizer, run.eot_id)
     typed = len(tokenizer.encode("<|endoftext|>").ids)

@@ -250,7 +250,7 @@ def attention_chapter(run: Run, figure_dir: Path) -> Chapter:
 # --- 6. attention over training ----------------------------------------------------------------------------
 
 def evolution_chapter(run: Run, figure_dir: Path) -> Chapter:
-    record = run.record
+    record, cfg = run.record, run.model.config
     labels = token_labels(run, record.ids)
     frames = [(f"step {step:,}", maps) for step, maps in zip(record.steps, record.maps, strict=True)]
     shown = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(GRID_ROWS, len(frames)))})
@@ -277,10 +277,16 @@ def evolution_chapter(run: Run, figure_dir: Path) -> Chapter:
                                           "recorded step."),
         Figure("figures/attention_grid.png", "Attention averaged over each layer's heads, one row per recorded "
                                              f"step ({len(shown)} of {len(frames)} shown)."),
-        Text(f"At step 0 attention is close to uniform over the past: the mean entropy of a row is then about "
-             f"{uniform:.2f} bits for this text, and every head starts near it "
-             f"({entropies[0].min():.2f} to {entropies[0].max():.2f} bits here). As the model learns, heads "
-             f"sharpen onto a few tokens: at step {record.steps[-1]:,} the most focused head, layer "
+        Text(f"A head that spread its attention evenly over the past would have rows of {uniform:.2f} bits of "
+             f"entropy on average for this text. At step 0 the heads are at {entropies[0].min():.2f} to "
+             f"{entropies[0].max():.2f} bits: "
+             + ("close to even, since the random initial queries and keys give small, similar scores. "
+                if entropies[0].min() >= 0.9 * uniform else
+                "already less than even, since the random initial scores are not small"
+                + (" (QK-norm gives every query and key the same size from the start)" if cfg.qk_norm else "")
+                + ", so each row puts more weight on a few tokens by chance. ")
+             + f"As the model learns, heads sharpen onto the tokens that help: at step {record.steps[-1]:,} the "
+             f"most focused head, layer "
              f"{sharpest[0]} head {sharpest[1]}, is at {entropies[-1][sharpest]:.2f} bits and attends on average "
              f"{distances[-1][sharpest]:.1f} tokens back."),
         Figure("figures/attention_curves.png", "Per head (L layer, H head): the mean entropy of its attention rows "
