@@ -26,9 +26,10 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # One test process per core (pytest-xdist), each taking a whole file at a time, so that a file's shared
-# fixtures (a trained tiny project, a tracking server) are built once.
+# fixtures (a trained tiny project, a tracking server) are built once; files start in the order
+# tests/conftest.py gives them (longest first), not xdist's (most tests first).
 test: setup browser
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto --dist loadfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The MLflow UI on this machine only, against the project's tracking database (mlflow.tracking_uri).
 UI_PORT ?= 5000

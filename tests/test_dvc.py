@@ -86,16 +86,16 @@ def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
     (repo / "params.yaml").write_text("# a comment only\n" + (repo / "params.yaml").read_text())
     assert repro(repo) == set()
 
+    # From here on the guide is left out (`dvc repro evaluate`): it would only rerun each time. What would
+    # rerun is what `dvc status` lists.
     edit_params(repo, "evaluate", "temperature", 0.5)
-    assert repro(repo) == {"evaluate", "guide"}, "sampling settings rerun the samples and the guide, not train"
+    assert set(json.loads(run(["dvc", "status", "--json"], repo))) == {"evaluate", "guide"}, \
+        "sampling settings rerun the samples and the guide, not train"
+    assert repro(repo, "evaluate") == {"evaluate"}
 
-    # From here on the guide is left out (`dvc repro evaluate`): it would only rerun each time.
     edit_params(repo, "train", "lr", 0.01)
     assert repro(repo, "evaluate") == {"train", "evaluate"}
     assert read_json(repo / "metrics/train.json")["resumed_from_step"] == 0, "new params start a fresh run"
-
-    edit_params(repo, "evaluate", "max_new_tokens", 6)
-    assert repro(repo, "evaluate") == {"evaluate"}
 
     # The data stages, up to tokenize (`dvc repro tokenize`): each change reruns its stage and what depends
     # on it; the training on the new shards comes once at the end.
