@@ -93,6 +93,7 @@ def frame_model(model: GPT, weights: dict[str, torch.Tensor] | None) -> GPT:
     copy on the CPU built from its gathered `weights`."""
     if weights is None:
         return model
-    whole = GPT(model.config)
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: leave training's RNG alone
+        whole = GPT(model.config)
     whole.load_state_dict(weights, strict=False)  # tied aliases are stored once
     return whole

@@ -42,7 +42,7 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return token_bytes(tokenizer, token_id).decode("utf-8", errors="backslashreplace")
 
 
-def piece_text(tokenizer: Tokenizer, piece: str) -> str:
+def piece_text(piece: str) -> str:
     """A merge's part (a string of the byte-level alphabet) as text."""
     return bytes(BYTES[c] for c in piece).decode("utf-8", errors="backslashreplace")
 
@@ -156,8 +156,8 @@ def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
     vocab_ids = tokenizer.get_vocab()
     ranked = list(enumerate(learned, 1))
     shown = ranked[:8] + ranked[-8:] if len(ranked) > 16 else ranked
-    rows = [(f"{rank:,}", quoted(piece_text(tokenizer, a)), quoted(piece_text(tokenizer, b)),
-             quoted(piece_text(tokenizer, a + b)), str(vocab_ids.get(a + b, "")))
+    rows = [(f"{rank:,}", quoted(piece_text(a)), quoted(piece_text(b)), quoted(piece_text(a + b)),
+             str(vocab_ids.get(a + b, "")))
             for rank, (a, b) in shown]
     blocks += [Text("The first merges join the most frequent pairs of bytes, such as a space and a letter; the last "
                     "ones, learned when little was left to merge, make longer pieces: rarer words and parts of "
@@ -253,10 +253,10 @@ def shards_chapter(run: Run, figure_dir: Path) -> Chapter:
     growth = memmap_growth(first, block, cfg.batch_size, steps)
     size = first.stat().st_size
     text = (f"Training never loads a shard: it maps the file into memory (`numpy.memmap`) and each batch copies "
-            f"{cfg.batch_size} random windows of {block + 1} tokens out of it. The operating system reads a page "
-            "from disk when a window first touches it, and can drop it again under memory pressure, so a corpus "
-            "far larger than RAM trains the same way. A batch is a pure function of the seed and the step: a "
-            "resumed run reads exactly the windows an uninterrupted one would.")
+            f"{cfg.batch_size} random windows of {block + 1} tokens out of it. The operating system reads the pages "
+            "a window touches (and some around them) from disk when it first needs them, and can drop them again "
+            "under memory pressure, so a corpus far larger than RAM trains the same way. A batch is a pure function "
+            "of the seed and the step: a resumed run reads exactly the windows an uninterrupted one would.")
     blocks.append(Text(text))
     if growth is not None:
         figures.curves([("a shard read through a memory map", "batches read", "megabytes",

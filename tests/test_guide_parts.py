@@ -1,0 +1,75 @@
+"""The guide's arithmetic, part by part, on tiny models and tokenizers (no trained project needed)."""
+
+import numpy as np
+import pytest
+
+from llm.guide.data_chapters import BYTES, memmap_growth, specimen_spans, token_bytes, token_text
+from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
+from llm.guide.model_chapters import component_table, mean_distance, row_entropy
+from llm.model import GPT, GPTConfig
+from llm.shards import ShardWriter
+from llm.tokenizer import load_tokenizer
+
+
+def test_the_byte_alphabet_maps_back_to_every_byte_once():
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    assert set(BYTES) == set(ByteLevel.alphabet()) and sorted(BYTES.values()) == list(range(256))
+
+
+def test_token_bytes_are_what_the_tokenizer_decodes(sample_tokenizer_path):
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    special = set(tokenizer.get_added_tokens_decoder())
+    for token_id in range(tokenizer.get_vocab_size()):
+        if token_id in special:
+            assert token_text(tokenizer, token_id) == tokenizer.id_to_token(token_id)
+            continue
+        raw = token_bytes(tokenizer, token_id)
+        assert 1 <= len(raw) and token_text(tokenizer, token_id) == raw.decode("utf-8", errors="backslashreplace")
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    spans = specimen_spans(tokenizer, eot)
+    assert [i for _, i in spans].count(eot) == 1, "only the control token the pipeline inserts has its id"
+    joined = b"".join(token_bytes(tokenizer, i) for _, i in spans if i != eot).decode()
+    assert joined == "To be,   or not\tto be:\n<|endoftext|> Быть или не быть; être ou ne pas être."
+
+
+@pytest.mark.parametrize("parts", [{"arch": "gpt2"}, {"arch": "llama"}, {"arch": "modern"},
+                                   {"arch": "gpt2", "n_kv_head": 1, "head": "untied"}])
+def test_the_component_table_adds_up_to_the_model(parts):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0, vocab_size=100, **parts))
+    rows = component_table(model)
+    assert sum(r[2] for r in rows) == model.num_params()
+    assert sum(r[3] for r in rows) == model.flops_per_token()
+
+
+def test_entropy_and_distance_of_known_patterns():
+    T = 5
+    uniform = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+    previous = np.eye(T, k=-1)
+    previous[0, 0] = 1.0
+    maps = np.stack([uniform, previous])[None]  # (1 layer, 2 heads, T, T)
+    np.testing.assert_allclose(row_entropy(maps)[0], [np.mean(np.log2(np.arange(2, T + 1))), 0.0])
+    np.testing.assert_allclose(mean_distance(maps)[0], [np.mean(np.arange(1, T) / 2), 1.0])
+
+
+def test_a_memory_mapped_shard_is_read_only_where_batches_touch_it(tmp_path):
+    writer = ShardWriter(tmp_path, "train", np.dtype("<u2"), shard_tokens=32_000_000)
+    writer.write(np.arange(32_000_000) % 1000)
+    [path] = writer.close()
+    resident = memmap_growth(path, block_size=32, batch_size=2, batches=[0, 1, 2000])
+    if resident is None:
+        pytest.skip("no /proc/self/smaps on this system: the guide says so and draws no figure")
+    size = path.stat().st_size  # 64 MB
+    # The kernel maps the pages a window touches and some around them (up to a large folio, 2 MB, here).
+    assert resident[0] < size / 100 and resident[1] < size / 4, "a batch maps a few pages, not the file"
+    assert resident[0] <= resident[1] <= resident[2] <= size + 4096  # the last page counts whole
+
+
+def test_the_html_escapes_text_and_marks_code(tmp_path):
+    chapter = Chapter("one", "A <b> title", [Text("`x < y` & z"), Table(("a",), [("<td>",)]),
+                                             Figure("figures/f.png", "cap \"q\""), Tokens([("<", 5)], frozenset({5})),
+                                             Pre("</pre>")])
+    write_html(tmp_path / "index.html", "T", "sub", [chapter])
+    page = (tmp_path / "index.html").read_text()
+    assert "<code>x &lt; y</code> &amp; z" in page and "<td>&lt;td&gt;</td>" in page
+    assert "A &lt;b&gt; title" in page and "&lt;/pre&gt;" in page and 'class="tok control"' in page
