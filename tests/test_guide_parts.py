@@ -5,7 +5,7 @@ import pytest
 
 from llm.guide.data_chapters import BYTES, memmap_growth, specimen_spans, token_bytes, token_text
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
-from llm.guide.model_chapters import component_table, mean_distance, row_entropy
+from llm.guide.model_chapters import activation_shapes, component_table, mean_distance, row_entropy, weight_stds
 from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter
 from llm.tokenizer import load_tokenizer
@@ -40,6 +40,12 @@ def test_the_component_table_adds_up_to_the_model(parts):
     rows = component_table(model)
     assert sum(r[2] for r in rows) == model.num_params()
     assert sum(r[3] for r in rows) == model.flops_per_token()
+    # Chapter 4's other two tables, taken from the real modules whatever the MLP and positions are.
+    shapes = dict(activation_shapes(model, [1, 2, 3, 4, 5]))
+    assert shapes["logits"] == (1, 5, 100) and shapes["block 0: MLP hidden"] == (1, 5, model.config.mlp_hidden)
+    assert shapes["block 1 out (residual stream)"] == (1, 5, 32)
+    assert shapes["block 0: q, k, v together"] == (1, 5, (2 + 2 * model.config.n_kv_head) * 16)
+    assert all(len(stds) == 2 for stds in weight_stds(model).values())
 
 
 def test_entropy_and_distance_of_known_patterns():
