@@ -79,3 +79,13 @@ def test_the_html_escapes_text_and_marks_code(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "<code>x &lt; y</code> &amp; z" in page and "<td>&lt;td&gt;</td>" in page
     assert "A &lt;b&gt; title" in page and "&lt;/pre&gt;" in page and 'class="tok control"' in page
+
+
+def test_the_sampling_sentence_names_what_is_off():
+    from llm.guide.run_chapters import sampling_steps
+
+    on = sampling_steps(0.8, 50, 0.95, [4096, 4096, 50, 25], 0.228)
+    assert on.startswith("Dividing the logits by the temperature 0.8 sharpens it (the top token now has 0.228)")
+    assert "top-k keeps the 50 most likely tokens (50 left of 4,096)" in on and "(25 left)" in on
+    off = sampling_steps(0.0, 0, 1.0, [4096] * 4, 0.1)
+    assert off.startswith("Temperature 0 is greedy") and "top-k is off" in off and "top-p is off" in off

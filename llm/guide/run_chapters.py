@@ -159,9 +159,26 @@ def next_token_distributions(model: GPT, ids: list[int], temperature: float, top
     logits = logits[0, -1].float()
     scaled = logits / temperature if temperature > 0 else logits
     return [("the model's softmax", logits.softmax(-1)),
-            (f"temperature {temperature}", scaled.softmax(-1)),
-            (f"top-k {top_k}", filter_logits(scaled, top_k, 1.0).softmax(-1)),
-            (f"top-p {top_p}", filter_logits(scaled, top_k, top_p).softmax(-1))]
+            (f"temperature {temperature}" if temperature > 0 else "temperature 0 (greedy)", scaled.softmax(-1)),
+            (f"top-k {top_k}" if top_k else "top-k off", filter_logits(scaled, top_k, 1.0).softmax(-1)),
+            (f"top-p {top_p}" if top_p < 1 else "top-p off", filter_logits(scaled, top_k, top_p).softmax(-1))]
+
+
+def sampling_steps(temperature: float, top_k: int, top_p: float, counts: list[int], top_share: float) -> str:
+    """What each sampling setting did to the distribution, in words (`counts`: tokens left after each stage)."""
+    if temperature == 0:
+        scaled = ("temperature 0 is greedy: the most likely token is taken, nothing is drawn (the bars show the "
+                  "distribution it is taken from)")
+    else:
+        effect = "sharpens" if temperature < 1 else "flattens" if temperature > 1 else "leaves"
+        scaled = (f"dividing the logits by the temperature {temperature} {effect} it (the top token now has "
+                  f"{top_share:.3f})")
+    k = (f"top-k keeps the {top_k} most likely tokens ({counts[2]:,} left of {counts[1]:,})" if top_k
+         else "top-k is off (`evaluate.top_k: 0`)")
+    p = (f"top-p keeps the fewest tokens whose probability reaches {top_p} ({counts[3]:,} left)" if top_p < 1
+         else "top-p is off (`evaluate.top_p: 1.0`)")
+    text = f"{scaled}; {k}; {p}."
+    return text[0].upper() + text[1:]
 
 
 def samples_of(markdown: str) -> list[tuple[str, str]]:
@@ -187,12 +204,9 @@ def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
              f"{run.model.config.vocab_size:,} tokens; the most likely next token is {labels[0]} at "
              f"{float(stages[0][1][top]):.3f}. Sampling then transforms the distribution, as "
              f"`evaluate.temperature`, `evaluate.top_k` and `evaluate.top_p` say:"),
-        Text(f"dividing the logits by the temperature {cfg.temperature} "
-             f"{'sharpens' if cfg.temperature < 1 else 'flattens'} it (the top token now has "
-             f"{float(stages[1][1][top]):.3f}); top-k keeps the {cfg.top_k} most likely tokens ({counts[2]:,} "
-             f"left of {counts[1]:,}); top-p keeps the fewest tokens whose probability reaches {cfg.top_p} "
-             f"({counts[3]:,} left). One token is drawn from what remains, with the sample's seeded generator, so "
-             f"the same seed writes the same text."),
+        Text(sampling_steps(cfg.temperature, cfg.top_k, cfg.top_p, counts, float(stages[1][1][top]))
+             + " One token is drawn from what remains, with the sample's seeded generator, so the same seed "
+               "writes the same text."),
         Figure("figures/next_token.png", "The probability of the 15 most likely next tokens, as each step of "
                                          "sampling leaves it."),
         Text(f"The samples of the evaluate stage (reports/samples.md): each prompt of `evaluate.prompts` sampled "
