@@ -78,6 +78,7 @@ class TokenizerConfig(Validated):
     vocab_size: int = 8192  # target vocabulary: 256 byte tokens + merges + special tokens
     min_frequency: int = 2  # a pair must occur this often to be merged
     special_tokens: tuple[str, ...] = (EOT,)  # added with the lowest ids; must include <|endoftext|>
+    max_train_chars: int = 0  # train on at most this many characters of the train split (0 = all of it)
 
     def validate(self) -> None:
         if EOT not in self.special_tokens:
@@ -94,6 +95,9 @@ class TokenizerConfig(Validated):
             )
         if self.min_frequency < 1:
             raise ConfigError("tokenizer.min_frequency", f"must be >= 1, got {self.min_frequency}")
+        if self.max_train_chars < 0:
+            raise ConfigError("tokenizer.max_train_chars", f"must be >= 0 (0 = the whole train split), got "
+                              f"{self.max_train_chars}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ Byte-level means every string maps to tokens with no unknown token, and decode(e
 Encoding a whole corpus fast is llm/encoder.py's job.
 """
 
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,18 +55,52 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, chunk_chars: int
     return tokenizer
 
 
-def train_on_corpus(documents: Iterable[tuple[str, str]], data: DataConfig,
+def sample_rank(doc_id: str, seed: int) -> int:
+    """Where a train document comes in the tokenizer's sample order: a hash of its id salted with data.seed
+    (and apart from the split's hash), so the sample is spread over the corpus whatever the file order."""
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8, key=f"tokenizer-sample:{seed}".encode()).digest()
+    return int.from_bytes(digest, "little")
+
+
+def train_budget(documents: Iterable[tuple[str, str]], data: DataConfig, max_chars: int) -> dict[str, int] | None:
+    """{doc id: characters of it to train on} for the train documents that fit in `max_chars`, taken in
+    sample_rank order (the last one cut to fit); None when the whole train split fits. One pass, keeping a
+    rank and a length per train document."""
+    ranked = sorted((sample_rank(doc_id, data.seed), len(text), doc_id) for doc_id, text in documents
+                    if not is_val(doc_id, data.seed, data.val_fraction))
+    if sum(length for _, length, _ in ranked) <= max_chars:
+        return None
+    chosen, left = {}, max_chars
+    for _, length, doc_id in ranked:
+        if left == 0:
+            break
+        chosen[doc_id] = min(length, left)
+        left -= chosen[doc_id]
+    return chosen
+
+
+def train_on_corpus(documents: Callable[[], Iterable[tuple[str, str]]], data: DataConfig,
                     cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, float]]:
-    """Train on the train split of (id, text) documents, in one pass that also keeps a sample of the val
-    split; return the tokenizer and its report (vocab size, bytes per token on that val sample)."""
+    """Train on the train split of (id, text) documents (`documents()` streams them, in a fixed order), in one
+    pass that also keeps a sample of the val split; return the tokenizer and its report (vocab size, bytes
+    per token on that val sample, the train characters used). With tokenizer.max_train_chars, a first pass
+    chooses which train documents fit in it (train_budget)."""
+    budget = train_budget(documents(), data, cfg.max_train_chars) if cfg.max_train_chars else None
     val_sample: list[str] = []
     documents_per_split = {"train": 0, "val": 0}
+    used = {"train_documents_used": 0, "train_chars_used": 0}
 
     def train_texts() -> Iterator[str]:
         sampled_chars = 0
-        for doc_id, text in documents:
+        for doc_id, text in documents():
             if not is_val(doc_id, data.seed, data.val_fraction):
                 documents_per_split["train"] += 1
+                if budget is not None:
+                    if doc_id not in budget:
+                        continue
+                    text = text[:budget[doc_id]]
+                used["train_documents_used"] += 1
+                used["train_chars_used"] += len(text)
                 yield text
                 continue
             documents_per_split["val"] += 1
@@ -77,7 +112,8 @@ def train_on_corpus(documents: Iterable[tuple[str, str]], data: DataConfig,
     require_both_splits(documents_per_split)
     val_tokens, val_bytes = count_tokens(tokenizer, val_sample)
     report = {"vocab_size": tokenizer.get_vocab_size(), "val_tokens": val_tokens, "val_bytes": val_bytes,
-              "val_bytes_per_token": val_bytes / max(val_tokens, 1)}
+              "val_bytes_per_token": val_bytes / max(val_tokens, 1), "train_documents": documents_per_split["train"],
+              **used}
     return tokenizer, report
 
 

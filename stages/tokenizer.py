@@ -22,7 +22,9 @@ def tokenizer(
     from llm.tokenizer import save_tokenizer, train_on_corpus
 
     cfg = load_params(params)
-    trained, report = train_on_corpus(iter_documents(clean), cfg.data, cfg.tokenizer)
+    trained, report = train_on_corpus(lambda: iter_documents(clean), cfg.data, cfg.tokenizer)
     save_tokenizer(trained, out)
     write_json_atomic(metrics, report)
-    log.info("tokenizer: %d tokens, %.3f bytes per token on val", report["vocab_size"], report["val_bytes_per_token"])
+    log.info("tokenizer: %d tokens, trained on %d of %d train documents (%d characters), %.3f bytes per token on "
+             "val", report["vocab_size"], report["train_documents_used"], report["train_documents"],
+             report["train_chars_used"], report["val_bytes_per_token"])

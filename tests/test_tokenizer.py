@@ -1,11 +1,13 @@
+import dataclasses
 import string
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm.config import EOT, TokenizerConfig
+from llm.config import EOT, DataConfig, TokenizerConfig
 from llm.encoder import PieceEncoder, split_pieces, split_text
-from llm.tokenizer import load_tokenizer, train_tokenizer
+from llm.split import is_val
+from llm.tokenizer import load_tokenizer, train_budget, train_on_corpus, train_tokenizer
 from tests.conftest import SAMPLE_TEXTS
 
 # Scripts the issue names, plus the whitespace that makes pre-tokenization subtle.
@@ -87,3 +89,30 @@ def test_merges_compress_text(sample_tokenizer_path):
     tokenizer = load_tokenizer(sample_tokenizer_path)
     text = SAMPLE_TEXTS[0]
     assert len(tokenizer.encode(text).ids) < 0.6 * len(text.encode())
+
+
+def test_a_character_budget_trains_on_a_hash_chosen_sample_of_the_train_split():
+    docs = [(f"doc{i:03d}", SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] * (1 + i % 3)) for i in range(60)]
+    data = DataConfig(val_fraction=0.2, seed=1)
+    cfg = TokenizerConfig(vocab_size=320, min_frequency=1)
+    train_chars = sum(len(text) for doc_id, text in docs if not is_val(doc_id, 1, 0.2))
+
+    def trained(documents, max_chars):
+        return train_on_corpus(lambda: iter(documents), data, dataclasses.replace(cfg, max_train_chars=max_chars))
+
+    whole, whole_report = trained(docs, 0)
+    assert whole_report["train_chars_used"] == train_chars
+    same, report = trained(docs, train_chars)  # a budget the train split fits in changes nothing
+    assert same.to_str() == whole.to_str() and report["train_chars_used"] == train_chars
+
+    budget = train_chars // 3
+    small, report = trained(docs, budget)
+    assert report["train_chars_used"] == budget, "exactly the budget: the last document chosen is cut to fit"
+    assert report["train_documents_used"] < report["train_documents"] == whole_report["train_documents"]
+    assert report["val_bytes_per_token"] != whole_report["val_bytes_per_token"], "another tokenizer, same val"
+    assert report["val_bytes"] == whole_report["val_bytes"]
+    assert trained(docs[::-1], budget)[0].to_str() == small.to_str(), "the sample does not depend on file order"
+    chosen = train_budget(iter(docs), data, budget)
+    assert sum(chosen.values()) == budget and not any(is_val(doc_id, 1, 0.2) for doc_id in chosen)
+    direct = train_tokenizer((text[:chosen[doc_id]] for doc_id, text in docs if doc_id in chosen), cfg)
+    assert direct.to_str() == small.to_str(), "it is the tokenizer of the chosen texts"
