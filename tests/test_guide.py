@@ -85,6 +85,9 @@ def test_the_numbers_are_the_runs(project):
     assert f"{read_json(project / 'metrics/eval.json')['val_bpb']:.4f} bits per byte" in words
     train = read_json(project / "metrics/train.json")
     assert f"Training ran {train['steps']:,} steps of {train['tokens_seen'] // train['steps']:,} tokens" in words
+    tokenizer_report = read_json(project / "metrics/tokenizer.json")
+    assert (f"trained on all {tokenizer_report['train_documents']:,} train documents, "
+            f"{tokenizer_report['train_chars_used']:,} characters") in words
     clean = read_json(project / "metrics/clean.json")
     assert f"kept {clean['documents_out']:,} ({clean['bytes_out']:,} bytes)" in words
 

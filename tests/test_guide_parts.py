@@ -89,3 +89,13 @@ def test_the_sampling_sentence_names_what_is_off():
     assert "top-k keeps the 50 most likely tokens (50 left of 4,096)" in on and "(25 left)" in on
     off = sampling_steps(0.0, 0, 1.0, [4096] * 4, 0.1)
     assert off.startswith("Temperature 0 is greedy") and "top-k is off" in off and "top-p is off" in off
+
+
+def test_the_tokenizer_chapter_says_what_a_character_budget_left_out():
+    from llm.guide.data_chapters import trained_on
+
+    report = {"train_documents": 40, "train_documents_used": 12, "train_chars_used": 1000}
+    assert trained_on(report, 1000).startswith("`tokenizer.max_train_chars` = 1,000 bounded its training to 1,000 "
+                                               "characters: 12 of the 40 train documents")
+    assert trained_on({**report, "train_documents_used": 40}, 0).startswith("It was trained on all 40 train")
+    assert trained_on({"vocab_size": 300}, 0) == ""

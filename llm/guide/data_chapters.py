@@ -129,6 +129,18 @@ def specimen_spans(tokenizer: Tokenizer, eot_id: int) -> list[tuple[str, int]]:
         [(token_text(tokenizer, i), i) for i in second]
 
 
+def trained_on(report: dict, max_chars: int) -> str:
+    """What the tokenizer was trained on, from metrics/tokenizer.json (older reports lack the counts)."""
+    if "train_chars_used" not in report:
+        return ""
+    used, documents = report["train_documents_used"], report["train_documents"]
+    if used == documents and not max_chars:
+        return f"It was trained on all {documents:,} train documents, {report['train_chars_used']:,} characters."
+    return (f"`tokenizer.max_train_chars` = {max_chars:,} bounded its training to {report['train_chars_used']:,} "
+            f"characters: {used:,} of the {documents:,} train documents, chosen by a hash of their id so the "
+            "sample is spread over the corpus.")
+
+
 def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
     tokenizer = run.tokenizer
     vocab = tokenizer.get_vocab_size()
@@ -140,7 +152,8 @@ def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
         f"on the train split (a pair becomes a token when it is the most frequent pair left and occurs at least "
         f"`tokenizer.min_frequency` = {run.settings.tokenizer.min_frequency} times), and {special} control "
         f"token{'s' if special != 1 else ''}. Any text encodes, whatever its script, because every byte is a "
-        "token; and decoding gives the text back byte for byte."),
+        "token; and decoding gives the text back byte for byte. " + trained_on(run.tokenizer_report,
+                                                                               run.settings.tokenizer.max_train_chars)),
         Text(f"On the val split it makes {val.tokens:,} tokens of {val.bytes:,} bytes: "
              f"{val.bytes / val.tokens:.2f} bytes per token (the {val.documents} `{EOT}` tokens that start the "
              "documents count as tokens of no bytes). The model's loss per token divided by this, in bits, is its "
