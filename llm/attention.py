@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from llm.errors import InputError
@@ -77,10 +77,9 @@ def read_record(path: Path) -> tuple[AttentionRecord, str]:
     if not path.is_file():
         raise InputError(f"{path}: not found; run the train stage first")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             text = (f.metadata() or {}).get("text", "")
-        record = AttentionRecord.from_tensors(tensors)
+            record = AttentionRecord.from_tensors({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118 (not a dict)
     except (SafetensorError, KeyError, ValueError, OSError) as err:
         raise InputError(f"{path}: not an attention record ({err})") from None
     if len(record.maps) != len(record.steps) or any(m.shape[-1] != len(record.ids) for m in record.maps):

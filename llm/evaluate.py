@@ -172,13 +172,13 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
              score.loss, score.perplexity, score.bpb)
 
     paths.reports.mkdir(parents=True, exist_ok=True)
-    written = write_reports(paths.reports, model, initial_model(model.config, init_seed), tokenizer, cfg,
-                  tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
+    reports = write_reports(paths.reports, model, initial_model(model.config, init_seed), tokenizer, cfg,
+                            tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
     write_json_atomic(paths.metrics, {**results, "mlflow_run_id": run.run_id if run else None})
     log.info("wrote %s and %s/", paths.metrics, paths.reports)
     if run is not None:
         run.log_metrics({f"eval/{k}": v for k, v in results.items()})
-        for report in sorted({paths.reports / path.relative_to(paths.reports).parts[0] for path in written}):
+        for report in reports:
             run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
         run.log_artifact(paths.metrics, "eval")
         log.info("logged to MLflow run %s at %s", run.run_id, run.uri)

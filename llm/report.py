@@ -75,7 +75,7 @@ def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tup
 def write_reports(out: Path, model: GPT, initial: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int,
                   checkpoints: Path, train_csv: Path | None) -> list[Path]:
     """Write samples.md, loss.png (when the training's loss table exists) and the attention heatmaps into
-    `out`, each file atomically (attention/ as a whole); return the files written."""
+    `out`, each file atomically (attention/ as a whole); return them (attention/ as one folder)."""
     written = [out / "samples.md"]
     write_bytes_atomic(written[0], samples_markdown(model, tokenizer, cfg, eot_id).encode())
     if train_csv is not None and Path(train_csv).is_file():
@@ -90,8 +90,8 @@ def write_reports(out: Path, model: GPT, initial: GPT, tokenizer: Tokenizer, cfg
         for title, stem, snapshot in attention_snapshots(model, initial, checkpoints):
             maps = snapshot.to(device).eval().attention_maps(torch.tensor([ids], device=device)).cpu().numpy()
             plot_attention(maps, labels, f"attention, {title}: {cfg.attention_text!r}", staging / f"{stem}.png")
-            written.append(out / "attention" / f"{stem}.png")
             evolution.append((title, maps))
+    written.append(out / "attention")
     plot_attention_evolution(evolution, out / "attention_evolution.png")
     written.append(out / "attention_evolution.png")
     return written

@@ -4,10 +4,13 @@ Byte-level means every string maps to tokens with no unknown token, and decode(e
 Encoding a whole corpus fast is llm/encoder.py's job.
 """
 
+import array
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm.config import EOT, DataConfig, TokenizerConfig
@@ -62,21 +65,35 @@ def sample_rank(doc_id: str, seed: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def train_budget(documents: Iterable[tuple[str, str]], data: DataConfig, max_chars: int) -> dict[str, int] | None:
-    """{doc id: characters of it to train on} for the train documents that fit in `max_chars`, taken in
-    sample_rank order (the last one cut to fit); None when the whole train split fits. One pass, keeping a
-    rank and a length per train document."""
-    ranked = sorted((sample_rank(doc_id, data.seed), len(text), doc_id) for doc_id, text in documents
-                    if not is_val(doc_id, data.seed, data.val_fraction))
-    if sum(length for _, length, _ in ranked) <= max_chars:
+@dataclasses.dataclass(frozen=True)
+class TrainSample:
+    """The train documents a character budget admits, by sample_rank: those ranked below `cut_rank` whole, the
+    one at `cut_rank` cut to `cut_chars` characters."""
+
+    cut_rank: int
+    cut_chars: int
+
+    def chars(self, doc_id: str, seed: int, length: int) -> int:
+        """Characters of this train document to train on (0: left out)."""
+        rank = sample_rank(doc_id, seed)
+        return length if rank < self.cut_rank else self.cut_chars if rank == self.cut_rank else 0
+
+
+def train_budget(documents: Iterable[tuple[str, str]], data: DataConfig, max_chars: int) -> TrainSample | None:
+    """Which train documents fit in `max_chars`, taken in sample_rank order, the last one cut to fit; None when
+    the whole train split fits. One pass, keeping 16 bytes per train document (its rank and length)."""
+    ranks, lengths = array.array("Q"), array.array("q")
+    for doc_id, text in documents:
+        if not is_val(doc_id, data.seed, data.val_fraction):
+            ranks.append(sample_rank(doc_id, data.seed))
+            lengths.append(len(text))
+    order = np.argsort(np.frombuffer(ranks, dtype=np.uint64), kind="stable")
+    ends = np.cumsum(np.frombuffer(lengths, dtype=np.int64)[order])
+    if not len(ends) or ends[-1] <= max_chars:
         return None
-    chosen, left = {}, max_chars
-    for _, length, doc_id in ranked:
-        if left == 0:
-            break
-        chosen[doc_id] = min(length, left)
-        left -= chosen[doc_id]
-    return chosen
+    last = int(np.searchsorted(ends, max_chars))  # the first document that does not fit whole
+    cut_chars = max_chars - (int(ends[last - 1]) if last else 0)
+    return TrainSample(cut_rank=int(ranks[order[last]]), cut_chars=cut_chars)
 
 
 def train_on_corpus(documents: Callable[[], Iterable[tuple[str, str]]], data: DataConfig,
@@ -96,9 +113,9 @@ def train_on_corpus(documents: Callable[[], Iterable[tuple[str, str]]], data: Da
             if not is_val(doc_id, data.seed, data.val_fraction):
                 documents_per_split["train"] += 1
                 if budget is not None:
-                    if doc_id not in budget:
+                    text = text[:budget.chars(doc_id, data.seed, len(text))]
+                    if not text:
                         continue
-                    text = text[:budget[doc_id]]
                 used["train_documents_used"] += 1
                 used["train_chars_used"] += len(text)
                 yield text

@@ -112,7 +112,9 @@ def test_a_character_budget_trains_on_a_hash_chosen_sample_of_the_train_split():
     assert report["val_bytes_per_token"] != whole_report["val_bytes_per_token"], "another tokenizer, same val"
     assert report["val_bytes"] == whole_report["val_bytes"]
     assert trained(docs[::-1], budget)[0].to_str() == small.to_str(), "the sample does not depend on file order"
-    chosen = train_budget(iter(docs), data, budget)
+    sample = train_budget(iter(docs), data, budget)
+    chosen = {doc_id: sample.chars(doc_id, 1, len(text)) for doc_id, text in docs if not is_val(doc_id, 1, 0.2)}
+    chosen = {doc_id: chars for doc_id, chars in chosen.items() if chars}
     assert sum(chosen.values()) == budget and not any(is_val(doc_id, 1, 0.2) for doc_id in chosen)
     direct = train_tokenizer((text[:chosen[doc_id]] for doc_id, text in docs if doc_id in chosen), cfg)
     assert direct.to_str() == small.to_str(), "it is the tokenizer of the chosen texts"

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 from llm.attention import AttentionRecord, read_record
 from llm.config import EOT, DataConfig, EvaluateConfig, MlflowConfig, TokenizerConfig, TrainConfig
 from llm.errors import InputError
+from llm.fileio import read_utf8
 from llm.history import read_history_csv
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
@@ -66,25 +67,21 @@ class Run:
         return self.meta.eot_id
 
 
+def read_text(path: Path, stage: str) -> str:
+    """A stage's text output; missing, it names the stage to run (read_utf8 says what else is wrong)."""
+    if not Path(path).exists():
+        raise InputError(f"{path}: not found; run the {stage} stage first")
+    return read_utf8(path)
+
+
 def read_json(path: Path, stage: str) -> dict[str, Any]:
     try:
-        value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; run the {stage} stage first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({err})") from None
+        value = json.loads(read_text(path, stage))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); rerun the {stage} stage") from None
     if not isinstance(value, dict):
         raise InputError(f"{path}: not a JSON object; rerun the {stage} stage")
     return value
-
-
-def read_text(path: Path, stage: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; run the {stage} stage first") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({err})") from None
 
 
 def load_run(paths: GuidePaths, settings: GuideSettings) -> Run:
