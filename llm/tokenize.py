@@ -1,17 +1,14 @@
 """Encode the cleaned corpus into train/val token shards, in parallel worker processes.
 
-Documents stream from the Parquet shards into batches of about `batch_chars` characters; workers encode
-batches and results are written in submission order, with a bounded number in flight, so the output is
-byte-identical whatever the number of workers and RAM does not grow with the corpus.
+Documents stream from the Parquet shards into batches of about `batch_chars` characters; workers (local
+processes or Ray tasks: llm/engine.py) encode batches and results are written in submission order, with a
+bounded number in flight, so the output is byte-identical whatever the engine and the number of workers,
+and RAM does not grow with the corpus.
 """
 
 import collections
-import contextlib
 import dataclasses
-import multiprocessing
-import os
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +16,11 @@ import numpy as np
 from llm.clean import iter_documents
 from llm.config import EOT, DataConfig, TokenizeConfig
 from llm.encoder import PieceEncoder
+from llm.engine import map_ordered
 from llm.fileio import atomic_dir, sha256_file
 from llm.shards import SPLITS, ShardWriter, SplitMeta, TokensMeta, token_dtype, write_meta
 from llm.split import is_val, require_both_splits
-from llm.tokenizer import load_tokenizer
+from llm.tokenizer import load_tokenizer, tokenizer_from_str
 
 
 @dataclasses.dataclass
@@ -60,41 +58,24 @@ def batch_documents(docs: Iterable[tuple[str, str]], data: DataConfig, batch_cha
         yield batch
 
 
-@contextlib.contextmanager
-def encoder_pool(workers: int, *init_args) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of `workers` encoding processes, or None to encode in this process when one is asked for."""
-    if workers <= 1:
-        yield None
-        return
-    # spawn, not fork: a forked child would inherit the tokenizer's Rust thread pool in an unknown state.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
-        yield pool
+@dataclasses.dataclass(frozen=True)
+class EncoderSetup:
+    """What a worker needs to encode batches; the tokenizer travels as its JSON text, so a worker on another
+    machine needs no shared file system."""
+
+    tokenizer_json: str
+    eot_id: int
+    dtype: str
+    max_piece_chars: int
+
+    def build(self) -> tuple[PieceEncoder, int, np.dtype]:
+        encoder = PieceEncoder(tokenizer_from_str(self.tokenizer_json), self.max_piece_chars)
+        return encoder, self.eot_id, np.dtype(self.dtype)
 
 
-# Each worker process loads the tokenizer once.
-_worker: dict = {}
-
-
-def _init_worker(tokenizer_path: str, eot_id: int, dtype: str, max_piece_chars: int) -> None:
-    os.environ["RAYON_NUM_THREADS"] = "1"  # parallelism comes from the processes; set before first use
-    encoder = PieceEncoder(load_tokenizer(Path(tokenizer_path)), max_piece_chars)
-    _worker.update(encoder=encoder, eot_id=eot_id, dtype=np.dtype(dtype))
-
-
-def _encode_in_worker(docs: list[tuple[bool, str]]) -> EncodedBatch:
-    return encode_documents(_worker["encoder"], docs, _worker["eot_id"], _worker["dtype"])
-
-
-def map_in_order(fn: Callable, items: Iterable, pool: ProcessPoolExecutor, in_flight: int) -> Iterator:
-    """pool.map that reads `items` lazily: at most `in_flight` submitted and not yet yielded."""
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= in_flight:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def _encode(state: tuple[PieceEncoder, int, np.dtype], docs: list[tuple[bool, str]]) -> EncodedBatch:
+    encoder, eot_id, dtype = state
+    return encode_documents(encoder, docs, eot_id, dtype)
 
 
 def tokenize_corpus(
@@ -104,23 +85,17 @@ def tokenize_corpus(
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT)
     dtype = token_dtype(vocab_size)
-    workers = cfg.num_workers or os.cpu_count() or 1
     batches = batch_documents(iter_documents(clean_dir), data, cfg.batch_chars)
 
     with atomic_dir(out_dir) as staging:
         writers = {split: ShardWriter(staging, split, dtype, cfg.shard_tokens) for split in SPLITS}
         counts = {split: collections.Counter() for split in SPLITS}
-        with encoder_pool(workers, str(tokenizer_path), eot_id, dtype.str, cfg.max_piece_chars) as pool:
-            if pool is None:
-                encoder = PieceEncoder(tokenizer, cfg.max_piece_chars)
-                results = (encode_documents(encoder, batch, eot_id, dtype) for batch in batches)
-            else:
-                results = map_in_order(_encode_in_worker, batches, pool, in_flight=2 * workers)
-            for result in results:
-                for split in SPLITS:
-                    writers[split].write(result.tokens[split])
-                    counts[split]["documents"] += result.documents[split]
-                    counts[split]["bytes"] += result.bytes[split]
+        setup = EncoderSetup(tokenizer.to_str(), eot_id, dtype.str, cfg.max_piece_chars)
+        for result in map_ordered(_encode, batches, setup, cfg.engine, cfg.num_workers):
+            for split in SPLITS:
+                writers[split].write(result.tokens[split])
+                counts[split]["documents"] += result.documents[split]
+                counts[split]["bytes"] += result.bytes[split]
         shards = {split: tuple(path.name for path in writers[split].close()) for split in SPLITS}
         require_both_splits({split: counts[split]["documents"] for split in SPLITS})
         meta = TokensMeta(

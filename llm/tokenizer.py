@@ -152,3 +152,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise InputError(f"{path}: tokenizer has no {EOT} token")
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def tokenizer_from_str(json_text: str) -> Tokenizer:
+    """A tokenizer from the JSON text of one that load_tokenizer accepted (sent to another process)."""
+    tokenizer = Tokenizer.from_str(json_text)
+    tokenizer.encode_special_tokens = True
+    return tokenizer

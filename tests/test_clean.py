@@ -153,3 +153,59 @@ def test_clean_replaces_output_whole_and_leaves_nothing_on_failure(tmp_path, mon
         clean_corpus(raw, out, CleanConfig(min_chars=1), SPECIAL)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def jsonl_bytes(texts: list[str]) -> bytes:
+    return "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+
+
+def test_compressed_jsonl_is_read_like_plain_jsonl_and_damage_is_counted(tmp_path):
+    import gzip
+
+    import zstandard
+
+    texts = [f"Document number {i} of the compressed files, long enough to be kept." for i in range(40)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_bytes(jsonl_bytes(texts[:10]))
+    (raw / "b.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(texts[10:20])))
+    (raw / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(texts[20:30])))
+    # Cut short: gzip's stream ends before its end-of-stream marker, after the first lines decompress.
+    whole = gzip.compress(jsonl_bytes(texts[30:40]) * 50, compresslevel=1)
+    (raw / "d.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (raw / "e.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"not a zstd frame at all" * 4)
+
+    stats = clean_corpus(raw, tmp_path / "clean", CleanConfig(min_chars=20), SPECIAL)
+    docs = dict(iter_documents(tmp_path / "clean"))
+    assert [docs[f"b.jsonl.gz:{i}"] for i in range(1, 11)] == texts[10:20]
+    assert [docs[f"c.jsonl.zst:{i}"] for i in range(1, 11)] == texts[20:30]
+    kept_from_cut = [text for doc_id, text in docs.items() if doc_id.startswith("d.jsonl.gz:")]
+    assert kept_from_cut == texts[30:40], "the lines before the damage are kept (later copies are duplicates)"
+    assert stats.dropped["corrupt_compressed"] == 2
+    assert {f["file"].split(":")[0] for f in stats.bad_files if f["reason"] == "corrupt_compressed"} == {
+        "d.jsonl.gz", "e.jsonl.zst"}
+    assert stats.documents_in == stats.documents_out + sum(stats.dropped.values())
+
+
+def test_near_duplicates_are_dropped_only_when_asked_and_counted(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocabulary = [f"w{i}" for i in range(5000)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    originals = [list(rng.choice(vocabulary, size=300)) for _ in range(20)]
+    for i, words in enumerate(originals):
+        (raw / f"a{i:02d}.txt").write_text(" ".join(words))
+    for i in range(0, 20, 4):  # five near-copies: 3 of 300 words changed
+        words = list(originals[i])
+        for position in rng.choice(300, size=3, replace=False):
+            words[position] = "changed"
+        (raw / f"b{i:02d}.txt").write_text(" ".join(words))
+
+    off = clean_corpus(raw, tmp_path / "off", CleanConfig(min_chars=20), SPECIAL)
+    on = clean_corpus(raw, tmp_path / "on", CleanConfig(min_chars=20, near_dedup=0.8), SPECIAL)
+    assert off.documents_out == 25 and off.near_duplicates == 0
+    assert on.documents_out == 20 and on.near_duplicates == 5 and on.dropped == {"near_duplicate": 5}
+    assert {doc_id for doc_id, _ in iter_documents(tmp_path / "on")} == {f"a{i:02d}.txt" for i in range(20)}
+    assert on.to_dict()["near_duplicates"] == 5

@@ -1,0 +1,126 @@
+"""Where the per-batch work of clean and tokenize runs: in this process, in a pool of local processes, or as
+tasks on a Ray cluster (`engine: ray`).
+
+Each stage is a driver that reads its input in order, hands batches to `map_ordered`, and writes what
+comes back. Results come back in the order the batches went in, whatever the engine or the number of
+workers, so the files the driver writes are the same bytes everywhere: the engine decides only where the
+CPU work happens. At most a few batches per worker are in flight, so the driver's RAM does not grow with
+the corpus.
+
+A worker builds its state once (a tokenizer, say) from a `setup`: a frozen, picklable dataclass with a
+`build()` method. Local pool workers build it in their initializer; a Ray worker process builds it on its
+first task and keeps it for the tasks that follow (keyed by the setup's value).
+"""
+
+import collections
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2  # batches submitted per worker: one being worked on, one queued behind it
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Setup(Protocol):
+    """A frozen dataclass (hashable, picklable) that builds a worker's state."""
+
+    def build(self) -> Any: ...
+
+
+def map_ordered(fn: Callable[[Any, Item], Result], items: Iterable[Item], setup: Setup, engine: str = "local",
+                workers: int = 0) -> Iterator[Result]:
+    """Yield `fn(state, item)` for each item, in order, where `state = setup.build()` in the worker that runs
+    it. `workers`: local processes (0 = one per core; 1 = this process); ignored by Ray, which runs as many
+    tasks at once as the cluster has CPUs. Input with a single item runs in this process either way: a
+    pool would cost more to start than the work."""
+    items = iter(items)
+    head = list(itertools.islice(items, 2))
+    items = itertools.chain(head, items)
+    if engine == "ray":
+        yield from _map_ray(fn, items, setup)
+        return
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(head) < 2:
+        state = setup.build()
+        yield from (fn(state, item) for item in items)
+        return
+    # spawn, not fork: a forked child would inherit the tokenizer's Rust thread pool in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_local, initargs=(setup,)) as pool:
+        yield from _bounded(lambda item: pool.submit(_call_local, fn, item), items, workers,
+                            lambda future: future.result())
+
+
+def _bounded(submit: Callable, items: Iterable, workers: int, wait: Callable) -> Iterator:
+    """Submit items lazily, at most IN_FLIGHT_PER_WORKER * workers not yet yielded; yield in order."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(submit(item))
+        if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+            yield wait(pending.popleft())
+    while pending:
+        yield wait(pending.popleft())
+
+
+# Parallelism comes from the workers: a library that starts its own thread pool (the tokenizer's Rust one)
+# gets one thread in each. Set in a worker before its setup is built, never in the driver.
+WORKER_ENV = {"RAYON_NUM_THREADS": "1"}
+
+_local_state: dict = {}
+
+
+def _init_local(setup: Setup) -> None:
+    os.environ.update(WORKER_ENV)
+    _local_state["state"] = setup.build()
+
+
+def _call_local(fn: Callable, item: Any) -> Any:
+    return fn(_local_state["state"], item)
+
+
+# A Ray worker process runs many tasks: it builds each distinct setup once.
+_ray_states: dict = {}
+
+
+def _call_ray(setup: Setup, fn: Callable, item: Any) -> Any:
+    if setup not in _ray_states:
+        _ray_states.clear()  # one stage's setup at a time: do not keep an old tokenizer alive
+        os.environ.update(WORKER_ENV)
+        _ray_states[setup] = setup.build()
+    return fn(_ray_states[setup], item)
+
+
+@contextlib.contextmanager
+def _ray_session() -> Iterator[Any]:
+    """Connect to the cluster named by RAY_ADDRESS (Ray's own variable: `auto`, or `HOST:6379`), or start a
+    local one on this machine for the length of the stage when it is unset."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        log.info("ray: %s, %d CPUs", f"cluster at {address}" if address else "a local instance",
+                 int(ray.cluster_resources().get("CPU", 1)))
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _map_ray(fn: Callable, items: Iterable, setup: Setup) -> Iterator:
+    with _ray_session() as ray:
+        call = ray.remote(num_cpus=1)(_call_ray)
+        setup_ref = ray.put(setup)  # stored once in the object store, not shipped with every task
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        yield from _bounded(lambda item: call.remote(setup_ref, fn, item), items, cpus, ray.get)

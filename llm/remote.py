@@ -1,0 +1,392 @@
+"""URL sources for data.source (https://, hf://, s3://, gs://, and any other fsspec URL): listing, download with
+resume and verification, and the fetch manifest (data/manifest.json), whose format this module owns.
+
+We download to local files and never stream from the source straight into clean: a local copy is what lets DVC
+hash the stage's output by content, lets clean and the tokenizer rerun without touching the network, and lets an
+interrupted download resume. Downloads land in a cache folder (data/downloads/, not a DVC out, so DVC does not
+delete it before rerunning fetch) and data/raw/ gets hard links to them.
+"""
+
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from llm.errors import InputError
+from llm.fileio import DiskFull, out_of_space, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+PINNED = re.compile(r"(?P<url>.+)#sha256=(?P<sha256>[0-9a-fA-F]{64})")  # pip's way to pin one file's bytes
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CHUNK_BYTES = 8 << 20  # one read, and for seekable stores one ranged request: what a dropped connection costs
+STALLED_ATTEMPTS = 5  # attempts in a row that add no byte before a download is given up
+BACKOFF_S = 1.0  # wait before the first retry, doubled for each attempt in a row that added nothing
+MANIFEST_VERSION = 1
+
+
+def is_url(source: str) -> bool:
+    return URL.match(source) is not None
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --- listing ------------------------------------------------------------------------------------------------
+
+class Pin(NamedTuple):
+    algorithm: str  # sha256, md5 or git-sha1 (git's blob id: sha1 of "blob SIZE\0" + bytes)
+    hexdigest: str
+    origin: str  # who says so, for the refusal message
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    url: str  # this one file (hf://: at the pinned commit)
+    name: str  # path under data/raw/: relative to the listing root
+    size: int | None  # bytes as listed; None when the store does not say (HTTP without Content-Length)
+    etag: str | None  # the store's checksum or version tag, as it gives it
+    revision: str | None  # hf://: the commit sha
+    pins: tuple[Pin, ...]  # digests the bytes must have
+    fs: AbstractFileSystem = dataclasses.field(repr=False, compare=False)
+    path: str = dataclasses.field(repr=False)  # the file as `fs` names it
+
+
+def protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def is_http(fs: AbstractFileSystem) -> bool:
+    return "http" in protocols(fs)
+
+
+def check_transport(url: str, pinned: bool) -> None:
+    """Plain HTTP lets anyone on the path change the bytes: it is allowed to loopback (test servers, a local
+    mirror) or for a single file pinned with #sha256=, as pip allows."""
+    if url.lower().startswith("http://") and urlsplit(url).hostname not in LOOPBACK and not pinned:
+        raise InputError(f"data.source: '{url}' uses plain http://; use https://, or pin the file with "
+                         "#sha256=<hex>")
+
+
+def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path within it; a protocol whose package is missing is an
+    InputError that says what to install."""
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        package = (getattr(err.__cause__, "name", None) or scheme).split(".")[0]
+        raise InputError(f"data.source: {scheme}:// URLs need the package {package}, which is not installed: "
+                         f"pip install {package}") from None
+    except ValueError as err:
+        raise InputError(f"data.source: no filesystem for {scheme}:// URLs ({one_line(err)})") from None
+
+
+def pin_revision(fs: AbstractFileSystem, path: str) -> tuple[str, str | None]:
+    """hf:// only: `path` at the commit its revision (a branch, a tag, a sha, or the default branch) resolves to
+    now, and that sha; so a branch is read at one commit throughout and the manifest records which. Other
+    stores: (path, None)."""
+    if "hf" not in protocols(fs):
+        return path, None
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_file_system import HfFileSystemResolvedRepositoryPath
+
+    resolved = fs.resolve_path(path)
+    if not isinstance(resolved, HfFileSystemResolvedRepositoryPath):
+        return path, None  # a bucket: no revisions
+    api = HfApi(endpoint=fs.endpoint, token=fs.token)
+    sha = api.repo_info(resolved.repo_id, revision=resolved.revision, repo_type=resolved.repo_type).sha
+    pinned = HfFileSystemResolvedRepositoryPath(resolved.repo_type, resolved.repo_id, sha, resolved.path_in_repo)
+    return pinned.unresolve(), sha
+
+
+def glob_root(fs: AbstractFileSystem, path: str) -> str | None:
+    """The folder above the first glob character of `path`, or None when `path` is no glob. In a URL `?`
+    starts the query, so HTTP globs use `*` and `[` only (as fsspec's HTTP glob does)."""
+    magic = "*[" if is_http(fs) else "*?["
+    first = min((path.find(char) for char in magic if char in path), default=-1)
+    return None if first < 0 else path[:first].rsplit("/", 1)[0]
+
+
+def find(fs: AbstractFileSystem, path: str) -> tuple[str, list[dict[str, Any]]]:
+    """(listing root, the files' info dicts): every file a glob matches, every file under a folder (a path
+    ending in "/" is taken for one), or the one file."""
+    root = glob_root(fs, path)
+    if root is not None:
+        found = fs.glob(path, detail=True).values()
+    elif path.endswith("/") or fs.info(path)["type"] == "directory":
+        root, found = path.rstrip("/"), fs.find(path, detail=True).values()
+    else:
+        without_query = path.split("?", 1)[0] if is_http(fs) else path  # a query may hold a "/"
+        root, found = without_query.rsplit("/", 1)[0], [fs.info(path)]
+    return root, sorted((info for info in found if info["type"] == "file"), key=lambda info: info["name"])
+
+
+def relative_name(fs: AbstractFileSystem, root: str, path: str) -> str:
+    """The name under data/raw/ of the file at `path`: its path below `root` (an HTTP query left out)."""
+    if is_http(fs):
+        root, path = urlsplit(root).path, urlsplit(path).path
+    name = path[len(root):].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
+    if not name or PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
+        raise InputError(f"data.source: the store lists a file as '{path}', which has no safe name under the "
+                         "output folder")
+    return name
+
+
+def store_checksum(protocol: str, info: dict[str, Any]) -> tuple[str | None, list[Pin]]:
+    """The store's own checksum or version tag for a listed file, and the digests of it we can check."""
+    lfs = info.get("lfs")
+    if lfs:  # Hugging Face, a file in LFS (or Xet): its sha256
+        return lfs["sha256"], [Pin("sha256", lfs["sha256"], "the store's LFS sha256")]
+    if info.get("blob_id"):  # Hugging Face, a file in git itself
+        return info["blob_id"], [Pin("git-sha1", info["blob_id"], "the store's git blob id")]
+    etag = info.get("ETag") or info.get("etag")
+    pins = []
+    plain = (etag or "").strip('"').lower()
+    # An S3 ETag of 32 hex digits is the MD5 of the bytes; a multipart upload's ends in "-PARTS" and is not.
+    if protocol in ("s3", "s3a") and re.fullmatch(r"[0-9a-f]{32}", plain):
+        pins.append(Pin("md5", plain, "the store's ETag (MD5; an SSE-KMS object's is not)"))
+    if info.get("md5Hash"):  # Google Cloud Storage, base64 (a composite object has none)
+        pins.append(Pin("md5", base64.b64decode(info["md5Hash"]).hex(), "the store's md5Hash"))
+    return etag, pins
+
+
+def list_remote(source: str) -> list[RemoteFile]:
+    """Every file `source` (a URL of one file, a folder or a glob; a single file may end in #sha256=HEX) names,
+    of any suffix, sorted by name."""
+    pinned = PINNED.fullmatch(source)
+    url = pinned["url"] if pinned else source
+    check_transport(url, pinned is not None)
+    fs, path = filesystem(url)
+    try:
+        path, revision = pin_revision(fs, path)
+        root, infos = find(fs, path)
+    except FileNotFoundError as err:
+        cause = f" ({one_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
+        raise InputError(f"data.source: '{source}' not found{cause}") from None
+    except InputError:
+        raise
+    except Exception as err:  # the store's own errors: credentials, network, a bad bucket name
+        raise InputError(f"data.source: cannot list '{source}': {one_line(err)}") from None
+    if not infos:
+        raise InputError(f"data.source: no files at '{source}'")
+    if pinned and len(infos) > 1:
+        raise InputError(f"data.source: a #sha256= pin names one file, but '{url}' lists {len(infos)}")
+    protocol = url.split("://", 1)[0].lower()
+    files = []
+    for info in infos:
+        etag, pins = store_checksum(protocol, info)
+        if pinned:
+            pins.append(Pin("sha256", pinned["sha256"].lower(), "the #sha256= pin in data.source"))
+        files.append(RemoteFile(url=fs.unstrip_protocol(info["name"]), name=relative_name(fs, root, info["name"]),
+                                size=info.get("size"), etag=etag, revision=revision, pins=tuple(pins), fs=fs,
+                                path=info["name"]))
+    names = [file.name for file in files]
+    if len(set(names)) < len(names):
+        raise InputError(f"data.source: '{source}' lists two files under one name (an HTTP query string is not "
+                         "part of the name); name the files one by one")
+    return files
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ManifestFile:
+    name: str  # path under data/raw/
+    size: int  # bytes
+    sha256: str  # of the bytes brought, computed here (after download, for a URL)
+    url: str | None = None  # where a remote file came from (hf://: at the pinned commit)
+    etag: str | None = None  # the store's checksum or version tag: HF LFS sha256 or git blob id, S3/GCS/HTTP ETag
+    revision: str | None = None  # hf://: the commit sha the source's revision resolved to
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    source: str  # data.source as params.yaml gives it
+    files: tuple[ManifestFile, ...]  # sorted by name
+
+    def by_url(self) -> dict[str, ManifestFile]:
+        return {file.url: file for file in self.files if file.url is not None}
+
+
+FIELDS = {field.name: field for field in dataclasses.fields(ManifestFile)}
+REQUIRED = {name for name, field in FIELDS.items() if field.default is dataclasses.MISSING}
+
+
+def write_manifest(path: str | Path, manifest: Manifest) -> None:
+    """JSON, unset fields left out: a rerun that brings the same bytes writes the same file, byte for byte."""
+    files = [{k: v for k, v in dataclasses.asdict(file).items() if v is not None} for file in manifest.files]
+    write_json_atomic(path, {"version": MANIFEST_VERSION, "source": manifest.source, "files": files})
+
+
+def parse_file(entry: Any) -> ManifestFile:
+    if not isinstance(entry, dict):
+        raise ValueError(f"a file entry is {type(entry).__name__}, not an object")
+    if unknown := set(entry) - set(FIELDS):
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    if missing := REQUIRED - set(entry):
+        raise ValueError(f"an entry lacks {sorted(missing)}")
+    for key, value in entry.items():
+        wanted = int if key == "size" else str
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise ValueError(f"{key} is {value!r}, not a {wanted.__name__}")
+    return ManifestFile(**entry)
+
+
+def read_manifest(path: str | Path) -> Manifest | None:
+    """The manifest at `path`, or None when there is none; a file that is not one is an InputError."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read the fetch manifest ({one_line(err)}); delete it to fetch afresh") \
+            from None
+    try:
+        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"not a version {MANIFEST_VERSION} manifest")
+        if not isinstance(raw.get("source"), str) or not isinstance(raw.get("files"), list):
+            raise ValueError("needs a source string and a files list")
+        return Manifest(raw["source"], tuple(parse_file(entry) for entry in raw["files"]))
+    except ValueError as err:
+        raise InputError(f"{path}: not a fetch manifest ({err}); delete it to fetch afresh") from None
+
+
+# --- download, resume, verify ---------------------------------------------------------------------------------
+
+def cache_path(downloads: Path, file: RemoteFile) -> Path:
+    """Where `file` is kept between runs: named by its URL and its etag (a new version upstream is a new cache
+    file, not a stale hit), then its own name for whoever lists the folder."""
+    key = hashlib.sha256(f"{file.url}\0{file.etag or ''}".encode()).hexdigest()[:24]
+    return downloads / f"{key}-{PurePosixPath(file.name).name}"
+
+
+def digests(path: Path, algorithms: set[str]) -> dict[str, str]:
+    """sha256 of the file at `path`, and the other `algorithms` asked for, in one read."""
+    hashes = {"sha256": hashlib.sha256()}
+    if "md5" in algorithms:
+        hashes["md5"] = hashlib.md5(usedforsecurity=False)
+    if "git-sha1" in algorithms:
+        hashes["git-sha1"] = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            for digest in hashes.values():
+                digest.update(block)
+    return {name: digest.hexdigest() for name, digest in hashes.items()}
+
+
+def mismatch(path: Path, file: RemoteFile, pins: list[Pin]) -> tuple[str | None, str]:
+    """(why the bytes at `path` are not the listed file's, or None; their sha256)."""
+    size = path.stat().st_size
+    if file.size is not None and size != file.size:
+        return f"size {size} does not match the listed {file.size} bytes", ""
+    found = digests(path, {pin.algorithm for pin in pins})
+    for pin in pins:
+        if found[pin.algorithm] != pin.hexdigest.lower():
+            return f"{pin.algorithm} {found[pin.algorithm]} does not match {pin.hexdigest} ({pin.origin})", \
+                found["sha256"]
+    return None, found["sha256"]
+
+
+def open_at(file: RemoteFile, offset: int) -> tuple[Any, int]:
+    """A reader of `file` from `offset`, and the offset it really starts at."""
+    if is_http(file.fs):
+        # fsspec's seekable HTTP file reads a block per request and loses a block cut short; a stream with a
+        # Range header keeps every byte that arrived. Identity encoding: a compressed body has other offsets.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
+        stream = file.fs.open(file.path, "rb", block_size=0, size=file.size, headers=headers)
+        start = offset if stream.r.status == 206 else 0  # a server that ignores Range sends it all again
+        return stream, start
+    reader = file.fs.open(file.path, "rb", block_size=CHUNK_BYTES, cache_type="none")
+    reader.seek(offset)
+    return reader, offset
+
+
+def copy_from(file: RemoteFile, part: Path, offset: int) -> None:
+    """Append `file`'s bytes from `offset` to `part`; each block reaches the file as it arrives, so a dropped
+    connection leaves every byte received."""
+    reader, start = open_at(file, offset)
+    with reader, open(part, "r+b" if part.exists() else "wb") as out:
+        out.seek(start)
+        out.truncate()
+        while block := reader.read(CHUNK_BYTES):
+            out.write(block)
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def download_part(file: RemoteFile, part: Path) -> None:
+    """Bring all of `file` into `part`, resuming from what `part` holds after any error. Gives up (InputError)
+    after STALLED_ATTEMPTS attempts in a row that add no byte; the part is kept, for the next run to resume."""
+    stalled, reached = 0, 0  # reached: the most bytes `part` has held; progress is going past it
+    while True:
+        offset = size_of(part) if file.size is not None else 0  # unknown size: no offset to trust
+        if file.size is not None and offset >= file.size:
+            return
+        try:
+            copy_from(file, part, offset)
+            if file.size is None or size_of(part) >= file.size:
+                return
+            error = f"the transfer ended at byte {size_of(part):,} of {file.size:,}"
+        except Exception as err:
+            if out_of_space(err, part.parent):
+                raise DiskFull(part) from None
+            error = one_line(err)
+        stalled = 0 if size_of(part) > reached else stalled + 1
+        reached = max(reached, size_of(part))
+        if stalled == STALLED_ATTEMPTS:
+            raise InputError(f"data.source: cannot download {file.url}: {error} ({STALLED_ATTEMPTS} attempts in a "
+                             f"row made no progress; rerun to resume from byte {size_of(part):,})")
+        delay = BACKOFF_S * 2 ** max(stalled - 1, 0)
+        log.warning("%s: %s; resuming from byte %d in %.0f s", file.url, error, size_of(part), delay)
+        time.sleep(delay)
+
+
+def download(file: RemoteFile, downloads: Path, locked: ManifestFile | None) -> tuple[Path, ManifestFile, bool]:
+    """(the verified local copy of `file` in `downloads`, its manifest entry, whether it was downloaded now
+    rather than found in the cache). `locked` is the existing manifest's entry for the same URL: its sha256 must
+    hold, so a rerun brings the bytes of the first run or refuses."""
+    pins = list(file.pins)
+    if locked is not None:
+        pins.append(Pin("sha256", locked.sha256, "the fetch manifest's; delete the manifest if the source changed "
+                                                 "on purpose"))
+    target = cache_path(downloads, file)
+    if target.exists():
+        why, sha256 = mismatch(target, file, pins)
+        if why is None:
+            return target, manifest_entry(file, target, sha256), False
+        log.warning("%s: the cached copy differs (%s); downloading it again", file.url, why)
+        target.unlink()
+    downloads.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    if file.size is not None and size_of(part) > file.size:
+        part.unlink()  # left by an earlier, longer version of the file
+    log.info("downloading %s (%s)", file.url, "size unknown" if file.size is None else f"{file.size / 1e6:.1f} MB")
+    download_part(file, part)
+    why, sha256 = mismatch(part, file, pins)
+    if why is not None:
+        part.unlink()
+        raise InputError(f"data.source: refused {file.url}: {why}; nothing of it was kept")
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, target)
+    return target, manifest_entry(file, target, sha256), True
+
+
+def manifest_entry(file: RemoteFile, local: Path, sha256: str) -> ManifestFile:
+    return ManifestFile(file.name, local.stat().st_size, sha256, file.url, file.etag, file.revision)
