@@ -349,6 +349,7 @@ class CleanedBatch:
 
     kept: list[tuple[str, str, str]]  # (id, source, cleaned text)
     raw_bytes: list[int]  # each kept document's UTF-8 bytes before cleaning: what a dedup drop counts
+    clean_bytes: list[int]  # and after cleaning: what the shard writer counts
     digests: list[bytes]  # blake2b-128 of the cleaned text, for exact deduplication
     signatures: np.ndarray | None  # (documents, num_perm) MinHash signatures, when near_dedup is on
     stats: CleanStats
@@ -357,7 +358,7 @@ class CleanedBatch:
 def clean_batch(setup: CleanSetup, docs: list[RawDocument]) -> CleanedBatch:
     """Normalise and filter each document; hash what is left. Runs in a worker: a pure function of its input."""
     stats = CleanStats()
-    result = CleanedBatch([], [], [], None, stats)
+    result = CleanedBatch([], [], [], [], None, stats)
     for doc in docs:
         raw_bytes = len(doc.text.encode())
         text = clean_text(doc.text, setup.special_tokens, stats)
@@ -366,9 +367,11 @@ def clean_batch(setup: CleanSetup, docs: list[RawDocument]) -> CleanedBatch:
         elif len(text) < setup.min_chars:
             stats.drop("too_short", raw_bytes)
         else:
+            encoded = text.encode()
             result.kept.append((doc.id, doc.source, text))
             result.raw_bytes.append(raw_bytes)
-            result.digests.append(hashlib.blake2b(text.encode(), digest_size=16).digest())
+            result.clean_bytes.append(len(encoded))
+            result.digests.append(hashlib.blake2b(encoded, digest_size=16).digest())
     if setup.minhash is not None and result.kept:
         result.signatures = np.stack([signature(text, setup.minhash) for _, _, text in result.kept])
     return result
@@ -401,8 +404,8 @@ def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens:
         batches = batch_raw_documents(iter_raw_documents(raw_dir, stats), cfg.batch_chars)
         for batch in map_ordered(clean_batch, batches, setup, cfg.engine, cfg.num_workers):
             stats.merge(batch.stats)
-            for i, ((doc_id, source, text), raw_bytes, digest) in enumerate(
-                zip(batch.kept, batch.raw_bytes, batch.digests, strict=True)
+            for i, ((doc_id, source, text), raw_bytes, clean_bytes, digest) in enumerate(
+                zip(batch.kept, batch.raw_bytes, batch.clean_bytes, batch.digests, strict=True)
             ):
                 if digest in seen:
                     stats.duplicates += 1
@@ -413,10 +416,9 @@ def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens:
                     stats.drop("near_duplicate", raw_bytes)
                     continue
                 seen.add(digest)
-                encoded_bytes = len(text.encode())
-                writer.add(doc_id, source, text, encoded_bytes)
+                writer.add(doc_id, source, text, clean_bytes)
                 stats.documents_out += 1
-                stats.bytes_out += encoded_bytes
+                stats.bytes_out += clean_bytes
         stats.shards = writer.close()
     return stats
 

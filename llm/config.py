@@ -103,7 +103,7 @@ class TokenizerConfig(Validated):
     vocab_size: int = 8192  # target vocabulary: 256 byte tokens + merges + special tokens
     min_frequency: int = 2  # a pair must occur this often to be merged
     special_tokens: tuple[str, ...] = (EOT,)  # added with the lowest ids; must include <|endoftext|>
-    max_train_chars: int = 0  # train on at most this many characters of the train split (0 = all of it)
+    max_train_chars: int = 100_000_000  # train on at most this many characters of the train split (0 = all of it)
 
     def validate(self) -> None:
         if EOT not in self.special_tokens:

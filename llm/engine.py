@@ -40,8 +40,8 @@ def map_ordered(fn: Callable[[Any, Item], Result], items: Iterable[Item], setup:
                 workers: int = 0) -> Iterator[Result]:
     """Yield `fn(state, item)` for each item, in order, where `state = setup.build()` in the worker that runs
     it. `workers`: local processes (0 = one per core; 1 = this process); ignored by Ray, which runs as many
-    tasks at once as the cluster has CPUs. Input with a single item runs in this process either way: a
-    pool would cost more to start than the work."""
+    tasks at once as the cluster has CPUs. Locally, input of a single item runs in this process: a pool
+    would cost more to start than the work (a tiny corpus, a test)."""
     items = iter(items)
     head = list(itertools.islice(items, 2))
     items = itertools.chain(head, items)

@@ -209,3 +209,9 @@ def test_near_duplicates_are_dropped_only_when_asked_and_counted(tmp_path):
     assert on.documents_out == 20 and on.near_duplicates == 5 and on.dropped == {"near_duplicate": 5}
     assert {doc_id for doc_id, _ in iter_documents(tmp_path / "on")} == {f"a{i:02d}.txt" for i in range(20)}
     assert on.to_dict()["near_duplicates"] == 5
+
+
+def test_clean_reads_every_file_type_fetch_brings():
+    from llm.fetch import SUPPORTED_SUFFIXES
+
+    assert set(llm.clean.READERS) == set(SUPPORTED_SUFFIXES)
