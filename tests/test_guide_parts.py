@@ -98,4 +98,7 @@ def test_the_tokenizer_chapter_says_what_a_character_budget_left_out():
     assert trained_on(report, 1000).startswith("`tokenizer.max_train_chars` = 1,000 bounded its training to 1,000 "
                                                "characters: 12 of the 40 train documents")
     assert trained_on({**report, "train_documents_used": 40}, 0).startswith("It was trained on all 40 train")
+    everything = {**report, "train_documents_used": 40}
+    assert trained_on(everything, 10**8) == ("It was trained on all 40 train documents, 1,000 characters "
+                                             "(`tokenizer.max_train_chars`, 100,000,000, is more than they hold).")
     assert trained_on({"vocab_size": 300}, 0) == ""

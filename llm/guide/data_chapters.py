@@ -133,10 +133,11 @@ def trained_on(report: dict, max_chars: int) -> str:
     """What the tokenizer was trained on, from metrics/tokenizer.json (older reports lack the counts)."""
     if "train_chars_used" not in report:
         return ""
-    used, documents = report["train_documents_used"], report["train_documents"]
-    if used == documents and not max_chars:
-        return f"It was trained on all {documents:,} train documents, {report['train_chars_used']:,} characters."
-    return (f"`tokenizer.max_train_chars` = {max_chars:,} bounded its training to {report['train_chars_used']:,} "
+    used, documents, chars = report["train_documents_used"], report["train_documents"], report["train_chars_used"]
+    if used == documents and (not max_chars or chars < max_chars):  # the budget, if any, did not bind
+        bound = f" (`tokenizer.max_train_chars`, {max_chars:,}, is more than they hold)" if max_chars else ""
+        return f"It was trained on all {documents:,} train documents, {chars:,} characters{bound}."
+    return (f"`tokenizer.max_train_chars` = {max_chars:,} bounded its training to {chars:,} "
             f"characters: {used:,} of the {documents:,} train documents, chosen by a hash of their id so the "
             "sample is spread over the corpus.")
 
