@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from llm.config import CleanConfig
 from llm.engine import map_ordered
@@ -182,8 +183,6 @@ def open_jsonl(path: Path) -> BinaryIO:
     if suffix == ".gz":
         return gzip.open(path, "rb")
     if suffix == ".zst":
-        import zstandard
-
         return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline of its own
     return open(path, "rb")
 
@@ -194,17 +193,9 @@ def read_jsonl_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDoc
     counts the rest as one `corrupt_compressed` drop."""
     try:
         yield from _read_jsonl_lines(path, name, stats)
-    except (EOFError, zlib.error, gzip.BadGzipFile, *_zstd_errors()) as err:
+    except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as err:
         stats.documents_in += 1
         stats.drop("corrupt_compressed", 0, f"{name}: {err}")
-
-
-def _zstd_errors() -> tuple[type[Exception], ...]:
-    try:
-        import zstandard
-    except ImportError:
-        return ()
-    return (zstandard.ZstdError,)
 
 
 def _read_jsonl_lines(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
