@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from llm.distributed import Runtime
-from llm.model import GPT
+from llm.model import GPT, softcapped_cross_entropy_grad
 
 
 def apply_activation_checkpointing(model: GPT) -> None:
@@ -29,20 +29,31 @@ def apply_fsdp(model: GPT, dtype: str) -> None:
     fully_shard(model, mp_policy=policy)
 
 
+def apply_compile(model: GPT) -> None:
+    """Compile each block in place (regional compilation): every block has the same code, so one graph is
+    traced and reused for all of them, and its elementwise work (norms, rotary, squared ReLU) is fused. The
+    training loss's loop over chunks (ChunkedHeadLoss) stays eager; its elementwise part, softcap, softmax and
+    their gradient over each chunk's logits, is compiled on its own. Parameter names and state_dict keys are
+    unchanged."""
+    for block in model.blocks:
+        block.compile()
+    model.cross_entropy_grad = torch.compile(softcapped_cross_entropy_grad, dynamic=False)
+
+
 def parallelize(model: GPT, runtime: Runtime, strategy: str, dtype: str, compile: bool,
                 activation_checkpointing: bool) -> torch.nn.Module:
-    """Apply, in order: activation checkpointing, DDP or FSDP2 (when there are several ranks), compile.
-    Returns the module to call in the training step (`model` itself keeps its plain parameter names)."""
+    """Apply, in order: activation checkpointing, compile (per block), DDP or FSDP2 (when there are several
+    ranks). Returns the module to call in the training step (`model` itself keeps its plain parameter names)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
     step_model: torch.nn.Module = model
     if runtime.distributed and strategy == "fsdp":
         apply_fsdp(model, dtype)
     elif runtime.distributed:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
-    if compile:
-        step_model = torch.compile(step_model)
     return step_model
 
 
@@ -56,7 +67,6 @@ def gradient_sync(step_model: torch.nn.Module, model: GPT, enabled: bool) -> con
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
-    ddp = getattr(step_model, "_orig_mod", step_model)
-    if isinstance(ddp, DistributedDataParallel) and not enabled:
-        return ddp.no_sync()
+    if isinstance(step_model, DistributedDataParallel) and not enabled:
+        return step_model.no_sync()
     return contextlib.nullcontext()
