@@ -11,7 +11,6 @@ each new token costs one position's work instead of the whole context's.
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -207,8 +206,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # The training loss's elementwise part (llm/parallel.py's apply_compile swaps in a compiled one).
-        self.cross_entropy_grad: CrossEntropyGrad = softcapped_cross_entropy_grad
         if config.head == "tied":
             self.lm_head.weight = self.wte.weight
         if config.positions == "rope":
@@ -249,7 +246,7 @@ class GPT(nn.Module):
         if targets is not None and self.training and torch.is_grad_enabled():
             # Training: the loss and its gradients chunk by chunk, never the whole batch's logits.
             loss = ChunkedHeadLoss.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1),
-                                         self.config.logit_softcap, self.cross_entropy_grad)
+                                         self.config.logit_softcap)
             return None, loss
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap:
@@ -300,43 +297,19 @@ class GPT(nn.Module):
         return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-CrossEntropyGrad = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
-
-
-def softcapped_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For raw float32 logits z (rows, vocab): the summed cross-entropy of softcap(z) = c tanh(z / c) (or of z,
-    with softcap 0) against targets (rows,), and its gradient with respect to z, times `scale`. Written as
-    plain elementwise passes (each allocating its result: faster on CPU than the same work in place), which
-    torch.compile fuses into two loops over the logits."""
-    if softcap:
-        squashed = torch.tanh(logits / softcap)
-        capped = squashed * softcap
-    else:
-        capped = logits
-    log_norm = torch.logsumexp(capped, dim=-1, keepdim=True)  # (rows, 1)
-    loss_sum = (log_norm.squeeze(1) - capped.gather(1, targets[:, None]).squeeze(1)).sum()
-    is_target = torch.arange(capped.size(1), device=capped.device) == targets[:, None]
-    grad = torch.exp(capped - log_norm) - is_target.float()  # softmax - one-hot: d loss / d capped
-    if softcap:
-        grad = grad * (1 - squashed * squashed)  # d c tanh(z / c) / dz = 1 - tanh^2
-    return loss_sum, grad * scale
-
-
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of softcap(hidden @ weight^T) against targets, and its gradients, computed in chunks of
     rows during the forward pass: what F.cross_entropy over the whole (rows, vocab) logits computes, without ever
-    holding them. Each chunk's logits are made, softmaxed, turned into their gradient and multiplied back while
-    they are still in cache; the vocabulary-sized elementwise passes (log-softmax, its backward, the
+    holding them. Each chunk's logits are made, softmaxed, turned into their gradient in place and multiplied
+    back while they are still in cache; the vocabulary-sized elementwise passes (log-softmax, its backward, the
     softcap's tanh and their temporaries) cost half or more of a small model's step otherwise. Matmuls run in
-    autocast's dtype when it is on; the softmax in float32, by `cross_entropy_grad` (softcapped_cross_entropy_grad,
-    or its compiled form under train.compile)."""
+    autocast's dtype when it is on; the softmax in float32."""
 
     CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB of float32, in the last-level cache of most CPUs
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                cross_entropy_grad: CrossEntropyGrad) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float) -> torch.Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         rows = hidden.size(0)
@@ -348,9 +321,17 @@ class ChunkedHeadLoss(torch.autograd.Function):
             w = weight.to(dtype)
             for start in range(0, rows, chunk):
                 h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
-                loss_sum, grad = cross_entropy_grad((h @ w.T).float(), t, softcap, 1.0 / rows)
-                total += loss_sum
-                grad = grad.to(dtype)
+                logits = (h @ w.T).float()  # (chunk, vocab)
+                if softcap:
+                    squashed = logits.div_(softcap).tanh_()  # in place: logits now holds tanh(z / cap)
+                    logits = squashed * softcap
+                log_norm = torch.logsumexp(logits, dim=-1)
+                total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad = logits.sub_(log_norm[:, None]).exp_()  # softmax
+                grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits, per row
+                if softcap:
+                    grad.mul_(squashed.square_().neg_().add_(1))  # d cap tanh(z / cap) / dz = 1 - tanh^2
+                grad = grad.div_(rows).to(dtype)
                 grad_hidden[start:start + chunk] = grad @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad.T, h)
@@ -362,7 +343,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
 
 
 def initial_model(config: GPTConfig, seed: int) -> GPT:

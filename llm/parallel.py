@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from llm.distributed import Runtime
-from llm.model import GPT, softcapped_cross_entropy_grad
+from llm.model import GPT
 
 
 def apply_activation_checkpointing(model: GPT) -> None:
@@ -32,12 +32,11 @@ def apply_fsdp(model: GPT, dtype: str) -> None:
 def apply_compile(model: GPT) -> None:
     """Compile each block in place (regional compilation): every block has the same code, so one graph is
     traced and reused for all of them, and its elementwise work (norms, rotary, squared ReLU) is fused. The
-    training loss's loop over chunks (ChunkedHeadLoss) stays eager; its elementwise part, softcap, softmax and
-    their gradient over each chunk's logits, is compiled on its own. Parameter names and state_dict keys are
-    unchanged."""
+    training loss (ChunkedHeadLoss, an autograd Function looping over chunks of rows) stays eager: compiled
+    whole, the model's graph broke there and ran slower than eager; its elementwise pass compiled on its own
+    bought 3 % of a step (docs/benchmarks.md). Parameter names and state_dict keys are unchanged."""
     for block in model.blocks:
         block.compile()
-    model.cross_entropy_grad = torch.compile(softcapped_cross_entropy_grad, dynamic=False)
 
 
 def parallelize(model: GPT, runtime: Runtime, strategy: str, dtype: str, compile: bool,
