@@ -100,12 +100,15 @@ def measure_matmul_flops(device: torch.device, dtype: str, max_n: int = 2048, bu
 class ThroughputMeter:
     """Tokens per second over each log interval (a lap), and over the whole run without its first lap, which
     pays for compilation and warm-up. Time spent in `paused()` (evaluation, checkpoints) is not counted.
-    The run totals travel in checkpoints (`state_dict`), so a resumed run reports the whole run's speed."""
+    The run totals travel in checkpoints (`state_dict`), so a resumed run reports the whole run's speed, and
+    its MFU against the peak of the machine each lap ran on (a run that resumes a checkpoint which already
+    completes it reports the figures it trained at, whatever the peak measures now)."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: int, peak_flops: float, device: torch.device) -> None:
         self.tokens_per_step, self.flops_per_token, self.peak, self.device = (
             tokens_per_step, flops_per_token, peak_flops, device)
         self.run_tokens, self.run_seconds = 0, 0.0
+        self.run_peak_flop = 0.0  # the sum of peak FLOP/s x seconds over the counted laps
         self.laps, self.last_tokens_per_sec = 0, 0.0
         self._start, self._steps, self._paused = time.perf_counter(), 0, 0.0
 
@@ -122,6 +125,7 @@ class ThroughputMeter:
         if self.laps > 0:
             self.run_tokens += tokens
             self.run_seconds += seconds
+            self.run_peak_flop += self.peak * seconds
         self.laps += 1
         self._start, self._steps, self._paused = now, 0, 0.0
         return self.last_tokens_per_sec
@@ -139,13 +143,25 @@ class ThroughputMeter:
         """The run's speed: over every lap but the first, or the only lap there was."""
         return self.run_tokens / self.run_seconds if self.run_seconds else self.last_tokens_per_sec
 
+    @property
+    def run_peak(self) -> float:
+        """The peak FLOP/s the run's counted laps ran against, weighted by their time (this device's peak before
+        any lap counts)."""
+        return self.run_peak_flop / self.run_seconds if self.run_seconds else self.peak
+
+    @property
+    def run_mfu(self) -> float:
+        return self.flops_per_token * self.run_tokens_per_sec / self.run_peak
+
     def mfu(self, tokens_per_sec: float) -> float:
+        """MFU of a lap that ran now, on this device."""
         return self.flops_per_token * tokens_per_sec / self.peak
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_tokens": self.run_tokens, "run_seconds": self.run_seconds,
+        return {"run_tokens": self.run_tokens, "run_seconds": self.run_seconds, "run_peak_flop": self.run_peak_flop,
                 "last_tokens_per_sec": self.last_tokens_per_sec}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_tokens, self.run_seconds = state["run_tokens"], state["run_seconds"]
+        self.run_peak_flop = state["run_peak_flop"]
         self.last_tokens_per_sec = state["last_tokens_per_sec"]

@@ -158,13 +158,18 @@ def test_checkpoints_are_pruned_and_hold_no_pickled_code(tokens_dir, tmp_path):
     torch.load(kept[0] / "optimizer.pt", weights_only=True)  # loads without unpickling arbitrary objects
 
 
-def test_rerunning_a_finished_run_resumes_at_its_end_and_reports_its_metrics(tokens_dir, tmp_path):
+def test_rerunning_a_finished_run_resumes_at_its_end_and_reports_its_metrics(tokens_dir, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("LLM_PEAK_FLOPS", "2e11")
     first = run(tokens_dir, ckpt)
+    monkeypatch.setenv("LLM_PEAK_FLOPS", "5e11")  # the machine measures another peak now: no step runs at it
     again = run(tokens_dir, ckpt)
     assert again.resumed_from == 12 and again.step_losses == []
     assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], abs=1e-6)
     assert again.metrics["train_loss"] == pytest.approx(first.metrics["train_loss"])
+    for key in ("tokens_per_sec", "mfu", "peak_flops"):
+        assert again.metrics[key] == pytest.approx(first.metrics[key]), key
+    assert first.metrics["peak_flops"] == pytest.approx(2e11)
     torch.testing.assert_close(again.model.state_dict(), first.model.state_dict())
 
 
