@@ -34,7 +34,8 @@ def apply_compile(model: GPT) -> None:
     traced and reused for all of them, and its elementwise work (norms, rotary, squared ReLU) is fused. The
     training loss (ChunkedHeadLoss, an autograd Function looping over chunks of rows) stays eager: compiled
     whole, the model's graph broke there and ran slower than eager; its elementwise pass compiled on its own
-    bought 3 % of a step (docs/benchmarks.md). Parameter names and state_dict keys are unchanged."""
+    bought ~7 % more but needs an out-of-place form, slower when eager (docs/benchmarks.md). Parameter names
+    and state_dict keys are unchanged."""
     for block in model.blocks:
         block.compile()
 
