@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--vs-eager", action="store_true",
                         help="with --compile: also time an eager copy, alternating steps, and print the ratio")
     args = parser.parse_args()
+    if args.vs_eager and not args.compile:
+        parser.error("--vs-eager compares against --compile: give both")
 
     device = default_device()
     peak, source = peak_flops(device, args.dtype)  # before compilation starts worker processes

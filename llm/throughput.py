@@ -109,7 +109,7 @@ class ThroughputMeter:
             tokens_per_step, flops_per_token, peak_flops, device)
         self.run_tokens, self.run_seconds = 0, 0.0
         self.run_peak_flop = 0.0  # the sum of peak FLOP/s x seconds over the counted laps
-        self.laps, self.last_tokens_per_sec = 0, 0.0
+        self.laps, self.last_tokens_per_sec, self.last_peak = 0, 0.0, peak_flops
         self._start, self._steps, self._paused = time.perf_counter(), 0, 0.0
 
     def step(self) -> None:
@@ -121,7 +121,7 @@ class ThroughputMeter:
         now = time.perf_counter()
         seconds = now - self._start - self._paused
         tokens = self._steps * self.tokens_per_step
-        self.last_tokens_per_sec = tokens / seconds if seconds > 0 else 0.0
+        self.last_tokens_per_sec, self.last_peak = (tokens / seconds if seconds > 0 else 0.0), self.peak
         if self.laps > 0:
             self.run_tokens += tokens
             self.run_seconds += seconds
@@ -145,9 +145,8 @@ class ThroughputMeter:
 
     @property
     def run_peak(self) -> float:
-        """The peak FLOP/s the run's counted laps ran against, weighted by their time (this device's peak before
-        any lap counts)."""
-        return self.run_peak_flop / self.run_seconds if self.run_seconds else self.peak
+        """The peak FLOP/s the run's counted laps ran against, weighted by their time (with one lap, that lap's)."""
+        return self.run_peak_flop / self.run_seconds if self.run_seconds else self.last_peak
 
     @property
     def run_mfu(self) -> float:
@@ -159,9 +158,10 @@ class ThroughputMeter:
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_tokens": self.run_tokens, "run_seconds": self.run_seconds, "run_peak_flop": self.run_peak_flop,
-                "last_tokens_per_sec": self.last_tokens_per_sec}
+                "last_tokens_per_sec": self.last_tokens_per_sec, "last_peak": self.last_peak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_tokens, self.run_seconds = state["run_tokens"], state["run_seconds"]
         self.run_peak_flop = state["run_peak_flop"]
-        self.last_tokens_per_sec = state["last_tokens_per_sec"]
+        # A checkpoint written before the last lap's peak was kept: that lap counts at this device's peak.
+        self.last_tokens_per_sec, self.last_peak = state["last_tokens_per_sec"], state.get("last_peak", self.peak)

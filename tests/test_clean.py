@@ -8,6 +8,7 @@ import llm.clean
 from llm.clean import NEUTRALISER, CleanStats, clean_corpus, clean_text, iter_documents, strip_gutenberg
 from llm.config import EOT, CleanConfig
 from llm.errors import InputError
+from llm.fetch import SUPPORTED_SUFFIXES
 
 SPECIAL = (EOT,)
 
@@ -212,6 +213,4 @@ def test_near_duplicates_are_dropped_only_when_asked_and_counted(tmp_path):
 
 
 def test_clean_reads_every_file_type_fetch_brings():
-    from llm.fetch import SUPPORTED_SUFFIXES
-
     assert set(llm.clean.READERS) == set(SUPPORTED_SUFFIXES)

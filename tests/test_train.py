@@ -12,7 +12,7 @@ from llm.data import TokenWindows
 from llm.errors import InputError, TrainingDiverged
 from llm.model import GPTConfig
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
-from llm.throughput import peak_flops
+from llm.throughput import ThroughputMeter, peak_flops
 from llm.train import has_fast_bf16, resolve_dtype, train
 
 VOCAB = 64
@@ -190,3 +190,18 @@ def test_the_peak_flops_can_be_given_instead_of_measured(monkeypatch):
         monkeypatch.setenv("LLM_PEAK_FLOPS", bad)
         with pytest.raises(InputError, match="LLM_PEAK_FLOPS"):
             peak_flops(torch.device("cpu"), "float32")
+
+
+@pytest.mark.parametrize("laps", [1, 3])
+def test_a_resumed_meter_reports_the_speed_and_mfu_its_laps_ran_at(laps):
+    """Laps count against the peak of the machine they ran on; a meter restored on another one, before any lap
+    of its own, reports the same run figures (with one lap, that lap is the run: no first lap is left out)."""
+    first = ThroughputMeter(tokens_per_step=100, flops_per_token=10, peak_flops=2e4, device=torch.device("cpu"))
+    for _ in range(laps):
+        first.step()
+        first.lap()
+    restored = ThroughputMeter(tokens_per_step=100, flops_per_token=10, peak_flops=9e9, device=torch.device("cpu"))
+    restored.load_state_dict(first.state_dict())
+    assert restored.run_tokens_per_sec == first.run_tokens_per_sec > 0
+    assert restored.run_peak == first.run_peak == 2e4
+    assert restored.run_mfu == pytest.approx(first.run_mfu)
