@@ -24,3 +24,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def first_line(err: BaseException) -> str:
+    """What an error says, in one line: its first non-empty line (a library's message can run to pages: a server
+    response, a traceback of its own), or the error's type when it says nothing."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
