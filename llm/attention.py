@@ -55,13 +55,12 @@ class AttentionRecord:
 
 
 @torch.no_grad()
-def attention_frame(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+def attention_frame(model: GPT, ids: list[int]) -> torch.Tensor:
     """Every layer's and head's attention on `ids`, (n_layer, n_head, T, T), with dropout off: the model is put
     back in the mode it was in. `model` holds whole weights (not an FSDP shard)."""
     training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    maps = model.attention_maps(torch.tensor([ids], device=device))
+    maps = model.attention_maps(torch.tensor([ids], device=model.device))
     model.train(training)
     return maps
 

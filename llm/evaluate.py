@@ -79,7 +79,7 @@ def score_windows(model: GPT, stream: np.ndarray, windows: list[tuple[int, int]]
                   batch_size: int = 16) -> Score:
     """Score the given windows of a token stream; windows of the same length go through the model together."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.device
     total = Score(0.0, 0, 0)
     by_length: dict[int, list[int]] = {}
     for start, end in windows:

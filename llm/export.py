@@ -25,7 +25,7 @@ Weight names, ours -> transformers (i is the layer):
 
 Layouts: GPT-2's linear layers are Conv1D, which store the weight as (in, out), so ours, nn.Linear's (out, in), are
 transposed. Llama's are nn.Linear and keep their layout; its rotary embedding rotates (first half, second half) of
-each head with inv_freq = 1 / 10000^(2j / head_dim), as ours does, so q and k need no permutation.
+each head with inv_freq = 1 / ROPE_THETA^(2j / head_dim), as ours does, so q and k need no permutation.
 
 Tokenizer: text is encoded with split_special_tokens, as our load_tokenizer does: the string "<|endoftext|>" in
 input text is plain text; only code emits the <|endoftext|> id. No BOS or EOS is added to encodings.
@@ -39,28 +39,26 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llm.config import EOT
+from llm.config import EOT, PRESETS
 from llm.errors import InputError
 from llm.fileio import atomic_dir
-from llm.model import GPT, NORM_EPS, GPTConfig, tied_aliases
+from llm.model import GPT, NORM_EPS, ROPE_THETA, GPTConfig, tied_aliases
 from llm.tokenizer import load_tokenizer
 
-ROPE_THETA = 10_000.0  # llm.model.rope_tables' default
-
-
-# What each transformers class computes, in our parts. zero_init is left out: it shapes only the initial weights.
-HF_PARTS = {
-    "GPT2LMHeadModel": {"positions": "learned", "norm": "layernorm", "norm_gain": True, "mlp": "gelu",
-                        "head": "tied", "bias": True, "qk_norm": False, "logit_softcap": 0.0},
-    "LlamaForCausalLM": {"positions": "rope", "norm": "rmsnorm", "norm_gain": True, "mlp": "swiglu",
-                         "bias": False, "qk_norm": False, "logit_softcap": 0.0},  # head: tied or untied
-}
+# The transformers class that computes each preset.
+HF_PRESETS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+# Parts a class leaves free: zero_init shapes only the initial weights; Llama ties or unties its head
+# (tie_word_embeddings). GPT-2 always ties it.
+FREE_PARTS = {"GPT2LMHeadModel": {"zero_init"}, "LlamaForCausalLM": {"zero_init", "head"}}
+# What each transformers class computes, in our parts: its preset's, less the parts it leaves free.
+HF_PARTS = {name: {part: value for part, value in PRESETS[preset].items() if part not in FREE_PARTS[name]}
+            for name, preset in HF_PRESETS.items()}
 
 
 def hf_class(cfg: GPTConfig) -> str:
     """The transformers class that computes exactly what a model of `cfg` does; InputError naming the first part
     it cannot represent otherwise. The positions decide which class is tried."""
-    name = "GPT2LMHeadModel" if cfg.positions == "learned" else "LlamaForCausalLM"
+    name = next(name for name, parts in HF_PARTS.items() if parts["positions"] == cfg.positions)
     for part, needed in HF_PARTS[name].items():
         if getattr(cfg, part) != needed:
             raise InputError(f"cannot export to transformers: model.{part} is {getattr(cfg, part)!r} (arch "

@@ -63,7 +63,7 @@ def generate(
         raise ValueError("the prompt must hold at least one token (start from <|endoftext|>)")
     check_sampling(temperature, top_k, top_p)
     model.eval()
-    device = model.wte.weight.device
+    device = model.device
     block = model.config.block_size
     generator = torch.Generator(device=device)
     if seed is None:

@@ -20,6 +20,7 @@ from llm.config import ModelConfig
 from llm.errors import ConfigError
 
 NORM_EPS = 1e-5
+ROPE_THETA = 10_000.0  # the rotary base (RoPE, Llama): rope_tables' default, and what the HF export declares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     return nn.RMSNorm(dim, eps=NORM_EPS, elementwise_affine=config.norm_gain)
 
 
-def rope_tables(head_dim: int, length: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, length: int, theta: float = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables of shape (length, head_dim): cos of each pair's angle, twice, and sin with the sign that
     rotates the first half, (-sin, sin). Pair j is (channel j, channel j + head_dim / 2), turned by
     position / theta^(2j / head_dim)."""
@@ -272,9 +273,13 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         return self.drop(x), rope
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: every caller that makes tensors for it asks here."""
+        return self.wte.weight.device
+
     def new_cache(self, batch_size: int = 1) -> KVCache:
-        weight = self.wte.weight
-        return KVCache(self.config, batch_size, weight.device, weight.dtype)
+        return KVCache(self.config, batch_size, self.device, self.wte.weight.dtype)
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:

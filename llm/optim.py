@@ -104,35 +104,54 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
     return name.startswith("blocks.") and param.dim() == 2
 
 
+def peak_lrs(cfg: TrainConfig) -> dict[str, float]:
+    """The peak lr of each optimizer a run of `cfg` steps, by name: AdamW's train.lr and, with `optimizer:
+    muon`, Muon's train.muon_lr. Every parameter group takes its optimizer's; the schedule scales them alike."""
+    return {"adamw": cfg.lr, **({"muon": cfg.muon_lr} if cfg.optimizer == "muon" else {})}
+
+
 def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on >= 2-D weights (none on biases and norm gains); with `optimizer: muon`, the
-    hidden matrices go to Muon instead. Each parameter group records its peak lr (`peak_lr`); `set_lr`
-    scales every group along the schedule."""
+    hidden matrices go to Muon instead. Each parameter group records its peak lr (`peak_lr`, from `peak_lrs`);
+    `set_lr` scales every group along the schedule."""
+    peaks = peak_lrs(cfg)
     muon: list[torch.nn.Parameter] = []
     rest: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (muon if cfg.optimizer == "muon" and is_hidden_matrix(name, param) else rest).append(param)
     adamw_groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": peaks["adamw"]},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": peaks["adamw"]},
     ]
     # No empty group (a model without biases or norm gains has no 1-D weights): torch's state-dict API
     # refuses empty groups when there are several optimizers.
     adamw_groups = [group for group in adamw_groups if group["params"]]
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+        torch.optim.AdamW(adamw_groups, lr=peaks["adamw"], betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     ]
     if muon:
         ns_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+        optimizers.append(Muon([{"params": muon, "peak_lr": peaks["muon"]}], lr=peaks["muon"],
                                weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                                ns_steps=cfg.muon_ns_steps, ns_dtype=ns_dtype))
     return optimizers
 
 
+def scheduled_lr(peak_lr: float, scale: float) -> float:
+    """A group's lr at a step: its peak lr times the schedule's factor for that step."""
+    return peak_lr * scale
+
+
 def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
-    """Every group's lr = its peak lr x `scale` (the schedule's factor for this step)."""
+    """Every group's lr = its peak lr x `scale` (the schedule's factor for this step: lr_at(step) / train.lr)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * scale
+            group["lr"] = scheduled_lr(group["peak_lr"], scale)
+
+
+def group_lrs(lr: float, cfg: TrainConfig) -> dict[str, float]:
+    """Each optimizer's lr, by name (as `peak_lrs`), at a step where the schedule (llm.train.lr_at) puts
+    train.lr at `lr`: what `set_lr` gives its groups there, to the last bit. What the guide plots."""
+    scale = lr / cfg.lr
+    return {name: scheduled_lr(peak, scale) for name, peak in peak_lrs(cfg).items()}

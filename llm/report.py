@@ -17,6 +17,7 @@ from llm.generate import generate, prompt_ids
 from llm.model import GPT
 from llm.model_io import load_weights
 from llm.plots import plot_attention, plot_attention_evolution, plot_loss
+from llm.tokenizer import token_label
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_
         body = f"<b>{html.escape(prompt, quote=False)}</b>{html.escape(continuation, quote=False)}"
         lines += [f"## Sample {i + 1}: {title}", "", f"seed {seed}", "", "<pre>", body, "</pre>", ""]
     return "\n".join(lines)
-
-
-def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
 
 
 def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tuple[str, str, GPT]]:
@@ -83,9 +80,9 @@ def write_reports(out: Path, model: GPT, initial: GPT, tokenizer: Tokenizer, cfg
         written.append(out / "loss.png")
 
     ids = probe_ids(tokenizer, cfg.attention_text, eot_id, model.config.block_size)
-    labels = token_labels(tokenizer, ids)
+    labels = [token_label(tokenizer, i) for i in ids]
     evolution = []
-    device = model.wte.weight.device
+    device = model.device
     with atomic_dir(out / "attention") as staging:
         for title, stem, snapshot in attention_snapshots(model, initial, checkpoints):
             maps = snapshot.to(device).eval().attention_maps(torch.tensor([ids], device=device)).cpu().numpy()

@@ -159,3 +159,40 @@ def tokenizer_from_str(json_text: str) -> Tokenizer:
     tokenizer = Tokenizer.from_str(json_text)
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+# --- how a token reads -------------------------------------------------------------------------------------
+
+def byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet back to bytes: the 188 printable bytes stand for themselves, the other 68
+    (controls, space, ...) for the characters from U+0100 on, in order. Tokens are strings of these."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTES = byte_decoder()
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    return bytes(BYTES[c] for c in tokenizer.id_to_token(token_id))
+
+
+def piece_text(piece: str) -> str:
+    """A string of the byte-level alphabet (a token, a merge's part) as text; a piece of a character shows as
+    its bytes, \\x escapes."""
+    return bytes(BYTES[c] for c in piece).decode("utf-8", errors="backslashreplace")
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """What a token stands for: its text, or (a piece of a character) its bytes as \\x escapes; a control
+    token's name."""
+    if token_id in tokenizer.get_added_tokens_decoder():
+        return tokenizer.id_to_token(token_id)
+    return piece_text(tokenizer.id_to_token(token_id))
+
+
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token on one line, as a figure's axis shows it (the attention heatmaps of reports/ and of the guide):
+    its token_text, a newline drawn as ↵."""
+    return token_text(tokenizer, token_id).replace("\n", "↵")

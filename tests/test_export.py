@@ -1,5 +1,6 @@
 """Hugging Face export: transformers loads the folder offline and computes what our model and tokenizer do."""
 
+import dataclasses
 import json
 import socket
 
@@ -10,10 +11,11 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm.config import EOT
+from llm.config import EOT, PRESETS
 from llm.errors import InputError
-from llm.export import export_hf
+from llm.export import HF_PARTS, HF_PRESETS, export_hf, hf_class
 from llm.generate import generate
+from llm.model import GPTConfig
 from llm.model_io import load_model_dir
 from tests.conftest import make_model_dir, run_stage
 
@@ -111,6 +113,23 @@ def test_weights_file_and_configs(exported):
         assert len(names) == 2 + (not tied) + 9 * model.config.n_layer
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["bos_token_id"] == generation["eos_token_id"] == eot_id
+
+
+@pytest.mark.parametrize(("hf_name", "preset"), HF_PRESETS.items())
+def test_each_transformers_class_computes_the_parts_of_its_preset(hf_name, preset):
+    """What export needs of a class is its preset's parts (llm.config.PRESETS), less those the class leaves
+    free: a model of the preset exports to it, whatever its zero_init (and, for Llama, its head)."""
+    assert HF_PARTS[hf_name].items() <= PRESETS[preset].items()
+    free = set(PRESETS[preset]) - set(HF_PARTS[hf_name])
+    assert free == ({"zero_init"} if hf_name == "GPT2LMHeadModel" else {"zero_init", "head"})
+    cfg = GPTConfig(arch=preset, n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300)
+    assert hf_class(cfg) == hf_name
+    for part in free:
+        choices = {"zero_init": [True, False], "head": ["tied", "untied"]}[part]
+        for value in choices:
+            assert hf_class(dataclasses.replace(cfg, **{part: value})) == hf_name
+    with pytest.raises(InputError):
+        hf_class(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300))
 
 
 def test_export_replaces_the_folder_whole(tmp_path, sample_tokenizer_path):

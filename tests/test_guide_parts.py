@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from llm.guide.data_chapters import BYTES, memmap_growth, specimen_spans, token_bytes, token_text
+from llm.guide.data_chapters import memmap_growth, specimen_spans
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
 from llm.guide.model_chapters import activation_shapes, component_table, mean_distance, row_entropy, weight_stds
 from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter
-from llm.tokenizer import load_tokenizer
+from llm.tokenizer import BYTES, load_tokenizer, token_bytes, token_label, token_text
 
 
 def test_the_byte_alphabet_maps_back_to_every_byte_once():
@@ -31,6 +31,40 @@ def test_token_bytes_are_what_the_tokenizer_decodes(sample_tokenizer_path):
     assert [i for _, i in spans].count(eot) == 1, "only the control token the pipeline inserts has its id"
     joined = b"".join(token_bytes(tokenizer, i) for _, i in spans if i != eot).decode()
     assert joined == "To be,   or not\tto be:\n<|endoftext|> Быть или не быть; être ou ne pas être."
+
+
+def test_a_token_label_is_its_text_on_one_line(sample_tokenizer_path):
+    """The one label of a token on a figure's axis (reports/ heatmaps and the guide's alike)."""
+    tokenizer = load_tokenizer(sample_tokenizer_path)
+    labels = [token_label(tokenizer, token_id) for token_id in range(tokenizer.get_vocab_size())]
+    assert all("\n" not in label for label in labels)
+    assert labels == [token_text(tokenizer, i).replace("\n", "↵") for i in range(tokenizer.get_vocab_size())]
+    assert any("↵" in label for label in labels), "the sample tokenizer has tokens with a newline"
+    assert token_label(tokenizer, tokenizer.token_to_id("<|endoftext|>")) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_guides_lr_curves_are_the_lrs_training_sets_at_every_step(optimizer):
+    import torch
+
+    from llm.config import TrainConfig
+    from llm.guide.run_chapters import lr_curves
+    from llm.optim import configure_optimizers, set_lr
+    from llm.train import lr_at
+
+    cfg = TrainConfig(optimizer=optimizer, lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=4, max_steps=23)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))
+    optimizers = configure_optimizers(model, cfg, torch.device("cpu"))
+    trained: list[list[float]] = [[] for _ in optimizers]
+    for step in range(cfg.max_steps):
+        set_lr(optimizers, lr_at(step, cfg) / cfg.lr)  # as the training loop sets them before each step
+        for lrs, opt in zip(trained, optimizers, strict=True):
+            assert len({group["lr"] for group in opt.param_groups}) == 1
+            lrs.append(opt.param_groups[0]["lr"])
+    curves = lr_curves(cfg)
+    assert [label for label, *_ in curves] == ["train.lr (AdamW)", "train.muon_lr (Muon)"][:len(optimizers)]
+    for (_, steps, lrs, _), expected in zip(curves, trained, strict=True):
+        assert steps == list(range(1, cfg.max_steps + 1)) and lrs == expected  # to the last bit
 
 
 @pytest.mark.parametrize("parts", [{"arch": "gpt2"}, {"arch": "llama"}, {"arch": "modern"},

@@ -6,7 +6,7 @@ import torch
 
 from llm.config import ARCHS, PRESETS, TrainConfig, from_mapping
 from llm.errors import ConfigError
-from llm.model import GPT, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
+from llm.model import GPT, ROPE_THETA, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
 from llm.parallel import apply_activation_checkpointing, apply_compile
 from llm.train import lr_at
 
@@ -138,6 +138,21 @@ def test_residual_projections_are_scaled_at_init():
 def test_sequences_longer_than_the_context_are_refused():
     with pytest.raises(ValueError, match="block_size"):
         make("gpt2")(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_rotary_tables_turn_by_the_one_base_the_export_declares():
+    assert ROPE_THETA == 10_000.0  # Llama's base: transformers computes our rotary tables from it
+    for table, by_base in zip(rope_tables(8, 16), rope_tables(8, 16, ROPE_THETA), strict=True):
+        assert torch.equal(table, by_base)
+    cos, _ = rope_tables(8, 16)
+    assert cos[1, 1].item() == pytest.approx(math.cos(1 / ROPE_THETA ** (2 / 8)))  # pair 1 at position 1
+
+
+def test_the_model_reports_the_device_of_its_weights():
+    model = make("llama", perturb=False)
+    assert model.device == torch.device("cpu")
+    assert model.to("meta").device == torch.device("meta")
+    assert model.new_cache().keys[0].device == model.device
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():

@@ -15,36 +15,9 @@ from llm.guide import figures
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens
 from llm.guide.inputs import Run
 from llm.shards import HEADER_BYTES, open_shard, read_header
+from llm.tokenizer import piece_text, token_text
 
 FILES_SHOWN = 12  # rows of the table of fetched files (each is hashed for it)
-
-
-def byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's alphabet back to bytes: the 188 printable bytes stand for themselves, the other 68
-    (controls, space, ...) for the characters from U+0100 on, in order. Tokens are strings of these."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-BYTES = byte_decoder()
-
-
-def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
-    return bytes(BYTES[c] for c in tokenizer.id_to_token(token_id))
-
-
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """What a token stands for: its text, or (a piece of a character) its bytes as \\x escapes; a control
-    token's name."""
-    if token_id in tokenizer.get_added_tokens_decoder():
-        return tokenizer.id_to_token(token_id)
-    return token_bytes(tokenizer, token_id).decode("utf-8", errors="backslashreplace")
-
-
-def piece_text(piece: str) -> str:
-    """A merge's part (a string of the byte-level alphabet) as text."""
-    return bytes(BYTES[c] for c in piece).decode("utf-8", errors="backslashreplace")
 
 
 def quoted(text: str) -> str:

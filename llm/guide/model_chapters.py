@@ -8,17 +8,13 @@ import torch
 
 from llm.attention import probe_ids
 from llm.guide import figures
-from llm.guide.data_chapters import token_text
 from llm.guide.document import Chapter, Figure, Table, Text
 from llm.guide.inputs import Run
 from llm.model import GPT
 from llm.plots import plot_attention, plot_attention_evolution
+from llm.tokenizer import token_label
 
 GRID_ROWS = 10  # recorded steps shown in the evolution grid (the GIF shows them all)
-
-
-def token_labels(run: Run, ids: list[int]) -> list[str]:
-    return [token_text(run.tokenizer, i).replace("\n", "↵") for i in ids]
 
 
 def attention_ids(run: Run) -> list[int]:
@@ -206,7 +202,7 @@ def mean_distance(maps: np.ndarray) -> np.ndarray:
 def attention_chapter(run: Run, figure_dir: Path) -> Chapter:
     model, cfg = run.model, run.model.config
     ids = attention_ids(run)
-    labels = token_labels(run, ids)
+    labels = [token_label(run.tokenizer, i) for i in ids]
     maps = model.attention_maps(torch.tensor([ids])).numpy()
     entropy = row_entropy(maps)
     layer, head = (int(i) for i in np.unravel_index(entropy.argmin(), entropy.shape))
@@ -258,7 +254,7 @@ def attention_chapter(run: Run, figure_dir: Path) -> Chapter:
 
 def evolution_chapter(run: Run, figure_dir: Path) -> Chapter:
     record, cfg = run.record, run.model.config
-    labels = token_labels(run, record.ids)
+    labels = [token_label(run.tokenizer, i) for i in record.ids]
     frames = [(f"step {step:,}", maps) for step, maps in zip(record.steps, record.maps, strict=True)]
     shown = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(GRID_ROWS, len(frames)))})
     plot_attention_evolution([frames[i] for i in shown], figure_dir / "attention_grid.png")

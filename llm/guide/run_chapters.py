@@ -9,13 +9,15 @@ from typing import Any
 
 import torch
 
+from llm.config import TrainConfig
 from llm.generate import filter_logits, prompt_ids
 from llm.guide import figures
-from llm.guide.data_chapters import token_text
 from llm.guide.document import Chapter, Figure, Pre, Table, Text
 from llm.guide.inputs import Run
 from llm.model import GPT
+from llm.optim import group_lrs, peak_lrs
 from llm.parallel import apply_activation_checkpointing
+from llm.tokenizer import token_text
 from llm.tracking import first_line, newest_runs, project_root, resolve_tracking_uri
 from llm.train import autocast, has_fast_bf16, lr_at
 
@@ -80,23 +82,29 @@ def memory_and_time(run: Run) -> list[tuple[str, int, float | None]]:
     return variants
 
 
+LR_LABELS = {"adamw": "train.lr (AdamW)", "muon": "train.muon_lr (Muon)"}  # by llm.optim.peak_lrs' names
+
+
+def lr_curves(cfg: TrainConfig) -> list[tuple[str, list[int], list[float], str]]:
+    """(label, steps, lrs, style) of each optimizer: its lr at every step (1-based, as the history counts
+    them), by the training's own schedule and the rule set_lr applies (llm.optim.group_lrs)."""
+    per_step = [group_lrs(lr_at(step, cfg), cfg) for step in range(cfg.max_steps)]
+    steps = list(range(1, cfg.max_steps + 1))
+    return [(LR_LABELS[name], steps, [lrs[name] for lrs in per_step], "-") for name in peak_lrs(cfg)]
+
+
 def training_chapter(run: Run, figure_dir: Path) -> Chapter:
     cfg, metrics, history = run.settings.train, run.train_metrics, run.history
     model_cfg = run.model.config
     tokens_per_step = metrics["tokens_seen"] // max(metrics["steps"], 1)
     world = tokens_per_step // (cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size)
     val_rows = [r for r in history if r["val_loss"] is not None]
-    all_steps = list(range(cfg.max_steps))
-    schedule = [("train.lr (AdamW)", [s + 1 for s in all_steps], [lr_at(s, cfg) for s in all_steps], "-")]
-    if cfg.optimizer == "muon":
-        schedule.append(("train.muon_lr (Muon)", [s + 1 for s in all_steps],
-                         [lr_at(s, cfg) * cfg.muon_lr / cfg.lr for s in all_steps], "-"))
     steps = [r["step"] for r in history]
     figures.curves([
         ("loss", "tokens seen", "nats per token",
          [("train", [r["tokens_seen"] for r in history], [r["train_loss"] for r in history], "-"),
           ("val", [r["tokens_seen"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-")]),
-        ("learning rate", "step", "lr", schedule),
+        ("learning rate", "step", "lr", lr_curves(cfg)),
         ("gradient norm (before clipping)", "step", "norm", [("grad norm", steps, [r["grad_norm"] for r in history],
                                                               "o-")]),
         ("speed", "step", "tokens per second", [("tokens/s", steps, [r["tokens_per_sec"] for r in history], "o-")]),
