@@ -21,6 +21,8 @@ from llm.errors import ConfigError
 
 NORM_EPS = 1e-5
 ROPE_THETA = 10_000.0  # the rotary base (RoPE, Llama): rope_tables' default, and what the HF export declares
+INIT_STD = 0.02  # standard deviation of the weights drawn at init (GPT-2's); residual projections' is smaller
+FLOPS_PER_WEIGHT = 6  # training FLOPs per token of each matmul weight: forward 2, backward 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,12 @@ class GPTConfig(ModelConfig):
             return 4 * self.n_embd
         # SwiGLU: 2/3 of 4x keeps the parameter count of a 4x MLP; rounded up to a multiple of 64.
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def attention_flops_per_token(self) -> int:
+        """Training FLOPs per token of what attention computes without weights (the scores and the weighted sum
+        of values): 12 * n_layer * n_embd * block_size, the PaLM appendix B estimate."""
+        return 12 * self.n_layer * self.n_embd * self.block_size
 
 
 def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
@@ -224,12 +232,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
             else:
                 # Residual projections are scaled so the residual stream's variance does not grow with depth.
-                std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+                std = INIT_STD / math.sqrt(2 * self.config.n_layer) if residual else INIT_STD
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -295,11 +303,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), plus attention
-        scores and values, 12 * n_layer * n_embd * block_size (the PaLM appendix B estimate)."""
+        """Training FLOPs per token: FLOPS_PER_WEIGHT (6) per weight of every matmul, plus attention's scores
+        and values (GPTConfig.attention_flops_per_token)."""
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        cfg = self.config
-        return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return FLOPS_PER_WEIGHT * matmul_weights + self.config.attention_flops_per_token
 
 
 class ChunkedHeadLoss(torch.autograd.Function):

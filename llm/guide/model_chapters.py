@@ -10,7 +10,7 @@ from llm.attention import probe_ids
 from llm.guide import figures
 from llm.guide.document import Chapter, Figure, Table, Text
 from llm.guide.inputs import Run
-from llm.model import GPT
+from llm.model import FLOPS_PER_WEIGHT, GPT, INIT_STD
 from llm.plots import plot_attention, plot_attention_evolution
 from llm.tokenizer import token_label
 
@@ -43,10 +43,10 @@ def component_table(model: GPT) -> list[tuple[str, str, int, int]]:
         params[component_of(name)] = params.get(component_of(name), 0) + p.numel()
 
     def matmul_flops(prefix: str) -> int:
-        return 6 * sum(m.weight.numel() for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and prefix in name)
+        return FLOPS_PER_WEIGHT * sum(m.weight.numel() for name, m in model.named_modules()
+                                      if isinstance(m, torch.nn.Linear) and prefix in name)
 
-    scores = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    scores = cfg.attention_flops_per_token
     rows = [("token embedding", f"a vector of {cfg.n_embd} for each of the {cfg.vocab_size:,} ids",
              params.get("wte", 0), 0)]
     if cfg.positions == "learned":
@@ -132,10 +132,10 @@ def model_chapter(run: Run, figure_dir: Path) -> Chapter:
              f"`models/final/config.json`: positions {cfg.positions}, norm {cfg.norm}, MLP {cfg.mlp}, head "
              f"{cfg.head}, biases {'on' if cfg.bias else 'off'}, QK-norm {'on' if cfg.qk_norm else 'off'}, logit "
              f"softcap {cfg.logit_softcap or 'off'}."),
-        Text(f"Training costs about {total_flops:,} floating-point operations per token: 6 per weight of every "
-             "matrix (2 forward, 4 backward) plus the attention scores. The table says where they go; the "
-             "embedding lookup costs almost nothing, while the head, one matrix, can cost as much as all the "
-             "blocks when the vocabulary is large beside the width."),
+        Text(f"Training costs about {total_flops:,} floating-point operations per token: {FLOPS_PER_WEIGHT} per "
+             "weight of every matrix (2 forward, 4 backward) plus the attention scores. The table says where they "
+             "go; the embedding lookup costs almost nothing, while the head, one matrix, can cost as much as all "
+             "the blocks when the vocabulary is large beside the width."),
         Table(("component", "what it does", "parameters", "share", "FLOPs per token", "share"), table),
         Text(f"One forward pass over `evaluate.attention_text` ({len(ids)} tokens with the leading "
              f"`<|endoftext|>`): the shape of the activations, batch first."),
@@ -152,11 +152,11 @@ def model_chapter(run: Run, figure_dir: Path) -> Chapter:
     blocks += [
         Figure("figures/weight_std.png", "Standard deviation of each block's matrices by depth, at initialisation "
                                          "and after training."),
-        Text("At initialisation the matrices are drawn with standard deviation 0.02"
+        Text(f"At initialisation the matrices are drawn with standard deviation {INIT_STD}"
              + (", and the projections that write into the residual stream start at zero: every block "
                 "begins as the identity, so the first steps train a model as shallow as it needs"
                 if cfg.zero_init else
-                f", and the projections that write into the residual stream with 0.02 / sqrt(2 x {cfg.n_layer}) "
+                f", and the projections that write into the residual stream with {INIT_STD} / sqrt(2 x {cfg.n_layer}) "
                 f"= {out_init:.4f}, so the stream's variance does not grow with depth")
              + ". Training moves them far from there: compare the two panels."),
     ]
