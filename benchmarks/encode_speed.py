@@ -14,7 +14,7 @@ from pathlib import Path
 
 os.environ["RAYON_NUM_THREADS"] = "1"  # before the tokenizer's thread pool starts
 
-from llm.clean import iter_documents  # noqa: E402
+from llm.documents import iter_documents  # noqa: E402
 from llm.encoder import PieceEncoder, split_text  # noqa: E402
 from llm.tokenizer import load_tokenizer  # noqa: E402
 

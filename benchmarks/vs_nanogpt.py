@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from model_args import add_model_args, model_config, optimizer_step
 
-from llm.clean import iter_documents
 from llm.config import TrainConfig
+from llm.documents import iter_documents
 from llm.model import GPT
 from llm.optim import configure_optimizers
 from llm.split import is_val

@@ -1,4 +1,4 @@
-"""Clean raw files into Parquet shards of (id, source, text).
+"""Clean the raw documents (read by llm/readers.py) into the cleaned-document shards of llm/documents.py.
 
 Every document that goes in is either written out or counted under a drop reason: nothing is lost
 silently. The corpus is streamed: this process (the driver) reads documents in file order and hands
@@ -11,35 +11,26 @@ exact deduplication (and its MinHash signature when clean.near_dedup is on: llm/
 
 import collections
 import dataclasses
-import gzip
 import hashlib
-import io
-import json
 import logging
 import re
 import unicodedata
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import zstandard
 
 from llm.config import CleanConfig
-from llm.engine import map_ordered
+from llm.documents import DocumentShardWriter
+from llm.engine import batches_by_chars, map_ordered
 from llm.errors import InputError
 from llm.fileio import atomic_dir
 from llm.near_dedup import MinHashParams, NearDuplicateIndex, signature
+from llm.readers import RawDocument, iter_raw_documents
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
-SHARD_NAME = "part-{:06d}.parquet"
-ROW_GROUP_BYTES = 16 << 20
 MAX_LISTED_FILES = 1000  # bad files named one by one in metrics/clean.json; all are counted
 
 # C0 and C1 control characters except \t and \n (\r is turned into \n before this runs).
@@ -64,14 +55,22 @@ class CleanStats:
     documents_out: int = 0
     bytes_out: int = 0
     shards: int = 0
-    duplicates: int = 0
-    near_duplicates: int = 0  # dropped by clean.near_dedup: close to an earlier kept document, not equal
     gutenberg_stripped: int = 0  # documents whose Project Gutenberg header/footer was removed
     special_tokens_neutralised: int = 0  # literal special-token strings defused in text
     control_chars_removed: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # documents by reason
     dropped_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     bad_files: list = dataclasses.field(default_factory=list)  # [{"file", "reason"}] for skipped files
+
+    @property
+    def duplicates(self) -> int:
+        """Documents equal (after cleaning) to an earlier kept one."""
+        return self.dropped["duplicate"]
+
+    @property
+    def near_duplicates(self) -> int:
+        """Documents dropped by clean.near_dedup: close to an earlier kept document, not equal."""
+        return self.dropped["near_duplicate"]
 
     def drop(self, reason: str, nbytes: int = 0, file: str | None = None) -> None:
         self.dropped[reason] += 1
@@ -95,19 +94,13 @@ class CleanStats:
         out["dropped"] = dict(sorted(self.dropped.items()))
         out["dropped_bytes"] = dict(sorted(self.dropped_bytes.items()))
         out["documents_dropped"] = sum(self.dropped.values())
+        out["duplicates"], out["near_duplicates"] = self.duplicates, self.near_duplicates
         return out
 
     def report(self) -> pd.DataFrame:
         """Drops by reason, as a table for the log."""
         rows = [(reason, count, self.dropped_bytes[reason]) for reason, count in sorted(self.dropped.items())]
         return pd.DataFrame(rows, columns=["reason", "documents", "bytes"]).set_index("reason")
-
-
-@dataclasses.dataclass
-class RawDocument:
-    id: str
-    source: str  # file under data/raw, as a relative POSIX path
-    text: str
 
 
 def neutralise_special_tokens(text: str, special_tokens: Iterable[str]) -> tuple[str, int]:
@@ -143,182 +136,6 @@ def clean_text(text: str, special_tokens: Iterable[str], stats: CleanStats) -> s
     text, neutralised = neutralise_special_tokens(text, special_tokens)
     stats.special_tokens_neutralised += neutralised
     return text.strip()
-
-
-def _decode(data: bytes) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _encodes(text: str) -> bool:
-    """Whether `text` has a UTF-8 form (no lone surrogate). Free for ASCII text: isascii reads a flag."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_plain_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
-    data = path.read_bytes()
-    stats.documents_in += 1
-    stats.bytes_in += len(data)
-    if b"\x00" in data:
-        stats.drop("binary", len(data), name)
-        return
-    text = _decode(data)
-    if text is None:
-        stats.drop("invalid_utf8", len(data), name)
-        return
-    yield RawDocument(id=name, source=name, text=text)
-
-
-def open_jsonl(path: Path) -> BinaryIO:
-    """A .jsonl file, or one compressed with gzip (.jsonl.gz) or Zstandard (.jsonl.zst), read as bytes."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline of its own
-    return open(path, "rb")
-
-
-def read_jsonl_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
-    """One document per line, from its "text" field. A bad line is counted; the rest of the file is kept.
-    A compressed file that turns out corrupt or cut short keeps the lines read before the damage and
-    counts the rest as one `corrupt_compressed` drop."""
-    try:
-        yield from _read_jsonl_lines(path, name, stats)
-    except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as err:
-        stats.documents_in += 1
-        stats.drop("corrupt_compressed", 0, f"{name}: {err}")
-
-
-def _read_jsonl_lines(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
-    with open_jsonl(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            stats.documents_in += 1
-            stats.bytes_in += len(line)
-            raw = _decode(line)
-            if raw is None:
-                stats.drop("invalid_utf8", len(line), f"{name}:{lineno}")
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
-                stats.drop("malformed_jsonl", len(line), f"{name}:{lineno}")
-                continue
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                stats.drop("missing_text", len(line), f"{name}:{lineno}")
-                continue
-            if not _encodes(text):  # JSON's \ud800 escapes decode to lone surrogates, which UTF-8 cannot hold
-                stats.drop("lone_surrogate", len(line), f"{name}:{lineno}")
-                continue
-            yield RawDocument(id=f"{name}:{lineno}", source=name, text=text)
-
-
-def read_parquet_file(path: Path, name: str, stats: CleanStats) -> Iterator[RawDocument]:
-    """One document per row, from its "text" column, read a batch at a time."""
-    try:
-        parquet = pq.ParquetFile(path)
-        if "text" not in parquet.schema_arrow.names:
-            stats.documents_in += 1
-            stats.drop("missing_text_column", path.stat().st_size, name)
-            return
-        row = 0
-        for batch in parquet.iter_batches(columns=["text"], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                stats.documents_in += 1
-                if not isinstance(text, str):
-                    stats.drop("missing_text", 0, f"{name}:{row}")
-                else:
-                    stats.bytes_in += len(text.encode())
-                    yield RawDocument(id=f"{name}:{row}", source=name, text=text)
-                row += 1
-    except (pa.ArrowException, OSError) as err:
-        stats.documents_in += 1
-        stats.drop("unreadable_parquet", 0, f"{name}: {err}")
-
-
-READERS = {
-    ".txt": read_plain_file,
-    ".md": read_plain_file,
-    ".jsonl": read_jsonl_file,
-    ".jsonl.gz": read_jsonl_file,
-    ".jsonl.zst": read_jsonl_file,
-    ".parquet": read_parquet_file,
-}
-
-
-def reader_for(name: str) -> Callable[[Path, str, CleanStats], Iterator[RawDocument]] | None:
-    """The reader for a file name by its suffix (.jsonl.gz counts as a whole), or None."""
-    lower = name.lower()
-    return next((reader for suffix, reader in READERS.items() if lower.endswith(suffix)), None)
-
-
-def iter_raw_documents(raw_dir: Path, stats: CleanStats) -> Iterator[RawDocument]:
-    """Every document under `raw_dir`, files in sorted order; unsupported files are counted."""
-    for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
-        name = path.relative_to(raw_dir).as_posix()
-        stats.files_in += 1
-        reader = reader_for(name)
-        if reader is None:
-            stats.documents_in += 1
-            stats.bytes_in += path.stat().st_size
-            stats.drop("unsupported_file", path.stat().st_size, name)
-            continue
-        try:
-            yield from reader(path, name, stats)
-        except OSError as err:
-            stats.documents_in += 1
-            stats.drop("unreadable_file", 0, f"{name}: {err.strerror}")
-
-
-class DocumentShardWriter:
-    """Appends documents to part-NNNNNN.parquet files of about `shard_bytes` of text each."""
-
-    def __init__(self, out_dir: Path, shard_bytes: int) -> None:
-        self.out_dir, self.shard_bytes = out_dir, shard_bytes
-        self.rows: dict[str, list[str]] = {name: [] for name in SCHEMA.names}
-        self.buffered = self.shard_written = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.shards = 0
-
-    def add(self, doc_id: str, source: str, text: str, nbytes: int) -> None:
-        self.rows["id"].append(doc_id)
-        self.rows["source"].append(source)
-        self.rows["text"].append(text)
-        self.buffered += nbytes
-        if self.buffered >= ROW_GROUP_BYTES or self.shard_written + self.buffered >= self.shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.rows["id"]:
-            return
-        if self.writer is None:
-            path = self.out_dir / SHARD_NAME.format(self.shards)
-            self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
-            self.shards += 1
-        self.writer.write_table(pa.table(self.rows, schema=SCHEMA))
-        self.shard_written += self.buffered
-        self.rows = {name: [] for name in SCHEMA.names}
-        self.buffered = 0
-        if self.shard_written >= self.shard_bytes:
-            self.writer.close()
-            self.writer, self.shard_written = None, 0
-
-    def close(self) -> int:
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-        return self.shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,19 +185,6 @@ def clean_batch(setup: CleanSetup, docs: list[RawDocument]) -> CleanedBatch:
     return result
 
 
-def batch_raw_documents(docs: Iterable[RawDocument], batch_chars: int) -> Iterator[list[RawDocument]]:
-    """Group documents into lists of about `batch_chars` characters (a longer document is a batch alone)."""
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens: Iterable[str]) -> CleanStats:
     """Clean every document under `raw_dir` into Parquet shards that replace `out_dir` whole."""
     if not Path(raw_dir).is_dir():
@@ -392,18 +196,16 @@ def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens:
     seen: set[bytes] = set()
     with atomic_dir(out_dir) as staging:
         writer = DocumentShardWriter(staging, cfg.shard_mb << 20)
-        batches = batch_raw_documents(iter_raw_documents(raw_dir, stats), cfg.batch_chars)
+        batches = batches_by_chars(iter_raw_documents(raw_dir, stats), cfg.batch_chars, lambda doc: len(doc.text))
         for batch in map_ordered(clean_batch, batches, setup, cfg.engine, cfg.num_workers):
             stats.merge(batch.stats)
             for i, ((doc_id, source, text), raw_bytes, clean_bytes, digest) in enumerate(
                 zip(batch.kept, batch.raw_bytes, batch.clean_bytes, batch.digests, strict=True)
             ):
                 if digest in seen:
-                    stats.duplicates += 1
                     stats.drop("duplicate", raw_bytes)
                     continue
                 if near is not None and near.is_duplicate(batch.signatures[i]):
-                    stats.near_duplicates += 1
                     stats.drop("near_duplicate", raw_bytes)
                     continue
                 seen.add(digest)
@@ -413,12 +215,3 @@ def clean_corpus(raw_dir: Path, out_dir: Path, cfg: CleanConfig, special_tokens:
         stats.shards = writer.close()
     return stats
 
-
-def iter_documents(clean_dir: Path, batch_size: int = 256) -> Iterator[tuple[str, str]]:
-    """(id, text) of every cleaned document, in order, streamed a Parquet batch at a time."""
-    shards = sorted(Path(clean_dir).glob("part-*.parquet"))
-    if not shards:
-        raise InputError(f"{clean_dir}: no cleaned shards (part-*.parquet); run the clean stage first")
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["id", "text"], batch_size=batch_size):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)

@@ -60,6 +60,20 @@ def map_ordered(fn: Callable[[Any, Item], Result], items: Iterable[Item], setup:
                             lambda future: future.result())
 
 
+def batches_by_chars(items: Iterable[Item], batch_chars: int, chars: Callable[[Item], int]) -> Iterator[list[Item]]:
+    """Group items, in order, into lists of about `batch_chars` characters (an item holds `chars(item)`): the units
+    of work handed to workers. A list ends with the item that brings it to `batch_chars` or more."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += chars(item)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _bounded(submit: Callable, items: Iterable, workers: int, wait: Callable) -> Iterator:
     """Submit items lazily, at most IN_FLIGHT_PER_WORKER * workers not yet yielded; yield in order."""
     pending: collections.deque = collections.deque()

@@ -1,5 +1,5 @@
 """Bring a corpus into data/raw/: a pinned builtin corpus downloaded with pip, the user's own files, or files
-at a URL (llm/remote.py); and write the manifest of what was brought."""
+at a URL (llm/remote.py); and write the manifest of what was brought (llm/manifest.py)."""
 
 import contextlib
 import dataclasses
@@ -19,15 +19,15 @@ from pathlib import Path
 from llm import remote
 from llm.errors import InputError
 from llm.fileio import atomic_dir, sha256_file
-from llm.remote import Manifest, ManifestFile
+from llm.manifest import Manifest, ManifestFile, read_manifest, write_manifest
+from llm.raw_formats import SUFFIXES, raw_format
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
-
 
 def supported(name: str) -> bool:
-    return name.lower().endswith(SUPPORTED_SUFFIXES)
+    """Whether clean reads a file called `name` (llm/raw_formats.py): fetch brings only those."""
+    return raw_format(name) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ def find_local_files(source: str, summary: FetchSummary) -> list[tuple[Path, str
     for path in sorted(p for p in files if not supported(p.name)):
         summary.skip("unsupported_suffix", path)
     if not wanted:
-        raise InputError(f"data.source: no {'/'.join(SUPPORTED_SUFFIXES)} files found at '{source}'")
+        raise InputError(f"data.source: no {'/'.join(SUFFIXES)} files found at '{source}'")
     return sorted((p, p.relative_to(root).as_posix()) for p in wanted)
 
 
@@ -224,7 +224,7 @@ def bring_remote(source: str, staging: Path, downloads: Path, locked: Manifest |
         if not supported(file.name):
             summary.skip("unsupported_suffix", file.url)
     if not any(supported(file.name) for file in listed):
-        raise InputError(f"data.source: no {'/'.join(SUPPORTED_SUFFIXES)} files found at '{source}'")
+        raise InputError(f"data.source: no {'/'.join(SUFFIXES)} files found at '{source}'")
     by_url = locked.by_url() if locked else {}
     for file in (file for file in listed if supported(file.name)):
         cached, entry, downloaded = remote.download(file, downloads, by_url.get(file.url))
@@ -244,7 +244,7 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
         if source in BUILTIN:
             summary = bring_builtin(BUILTIN[source], staging)
         elif remote.is_url(source):
-            locked = remote.read_manifest(manifest) if manifest is not None else None
+            locked = read_manifest(manifest) if manifest is not None else None
             with contextlib.nullcontext(downloads) if downloads else tempfile.TemporaryDirectory() as cache:
                 summary = bring_remote(source, staging, Path(cache), locked)
         else:
@@ -254,5 +254,5 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
                     ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
     if manifest is not None:
         entries = tuple(sorted(summary.entries, key=lambda entry: entry.name))
-        remote.write_manifest(manifest, Manifest(source, entries))
+        write_manifest(manifest, Manifest(source, entries))
     return summary

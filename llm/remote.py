@@ -1,5 +1,5 @@
-"""URL sources for data.source (https://, hf://, s3://, gs://, and any other fsspec URL): listing, download with
-resume and verification, and the fetch manifest (data/manifest.json), whose format this module owns.
+"""URL sources for data.source (https://, hf://, s3://, gs://, and any other fsspec URL): listing, and download with
+resume and verification against the store's checksums, a #sha256= pin and the fetch manifest (llm/manifest.py).
 
 We download to local files and never stream from the source straight into clean: a local copy is what lets DVC
 hash the stage's output by content, lets clean and the tokenizer rerun without touching the network, and lets an
@@ -10,7 +10,6 @@ delete it before rerunning fetch) and data/raw/ gets hard links to them.
 import base64
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,8 +21,9 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec import AbstractFileSystem
 
-from llm.errors import InputError
-from llm.fileio import DiskFull, out_of_space, write_json_atomic
+from llm.errors import InputError, first_line
+from llm.fileio import DiskFull, out_of_space
+from llm.manifest import ManifestFile
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CHUNK_BYTES = 8 << 20  # one read, and for seekable stores one ranged request: what a dropped connection costs
 STALLED_ATTEMPTS = 5  # attempts in a row that add no byte before a download is given up
 BACKOFF_S = 1.0  # wait before the first retry, doubled for each attempt in a row that added nothing
-MANIFEST_VERSION = 1
 
 
 def is_url(source: str) -> bool:
     return URL.match(source) is not None
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 # --- listing ------------------------------------------------------------------------------------------------
@@ -91,7 +86,7 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
         raise InputError(f"data.source: {scheme}:// URLs need the package {package}, which is not installed: "
                          f"pip install {package}") from None
     except ValueError as err:
-        raise InputError(f"data.source: no filesystem for {scheme}:// URLs ({one_line(err)})") from None
+        raise InputError(f"data.source: no filesystem for {scheme}:// URLs ({first_line(err)})") from None
 
 
 def pin_revision(fs: AbstractFileSystem, path: str) -> tuple[str, str | None]:
@@ -174,12 +169,12 @@ def list_remote(source: str) -> list[RemoteFile]:
         path, revision = pin_revision(fs, path)
         root, infos = find(fs, path)
     except FileNotFoundError as err:
-        cause = f" ({one_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
+        cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
         raise InputError(f"data.source: '{source}' not found{cause}") from None
     except InputError:
         raise
     except Exception as err:  # the store's own errors: credentials, network, a bad bucket name
-        raise InputError(f"data.source: cannot list '{source}': {one_line(err)}") from None
+        raise InputError(f"data.source: cannot list '{source}': {first_line(err)}") from None
     if not infos:
         raise InputError(f"data.source: no files at '{source}'")
     if pinned and len(infos) > 1:
@@ -198,71 +193,6 @@ def list_remote(source: str) -> list[RemoteFile]:
         raise InputError(f"data.source: '{source}' lists two files under one name (an HTTP query string is not "
                          "part of the name); name the files one by one")
     return files
-
-
-# --- the manifest ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ManifestFile:
-    name: str  # path under data/raw/
-    size: int  # bytes
-    sha256: str  # of the bytes brought, computed here (after download, for a URL)
-    url: str | None = None  # where a remote file came from (hf://: at the pinned commit)
-    etag: str | None = None  # the store's checksum or version tag: HF LFS sha256 or git blob id, S3/GCS/HTTP ETag
-    revision: str | None = None  # hf://: the commit sha the source's revision resolved to
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    source: str  # data.source as params.yaml gives it
-    files: tuple[ManifestFile, ...]  # sorted by name
-
-    def by_url(self) -> dict[str, ManifestFile]:
-        return {file.url: file for file in self.files if file.url is not None}
-
-
-FIELDS = {field.name: field for field in dataclasses.fields(ManifestFile)}
-REQUIRED = {name for name, field in FIELDS.items() if field.default is dataclasses.MISSING}
-
-
-def write_manifest(path: str | Path, manifest: Manifest) -> None:
-    """JSON, unset fields left out: a rerun that brings the same bytes writes the same file, byte for byte."""
-    files = [{k: v for k, v in dataclasses.asdict(file).items() if v is not None} for file in manifest.files]
-    write_json_atomic(path, {"version": MANIFEST_VERSION, "source": manifest.source, "files": files})
-
-
-def parse_file(entry: Any) -> ManifestFile:
-    if not isinstance(entry, dict):
-        raise ValueError(f"a file entry is {type(entry).__name__}, not an object")
-    if unknown := set(entry) - set(FIELDS):
-        raise ValueError(f"unknown keys {sorted(unknown)}")
-    if missing := REQUIRED - set(entry):
-        raise ValueError(f"an entry lacks {sorted(missing)}")
-    for key, value in entry.items():
-        wanted = int if key == "size" else str
-        if not isinstance(value, wanted) or isinstance(value, bool):
-            raise ValueError(f"{key} is {value!r}, not a {wanted.__name__}")
-    return ManifestFile(**entry)
-
-
-def read_manifest(path: str | Path) -> Manifest | None:
-    """The manifest at `path`, or None when there is none; a file that is not one is an InputError."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read the fetch manifest ({one_line(err)}); delete it to fetch afresh") \
-            from None
-    try:
-        if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"not a version {MANIFEST_VERSION} manifest")
-        if not isinstance(raw.get("source"), str) or not isinstance(raw.get("files"), list):
-            raise ValueError("needs a source string and a files list")
-        return Manifest(raw["source"], tuple(parse_file(entry) for entry in raw["files"]))
-    except ValueError as err:
-        raise InputError(f"{path}: not a fetch manifest ({err}); delete it to fetch afresh") from None
 
 
 # --- download, resume, verify ---------------------------------------------------------------------------------
@@ -346,7 +276,7 @@ def download_part(file: RemoteFile, part: Path) -> None:
         except Exception as err:
             if out_of_space(err, part.parent):
                 raise DiskFull(part) from None
-            error = one_line(err)
+            error = first_line(err)
         stalled = 0 if size_of(part) > reached else stalled + 1
         reached = max(reached, size_of(part))
         if stalled == STALLED_ATTEMPTS:

@@ -8,15 +8,14 @@ and RAM does not grow with the corpus.
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from llm.clean import iter_documents
 from llm.config import EOT, DataConfig, TokenizeConfig
+from llm.documents import iter_documents
 from llm.encoder import PieceEncoder
-from llm.engine import map_ordered
+from llm.engine import batches_by_chars, map_ordered
 from llm.fileio import atomic_dir, sha256_file
 from llm.shards import SPLITS, ShardWriter, SplitMeta, TokensMeta, token_dtype, write_meta
 from llm.split import is_val, require_both_splits
@@ -43,19 +42,6 @@ def encode_documents(encoder: PieceEncoder, docs: list[tuple[bool, str]], eot_id
         documents={"train": int((~doc_is_val).sum()), "val": int(doc_is_val.sum())},
         bytes={"train": int(doc_bytes[~doc_is_val].sum()), "val": int(doc_bytes[doc_is_val].sum())},
     )
-
-
-def batch_documents(docs: Iterable[tuple[str, str]], data: DataConfig, batch_chars: int) -> Iterator[list]:
-    """Group (id, text) into lists of (is_val, text) of about `batch_chars` characters."""
-    batch, size = [], 0
-    for doc_id, text in docs:
-        batch.append((is_val(doc_id, data.seed, data.val_fraction), text))
-        size += len(text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +71,8 @@ def tokenize_corpus(
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT)
     dtype = token_dtype(vocab_size)
-    batches = batch_documents(iter_documents(clean_dir), data, cfg.batch_chars)
+    docs = ((is_val(doc_id, data.seed, data.val_fraction), text) for doc_id, text in iter_documents(clean_dir))
+    batches = batches_by_chars(docs, cfg.batch_chars, lambda doc: len(doc[1]))
 
     with atomic_dir(out_dir) as staging:
         writers = {split: ShardWriter(staging, split, dtype, cfg.shard_tokens) for split in SPLITS}

@@ -17,7 +17,7 @@ def tokenizer(
     metrics: Path = typer.Option(Path("metrics/tokenizer.json"), help="vocab size, bytes per token on val"),
 ) -> None:
     """Train a byte-level BPE tokenizer on the train split; measure bytes per token on the val split."""
-    from llm.clean import iter_documents
+    from llm.documents import iter_documents
     from llm.fileio import write_json_atomic
     from llm.tokenizer import save_tokenizer, train_on_corpus
 

@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from llm.checkpoint import checkpoint_dirs, read_checkpoint
-from llm.clean import clean_corpus, iter_documents
+from llm.clean import clean_corpus
 from llm.config import EOT, CleanConfig, MlflowConfig
+from llm.documents import iter_documents
 from llm.errors import InputError
 from llm.model_io import load_model_dir
 from llm.tracking import MODEL_RUN_FILE, run_of_model

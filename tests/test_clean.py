@@ -5,10 +5,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import llm.clean
-from llm.clean import NEUTRALISER, CleanStats, clean_corpus, clean_text, iter_documents, strip_gutenberg
+from llm.clean import NEUTRALISER, CleanStats, clean_corpus, clean_text, strip_gutenberg
 from llm.config import EOT, CleanConfig
+from llm.documents import iter_documents
 from llm.errors import InputError
-from llm.fetch import SUPPORTED_SUFFIXES
+from llm.fetch import supported
+from llm.raw_formats import SUFFIXES
+from llm.readers import READERS, reader_for
 
 SPECIAL = (EOT,)
 
@@ -213,4 +216,24 @@ def test_near_duplicates_are_dropped_only_when_asked_and_counted(tmp_path):
 
 
 def test_clean_reads_every_file_type_fetch_brings():
-    assert set(llm.clean.READERS) == set(SUPPORTED_SUFFIXES)
+    assert set(READERS) == set(SUFFIXES.values()), "a reader for each format of the suffix table, and no other"
+    names = [f"doc{suffix}" for suffix in SUFFIXES] + [f"DOC{suffix.upper()}" for suffix in SUFFIXES] + [
+        "a.gz", "a.zst", "a.json", "a.csv", "a.txt.bak", "jsonl", "a.parquet.tmp", "README"]
+    for name in names:
+        assert supported(name) == (reader_for(name) is not None), f"fetch and clean disagree on {name}"
+    assert all(supported(f"doc{suffix}") for suffix in SUFFIXES) and not supported("a.csv")
+
+
+def test_the_metrics_keep_their_keys_and_a_duplicate_is_counted_once(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = "the same words in the same order, long enough to keep"
+    (raw / "a.txt").write_text(text)
+    (raw / "b.txt").write_text(text)
+    (raw / "c.txt").write_text(text + " and then some more")
+    metrics = clean_corpus(raw, tmp_path / "clean", CleanConfig(min_chars=10), SPECIAL).to_dict()
+    assert set(metrics) == {"bad_files", "bytes_in", "bytes_out", "control_chars_removed", "documents_dropped",
+                            "documents_in", "documents_out", "dropped", "dropped_bytes", "duplicates", "files_in",
+                            "gutenberg_stripped", "near_duplicates", "shards", "special_tokens_neutralised"}
+    assert metrics["duplicates"] == metrics["dropped"]["duplicate"] == metrics["documents_dropped"] == 1
+    assert metrics["near_duplicates"] == 0 and metrics["documents_out"] == 2

@@ -10,7 +10,7 @@ import pytest
 
 from llm.clean import clean_corpus
 from llm.config import EOT, CleanConfig, DataConfig, TokenizeConfig
-from llm.engine import map_ordered
+from llm.engine import batches_by_chars, map_ordered
 from llm.errors import ConfigError
 from llm.tokenize import tokenize_corpus
 from tests.conftest import SAMPLE_TEXTS
@@ -47,6 +47,16 @@ def test_local_results_come_back_in_order(workers):
 def test_a_single_item_runs_in_this_process():
     assert list(map_ordered(add_offset, [5], Offset(1), "local", 2)) == [(6, os.getpid())]
     assert list(map_ordered(add_offset, [], Offset(1), "local", 2)) == []
+
+
+def test_batches_close_at_the_item_that_reaches_the_size_and_keep_every_item_in_order():
+    texts = ["abc", "de", "fghij", "k", "lmnopqrstu", "vw", "x"]
+    batches = list(batches_by_chars(texts, 5, len))
+    assert batches == [["abc", "de"], ["fghij"], ["k", "lmnopqrstu"], ["vw", "x"]]
+    assert list(batches_by_chars(iter([]), 5, len)) == []
+    pairs = [(i % 2 == 0, text) for i, text in enumerate(texts)]  # tokenize's (is_val, text): sized by the text
+    assert list(batches_by_chars(pairs, 5, lambda pair: len(pair[1]))) == [
+        pairs[:2], pairs[2:3], pairs[3:5], pairs[5:]]
 
 
 def test_an_unknown_engine_is_a_config_error():

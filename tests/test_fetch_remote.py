@@ -18,7 +18,8 @@ import pytest
 from llm import remote
 from llm.errors import InputError
 from llm.fetch import fetch
-from llm.remote import Manifest, ManifestFile, Pin, read_manifest, write_manifest
+from llm.manifest import Manifest, ManifestFile, read_manifest, write_manifest
+from llm.remote import Pin
 from tests.conftest import read_json, run_stage, write_params
 
 
@@ -311,7 +312,11 @@ def test_the_manifest_reader_is_strict(tmp_path):
     document = json.loads(path.read_text())
     document["files"][0]["sha256"] = 7
     path.write_text(json.dumps(document))
-    with pytest.raises(InputError, match="manifest.json: not a fetch manifest .*sha256"):
+    with pytest.raises(InputError, match=r"manifest.json: not a fetch manifest \(files\[0\]\.sha256 is 7"):
+        read_manifest(path)
+    document["files"][0]["sha256"], document["version"] = "ab" * 32, 2
+    path.write_text(json.dumps(document))
+    with pytest.raises(InputError, match="manifest.json: not a fetch manifest .*version is 2"):
         read_manifest(path)
     path.write_text("{")
     with pytest.raises(InputError, match="manifest.json: cannot read"):

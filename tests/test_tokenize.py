@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from llm.clean import clean_corpus, iter_documents
+from llm.clean import clean_corpus
 from llm.config import EOT, CleanConfig, DataConfig, TokenizeConfig
+from llm.documents import iter_documents
 from llm.errors import ConfigError
 from llm.shards import open_shard, read_meta
 from llm.split import is_val
