@@ -1,8 +1,11 @@
 """reports/: what a trained model writes (samples.md) and how its attention formed (heatmaps PNG). Each file is
-replaced on its own (reports/guide/ belongs to the guide stage)."""
+replaced on its own (reports/guide/ belongs to the guide stage). This module is samples.md's one writer and reader
+(`Sample`, `read_samples`)."""
 
+import dataclasses
 import html
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +36,38 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, cfg: EvaluateConf
     return tokenizer.decode([i for i in ids if i != eot_id])
 
 
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One section of samples.md: a prompt and what the model wrote after it, sampled with `seed`."""
+
+    number: int  # 1-based: the prompt's place in evaluate.prompts
+    seed: int
+    prompt: str
+    continuation: str
+
+    @property
+    def title(self) -> str:
+        """The section's heading: its number and the prompt's first line."""
+        first_line = self.prompt.splitlines()[0] if self.prompt.strip() else "(empty prompt)"
+        return f"Sample {self.number}: {first_line}"
+
+    def markdown(self) -> list[str]:
+        """The section's lines: the prompt in bold, then the continuation, escaped inside <pre>."""
+        body = f"<b>{html.escape(self.prompt, quote=False)}</b>{html.escape(self.continuation, quote=False)}"
+        return [f"## {self.title}", "", f"seed {self.seed}", "", "<pre>", body, "</pre>", ""]
+
+
+# A section as Sample.markdown writes it. The text inside <pre> is escaped, so its first "</b>" and its "\n</pre>"
+# are the writer's own.
+_SECTION = re.compile(r"## Sample (\d+): [^\n]*\n\nseed (\d+)\n\n<pre>\n<b>(.*?)</b>(.*?)\n</pre>", flags=re.S)
+
+
+def read_samples(markdown: str) -> list[Sample]:
+    """The samples of a samples.md, in order."""
+    return [Sample(int(number), int(seed), html.unescape(prompt), html.unescape(continuation))
+            for number, seed, prompt, continuation in _SECTION.findall(markdown)]
+
+
 def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_id: int) -> str:
     config = model.config
     lines = ["# Samples", "",
@@ -42,10 +77,7 @@ def samples_markdown(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, eot_
              f"up to {cfg.max_new_tokens} new tokens. The prompt is in bold.", ""]
     for i, prompt in enumerate(cfg.prompts):
         seed = prompt_seed(cfg.seed, i)
-        continuation = sample_text(model, tokenizer, prompt, cfg, eot_id, seed)
-        title = prompt.splitlines()[0] if prompt.strip() else "(empty prompt)"
-        body = f"<b>{html.escape(prompt, quote=False)}</b>{html.escape(continuation, quote=False)}"
-        lines += [f"## Sample {i + 1}: {title}", "", f"seed {seed}", "", "<pre>", body, "</pre>", ""]
+        lines += Sample(i + 1, seed, prompt, sample_text(model, tokenizer, prompt, cfg, eot_id, seed)).markdown()
     return "\n".join(lines)
 
 

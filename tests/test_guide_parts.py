@@ -115,6 +115,26 @@ def test_the_html_escapes_text_and_marks_code(tmp_path):
     assert "A &lt;b&gt; title" in page and "&lt;/pre&gt;" in page and 'class="tok control"' in page
 
 
+def test_the_samples_the_evaluate_stage_writes_read_back_as_written(tiny_model_dir):
+    """samples.md has one writer and one reader (llm/report.py); the guide shows what read_samples gives."""
+    from llm.config import EvaluateConfig
+    from llm.model_io import load_model_dir
+    from llm.report import Sample, read_samples, sample_text, samples_markdown
+
+    tricky = [Sample(1, 5, "To be", " or not <b>&amp;</b>\n</pre>\n## Sample 9: x"), Sample(2, 6, "", "seed 3"),
+              Sample(3, 7, "two\nlines <pre>", "")]
+    assert read_samples("\n".join(["# Samples", "", "a model", "", *(line for s in tricky for line in s.markdown())])) \
+        == tricky
+    model, tokenizer = load_model_dir(tiny_model_dir)
+    eot_id = tokenizer.token_to_id("<|endoftext|>")
+    cfg = EvaluateConfig(prompts=("To be", "", "Once\nupon"), max_new_tokens=12, temperature=1.0, seed=5)
+    samples = read_samples(samples_markdown(model, tokenizer, cfg, eot_id))
+    assert [(s.number, s.seed, s.prompt) for s in samples] == [(1, 5, "To be"), (2, 6, ""), (3, 7, "Once\nupon")]
+    assert [s.continuation for s in samples] == [sample_text(model, tokenizer, s.prompt, cfg, eot_id, s.seed)
+                                                 for s in samples]
+    assert [s.title for s in samples] == ["Sample 1: To be", "Sample 2: (empty prompt)", "Sample 3: Once"]
+
+
 def test_the_sampling_sentence_names_what_is_off():
     from llm.guide.run_chapters import sampling_steps
 

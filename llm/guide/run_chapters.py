@@ -1,8 +1,6 @@
 """Chapters 7-9: training, generation, the experiments of the MLflow experiment."""
 
-import html
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from llm.guide.inputs import Run
 from llm.model import GPT
 from llm.optim import group_lrs, peak_lrs
 from llm.parallel import apply_activation_checkpointing
+from llm.report import read_samples
 from llm.tokenizer import token_text
 from llm.tracking import first_line, newest_runs, project_root, resolve_tracking_uri
 from llm.train import autocast, has_fast_bf16, lr_at
@@ -189,12 +188,6 @@ def sampling_steps(temperature: float, top_k: int, top_p: float, counts: list[in
     return text[0].upper() + text[1:]
 
 
-def samples_of(markdown: str) -> list[tuple[str, str]]:
-    """(title, text) of each sample in reports/samples.md."""
-    found = re.findall(r"## (Sample [^\n]*)\n\n(seed \d+)\n\n<pre>\n(.*?)\n</pre>", markdown, flags=re.S)
-    return [(f"{title} ({seed})", html.unescape(re.sub(r"</?b>", "", body))) for title, seed, body in found]
-
-
 def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
     cfg = run.settings.evaluate
     prompt = cfg.prompts[0]
@@ -220,8 +213,8 @@ def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
         Text(f"The samples of the evaluate stage (reports/samples.md): each prompt of `evaluate.prompts` sampled "
              f"with its own seed, up to {cfg.max_new_tokens} new tokens."),
     ]
-    for title, text in samples_of(run.samples):
-        blocks += [Text(title), Pre(text)]
+    for sample in read_samples(run.samples):
+        blocks += [Text(f"{sample.title} (seed {sample.seed})"), Pre(sample.prompt + sample.continuation)]
     return Chapter("generation", "Generation", blocks)
 
 
