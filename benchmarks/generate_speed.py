@@ -17,15 +17,14 @@ from model_args import add_model_args, model_config
 from llm.distributed import default_device
 from llm.generate import generate
 from llm.model import GPT
+from llm.throughput import sync
 
 
 def timed(model: GPT, new_tokens: int, use_cache: bool) -> tuple[float, list[int]]:
-    if model.wte.weight.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(model.device)
     start = time.perf_counter()
     ids = list(generate(model, [0], new_tokens, use_cache=use_cache))
-    if model.wte.weight.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(model.device)
     return time.perf_counter() - start, ids
 
 
