@@ -91,7 +91,7 @@ def merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in entries]
 
 
-SPECIMEN = ("To be,   or not\tto be:\n", "<|endoftext|> Быть или не быть; être ou ne pas être.")
+SPECIMEN = ("To be,   or not\tto be:\n", f"{EOT} Быть или не быть; être ou ne pas être.")
 
 
 def specimen_spans(tokenizer: Tokenizer, eot_id: int) -> list[tuple[str, int]]:
@@ -151,7 +151,7 @@ def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
                     "them."),
                Table(("merge", "left", "right", "token", "id"), rows)]
     spans = specimen_spans(tokenizer, run.eot_id)
-    typed = len(tokenizer.encode("<|endoftext|>").ids)
+    typed = len(tokenizer.encode(EOT).ids)
     blocks += [Text(
         "A sentence as the model sees it: each coloured span is one token, its id beneath (↵ is a newline, → a "
         f"tab). The span outlined in red is the control token `{EOT}` (id {run.eot_id}), which the pipeline "
