@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm.config import TrainConfig
+from llm.configs.model import ModelConfig
+from llm.configs.train import TrainConfig
 from llm.distributed import default_device
 from llm.evaluate import score_shards, token_byte_lengths
 from llm.model import GPTConfig
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer/tokenizer.json"))
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = load_params(args.params, model=ModelConfig, train=TrainConfig)
     meta = read_meta(args.tokens)
     meta.check_tokenizer(args.tokens, args.tokenizer)
     tokenizer = load_tokenizer(args.tokenizer)

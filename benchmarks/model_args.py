@@ -4,7 +4,7 @@ import argparse
 
 import torch
 
-from llm.config import ARCHS
+from llm.configs.model import ARCHS
 from llm.model import GPTConfig
 from llm.train import autocast
 

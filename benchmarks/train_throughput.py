@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from model_args import add_model_args, model_config, optimizer_step
 
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 from llm.distributed import Runtime, default_device
 from llm.model import GPT, GPTConfig
 from llm.optim import configure_optimizers

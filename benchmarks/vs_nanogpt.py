@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from model_args import add_model_args, model_config, optimizer_step
 
-from llm.config import TrainConfig
+from llm.configs.data import DataConfig
+from llm.configs.train import TrainConfig
 from llm.documents import iter_documents
 from llm.model import GPT
 from llm.optim import configure_optimizers
@@ -88,7 +89,7 @@ def speed(args: argparse.Namespace, nanogpt) -> None:
 def split_text(clean_dir: Path, params: Path) -> tuple[str, str]:
     """The train and val documents of the clean stage's output, split as the tokenize stage splits them,
     each document followed by a newline."""
-    data = load_params(params).data
+    data = load_params(params, data=DataConfig).data
     parts: dict[bool, list[str]] = {False: [], True: []}
     for doc_id, text in iter_documents(clean_dir):
         parts[is_val(doc_id, data.seed, data.val_fraction)].append(text + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llm.config import CleanConfig
+from llm.configs.clean import CleanConfig
 from llm.documents import DocumentShardWriter
 from llm.engine import batches_by_chars, map_ordered
 from llm.errors import InputError

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
-from llm.config import EOT, EvaluateConfig, MlflowConfig
+from llm.config import EOT
+from llm.configs.evaluate import EvaluateConfig
+from llm.configs.mlflow import MlflowConfig
 from llm.distributed import default_device
 from llm.errors import InputError
 from llm.fileio import read_utf8, write_json_atomic

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from llm.attention import probe_ids, write_record
-from llm.config import MlflowConfig, ModelConfig, TrainConfig
+from llm.configs.mlflow import MlflowConfig
+from llm.configs.model import ModelConfig
+from llm.configs.train import TrainConfig
 from llm.distributed import distributed_runtime
 from llm.errors import Interrupted
 from llm.fileio import write_json_atomic

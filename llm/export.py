@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llm.config import EOT, PRESETS
+from llm.config import EOT
+from llm.configs.model import PRESETS
 from llm.errors import InputError
 from llm.fileio import atomic_dir
 from llm.model import GPT, NORM_EPS, ROPE_THETA, GPTConfig, tied_aliases

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from llm.config import check_sampling
+from llm.configs.evaluate import check_sampling
 from llm.model import GPT
 
 

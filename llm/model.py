@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.config import ModelConfig
+from llm.configs.model import ModelConfig
 from llm.errors import ConfigError
 
 NORM_EPS = 1e-5

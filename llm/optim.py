@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 
 # Quintic Newton-Schulz coefficients tuned to push singular values in (0, 1] towards 1 in few steps
 # (Keller Jordan's): the result has singular values in roughly [0.7, 1.2], which trains as well as exact.

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from llm.attention import probe_ids
 from llm.checkpoint import checkpoint_dirs, read_state
-from llm.config import EvaluateConfig
+from llm.configs.evaluate import EvaluateConfig
 from llm.errors import InputError
 from llm.fileio import atomic_dir, write_bytes_atomic
 from llm.generate import generate, prompt_ids

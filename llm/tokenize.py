@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.config import EOT, DataConfig, TokenizeConfig
+from llm.config import EOT
+from llm.configs.data import DataConfig
+from llm.configs.tokenize import TokenizeConfig
 from llm.documents import iter_documents
 from llm.encoder import PieceEncoder
 from llm.engine import batches_by_chars, map_ordered

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm.config import EOT, DataConfig, TokenizerConfig
+from llm.config import EOT
+from llm.configs.data import DataConfig
+from llm.configs.tokenizer import TokenizerConfig
 from llm.encoder import count_tokens, split_text
 from llm.errors import InputError
 from llm.fileio import write_bytes_atomic

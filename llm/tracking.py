@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm.config import MlflowConfig
+from llm.configs.mlflow import MlflowConfig
 from llm.errors import InputError
 
 log = logging.getLogger(__name__)

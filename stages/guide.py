@@ -24,10 +24,16 @@ def guide(
 ) -> None:
     """Build the learner's guide to this run: a chapter per stage, as HTML and one PDF, logged to the
     training's MLflow run."""
+    from llm.configs.data import DataConfig
+    from llm.configs.evaluate import EvaluateConfig
+    from llm.configs.mlflow import MlflowConfig
+    from llm.configs.tokenizer import TokenizerConfig
+    from llm.configs.train import TrainConfig
     from llm.guide.build import build_guide
     from llm.guide.inputs import GuidePaths, GuideSettings
 
-    cfg = load_params(params)
+    cfg = load_params(params, data=DataConfig, tokenizer=TokenizerConfig, train=TrainConfig, evaluate=EvaluateConfig,
+                      mlflow=MlflowConfig)
     paths = GuidePaths(raw, clean_metrics, tokenizer_metrics, tokens, model_dir, train_metrics, train_plots,
                        attention, eval_metrics, samples, out)
     build_guide(paths, GuideSettings(cfg.data, cfg.tokenizer, cfg.train, cfg.evaluate, cfg.mlflow))

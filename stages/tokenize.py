@@ -17,9 +17,11 @@ def tokenize(
     out: Path = typer.Option(Path("data/tokens"), help="token shards and meta.json (replaced whole)"),
 ) -> None:
     """Encode the cleaned corpus into llm.c-layout train/val token shards."""
+    from llm.configs.data import DataConfig
+    from llm.configs.tokenize import TokenizeConfig
     from llm.tokenize import tokenize_corpus
 
-    cfg = load_params(params)
+    cfg = load_params(params, data=DataConfig, tokenize=TokenizeConfig)
     meta = tokenize_corpus(clean, tokenizer, out, cfg.data, cfg.tokenize)
     for split, counts in meta.splits.items():
         log.info("%s: %d documents, %d tokens, %d shards (%s)", split, counts.documents, counts.tokens,

@@ -17,11 +17,13 @@ def tokenizer(
     metrics: Path = typer.Option(Path("metrics/tokenizer.json"), help="vocab size, bytes per token on val"),
 ) -> None:
     """Train a byte-level BPE tokenizer on the train split; measure bytes per token on the val split."""
+    from llm.configs.data import DataConfig
+    from llm.configs.tokenizer import TokenizerConfig
     from llm.documents import iter_documents
     from llm.fileio import write_json_atomic
     from llm.tokenizer import save_tokenizer, train_on_corpus
 
-    cfg = load_params(params)
+    cfg = load_params(params, data=DataConfig, tokenizer=TokenizerConfig)
     trained, report = train_on_corpus(lambda: iter_documents(clean), cfg.data, cfg.tokenizer)
     save_tokenizer(trained, out)
     write_json_atomic(metrics, report)

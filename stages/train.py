@@ -22,10 +22,14 @@ def train(
     """Train the transformer; resume from a compatible checkpoint; rank 0 writes the outputs and logs to
     MLflow. With train.nproc_per_node > 1 it starts that many worker processes itself; under torchrun
     (several machines) it runs as one worker."""
+    from llm.configs.evaluate import EvaluateConfig
+    from llm.configs.mlflow import MlflowConfig
+    from llm.configs.model import ModelConfig
+    from llm.configs.train import TrainConfig
     from llm.experiment import TrainPaths, model_config, run_training
     from llm.launch import die_with_launcher, is_worker, launch_workers
 
-    cfg = load_params(params)
+    cfg = load_params(params, model=ModelConfig, train=TrainConfig, evaluate=EvaluateConfig, mlflow=MlflowConfig)
     paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots, attention)
     if is_worker():
         die_with_launcher()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from llm.config import TokenizerConfig
+from llm.configs.tokenizer import TokenizerConfig
 from llm.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import pytest
 
 import llm.clean
 from llm.clean import NEUTRALISER, CleanStats, clean_corpus, clean_text, strip_gutenberg
-from llm.config import EOT, CleanConfig
+from llm.config import EOT
+from llm.configs.clean import CleanConfig
 from llm.documents import iter_documents
 from llm.errors import InputError
 from llm.fetch import supported

@@ -87,3 +87,21 @@ def test_the_closure_follows_imports_through_the_library():
     assert {Path("llm/evaluate.py"), Path("llm/report.py"), Path("llm/checkpoint.py"),
             Path("llm/distributed.py"), Path("stages/cli.py")} <= closure
     assert Path("llm/fetch.py") not in closure
+
+
+def config_modules(stage: dict) -> set[str]:
+    """The section config modules (llm/configs/*.py) a stage lists as deps."""
+    return {dep for dep in stage.get("deps", []) if dep.startswith("llm/configs/")}
+
+
+def test_a_stage_depends_on_the_configs_of_the_sections_it_reads_not_on_every_section():
+    """Editing one section's config module reruns the stages that read it, not the whole pipeline."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert config_modules(stages["fetch"]) == {"llm/configs/data.py"}
+    later = {"llm/configs/model.py", "llm/configs/train.py", "llm/configs/evaluate.py", "llm/configs/mlflow.py"}
+    for name in ("fetch", "clean", "tokenizer", "tokenize"):
+        assert not config_modules(stages[name]) & later, f"{name} lists a config of a stage after it"
+    assert "llm/configs/train.py" in config_modules(stages["train"])
+    # The reader of params.yaml imports no section's config: each stage brings only its own.
+    assert not {str(path) for path in import_closure(Path("stages/params.py"))} & {
+        f"llm/configs/{path.name}" for path in (ROOT / "llm" / "configs").glob("*.py")}

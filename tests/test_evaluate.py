@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import EOT, EvaluateConfig
+from llm.config import EOT
+from llm.configs.evaluate import EvaluateConfig
 from llm.evaluate import Score, score_shards, score_text, stream_windows, token_byte_lengths
 from llm.model_io import load_model_dir
 from llm.report import samples_markdown

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm.config import EOT, PRESETS
+from llm.config import EOT
+from llm.configs.model import PRESETS
 from llm.errors import InputError
 from llm.export import HF_PARTS, HF_PRESETS, export_hf, hf_class
 from llm.generate import generate

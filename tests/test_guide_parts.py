@@ -47,7 +47,7 @@ def test_a_token_label_is_its_text_on_one_line(sample_tokenizer_path):
 def test_the_guides_lr_curves_are_the_lrs_training_sets_at_every_step(optimizer):
     import torch
 
-    from llm.config import TrainConfig
+    from llm.configs.train import TrainConfig
     from llm.guide.run_chapters import lr_curves
     from llm.optim import configure_optimizers, set_lr
     from llm.train import lr_at
@@ -117,7 +117,7 @@ def test_the_html_escapes_text_and_marks_code(tmp_path):
 
 def test_the_samples_the_evaluate_stage_writes_read_back_as_written(tiny_model_dir):
     """samples.md has one writer and one reader (llm/report.py); the guide shows what read_samples gives."""
-    from llm.config import EvaluateConfig
+    from llm.configs.evaluate import EvaluateConfig
     from llm.model_io import load_model_dir
     from llm.report import Sample, read_samples, sample_text, samples_markdown
 

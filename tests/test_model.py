@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from llm.config import ARCHS, PRESETS, TrainConfig, from_mapping
+from llm.config import from_mapping
+from llm.configs.model import ARCHS, PRESETS
+from llm.configs.train import TrainConfig
 from llm.errors import ConfigError
 from llm.model import GPT, ROPE_THETA, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
 from llm.parallel import apply_activation_checkpointing, apply_compile

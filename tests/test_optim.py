@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 from llm.model import GPT, GPTConfig
 from llm.optim import Muon, configure_optimizers, orthogonalize, set_lr
 

@@ -8,7 +8,7 @@ from tests.conftest import run_stage as stage
 COMMANDS = ["fetch", "clean", "tokenizer", "tokenize"]
 
 
-ALL_COMMANDS = [*COMMANDS, "train", "evaluate", "generate", "export-hf", "tracking-uri"]
+ALL_COMMANDS = [*COMMANDS, "train", "evaluate", "generate", "export-hf", "tracking-uri", "check-params"]
 
 
 def test_help_lists_every_command_and_each_command_has_help(tmp_path):
@@ -22,22 +22,28 @@ def test_help_lists_every_command_and_each_command_has_help(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "--help writes nothing"
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"tokenizer": {"vocab_size": 256}}, "tokenizer.vocab_size"),
-    ({"data": {"val_fraction": 0.0}}, "data.val_fraction"),
-    ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
-    ({"clean": {"min_char": 10}}, "clean.min_char"),
-    ({"clean": {"min_chars": "ten"}}, "clean.min_chars"),
-    ({"tokenizer": {"special_tokens": ["<|pad|>"]}}, "tokenizer.special_tokens"),
-    ({"trian": {"lr": 1.0}}, "trian"),
+@pytest.mark.parametrize(("command", "overrides", "key"), [
+    ("clean", {"tokenizer": {"vocab_size": 256}}, "tokenizer.vocab_size"),
+    ("tokenizer", {"data": {"val_fraction": 0.0}}, "data.val_fraction"),  # clean reads no data section
+    ("tokenizer", {"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+    ("clean", {"clean": {"min_char": 10}}, "clean.min_char"),
+    ("clean", {"clean": {"min_chars": "ten"}}, "clean.min_chars"),
+    ("clean", {"tokenizer": {"special_tokens": ["<|pad|>"]}}, "tokenizer.special_tokens"),
+    ("clean", {"trian": {"lr": 1.0}}, "trian"),
 ])
-def test_invalid_params_exit_2_naming_the_key_before_any_work(tmp_path, overrides, key):
-    assert_rejected(tmp_path, "clean", overrides, key)
+def test_invalid_params_exit_2_naming_the_key_before_any_work(tmp_path, command, overrides, key):
+    assert_rejected(tmp_path, command, overrides, key)
+
+
+# Each command validates the sections it reads, before any work: one of them, broken, for each.
+READS = {"fetch": ("data", "val_fraction", 0.0), "clean": ("tokenizer", "vocab_size", 100),
+         "tokenizer": ("tokenizer", "vocab_size", 100), "tokenize": ("tokenize", "shard_tokens", 0)}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_validates_params_first(tmp_path, command):
-    assert_rejected(tmp_path, command, {"tokenizer": {"vocab_size": 100}}, "tokenizer.vocab_size")
+    section, key, value = READS[command]
+    assert_rejected(tmp_path, command, {section: {key: value}}, f"{section}.{key}")
 
 
 def assert_rejected(tmp_path, command, overrides, key):

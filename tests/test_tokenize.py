@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 
 from llm.clean import clean_corpus
-from llm.config import EOT, CleanConfig, DataConfig, TokenizeConfig
+from llm.config import EOT
+from llm.configs.clean import CleanConfig
+from llm.configs.data import DataConfig
+from llm.configs.tokenize import TokenizeConfig
 from llm.documents import iter_documents
 from llm.errors import ConfigError
 from llm.shards import open_shard, read_meta

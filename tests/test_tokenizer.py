@@ -4,7 +4,9 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm.config import EOT, DataConfig, TokenizerConfig
+from llm.config import EOT
+from llm.configs.data import DataConfig
+from llm.configs.tokenizer import TokenizerConfig
 from llm.encoder import PieceEncoder, split_pieces, split_text
 from llm.split import is_val
 from llm.tokenizer import load_tokenizer, train_budget, train_on_corpus, train_tokenizer

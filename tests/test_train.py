@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm.checkpoint import checkpoint_dirs
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 from llm.data import TokenWindows
 from llm.errors import InputError, TrainingDiverged
 from llm.model import GPTConfig

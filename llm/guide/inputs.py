@@ -8,7 +8,12 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from llm.attention import AttentionRecord, read_record
-from llm.config import EOT, DataConfig, EvaluateConfig, MlflowConfig, TokenizerConfig, TrainConfig
+from llm.config import EOT
+from llm.configs.data import DataConfig
+from llm.configs.evaluate import EvaluateConfig
+from llm.configs.mlflow import MlflowConfig
+from llm.configs.tokenizer import TokenizerConfig
+from llm.configs.train import TrainConfig
 from llm.errors import InputError
 from llm.fileio import read_utf8
 from llm.history import read_history_csv

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llm.config import TrainConfig
+from llm.configs.train import TrainConfig
 from llm.generate import filter_logits, prompt_ids
 from llm.guide import figures
 from llm.guide.document import Chapter, Figure, Pre, Table, Text
