@@ -28,7 +28,7 @@ from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
 from llm.report import write_reports
 from llm.shards import open_shard, read_meta
-from llm.tracking import run_of_model
+from llm.tracking import Job, read_model_run, run_of_model
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,14 @@ class EvalPaths:
 def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
                    mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     """Score the model on the val split, write metrics/eval.json and reports/, and add both to the MLflow run
-    that trained the model (at `mlflow_cfg`'s tracking URI). `init_seed` (train.seed) rebuilds the initial
-    weights for the attention maps."""
+    that trained the model (at `mlflow_cfg`'s tracking URI; a tracker that fails changes none of the outputs: what
+    it did not take is reported at the end). `init_seed` (train.seed) rebuilds the initial weights for the
+    attention maps."""
     model, tokenizer = load_model_dir(paths.model, default_device())
     meta = read_meta(paths.tokens)
     meta.check_tokenizer(paths.tokens, paths.model / "tokenizer.json")
-    run = run_of_model(paths.model, mlflow_cfg)
+    trained = read_model_run(paths.model)  # eval.json names the training's run whether or not MLflow answers now
+    run = run_of_model(paths.model, mlflow_cfg, Job("evaluation", f"{paths.metrics}, {paths.reports}"))
 
     shards = meta.shard_paths(paths.tokens, "val")
     score = score_shards(model, shards, token_byte_lengths(tokenizer), cfg.max_tokens, cfg.batch_size)
@@ -176,12 +178,11 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
     paths.reports.mkdir(parents=True, exist_ok=True)
     reports = write_reports(paths.reports, model, initial_model(model.config, init_seed), tokenizer, cfg,
                             tokenizer.token_to_id(EOT), paths.checkpoints, paths.train_plots)
-    write_json_atomic(paths.metrics, {**results, "mlflow_run_id": run.run_id if run else None})
+    write_json_atomic(paths.metrics, {**results, "mlflow_run_id": trained.run_id if trained else None})
     log.info("wrote %s and %s/", paths.metrics, paths.reports)
-    if run is not None:
-        run.log_metrics({f"eval/{k}": v for k, v in results.items()})
-        for report in reports:
-            run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
-        run.log_artifact(paths.metrics, "eval")
-        log.info("logged to MLflow run %s at %s", run.run_id, run.uri)
+    run.log_metrics({f"eval/{k}": v for k, v in results.items()})
+    for report in reports:
+        run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
+    run.log_artifact(paths.metrics, "eval")
+    run.finish()
     return results

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from llm.config import from_mapping
-from llm.errors import ConfigError, InputError
+from llm.errors import ConfigError, InputError, first_line
 from llm.fileio import atomic_dir
 from llm.model import GPT, GPTConfig, tied_aliases
 from llm.tokenizer import load_tokenizer
@@ -56,7 +56,7 @@ def check_shapes(cfg: GPTConfig, path: Path) -> None:
     except FileNotFoundError:
         raise InputError(f"{path}: not found") from None
     except (OSError, SafetensorError) as err:
-        raise InputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     for name, shape in expected.items():
         if stored.get(name) != shape:
             raise InputError(f"{path}: weights do not fit config.json: {name} is "
@@ -72,7 +72,7 @@ def load_weights(model: GPT, path: Path) -> GPT:
     except FileNotFoundError:
         raise InputError(f"{path}: not found") from None
     except (OSError, SafetensorError, RuntimeError) as err:
-        raise InputError(f"{path}: weights do not fit the model config ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path}: weights do not fit the model config ({first_line(err)})") from None
     return model
 
 

@@ -1,17 +1,20 @@
 """MLflow: one run per training, which evaluation and the guide later add to; the runs of an experiment, listed. Only
-this module imports mlflow."""
+this module imports mlflow.
+
+A failing tracker never stops a stage nor changes its outputs. Every stage logs through a TrackedRun, which keeps what
+the tracker did not take, retries it, and at the end says in one line what could not be logged."""
 
 import dataclasses
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llm.configs.mlflow import MlflowConfig
-from llm.errors import InputError
+from llm.errors import InputError, first_line
+from llm.project import git_commit, project_root
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +22,37 @@ log = logging.getLogger(__name__)
 MODEL_RUN_FILE = "mlflow_run.json"
 
 
-def project_root() -> Path:
-    """The outermost folder above the working directory that holds .dvc/: the repository, also when DVC
-    runs an experiment in a temporary copy inside it."""
-    here = Path.cwd().resolve()
-    roots = [p for p in (here, *here.parents) if (p / ".dvc").is_dir()]
-    return roots[-1] if roots else here
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The stage that logs to a run, as the tracker's messages name it."""
+
+    name: str  # "training", "evaluation", "guide"
+    outputs: str  # what it writes whether or not MLflow takes it: "metrics/eval.json, reports"
 
 
-def git_commit(root: Path) -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+TRAINING = Job("training", "models/final, metrics/train.json, plots/train.csv")
+
+
+class TrackedRun(Protocol):
+    """What a stage logs to: the run a training opens (MlflowRun), the training's run that evaluation and the guide
+    add to (ExistingRun), or a stand-in when there is no run to log to (UntrackedRun). No method raises when the
+    tracker fails."""
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run; None when nothing is logged."""
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI, made absolute (resolve_tracking_uri)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder as a whole."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """A last try at what the tracker has not taken yet, then one line saying what could not be logged."""
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -54,18 +77,23 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
 def _import_mlflow():
     # Fail fast rather than retry for minutes against an unreachable server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
+    # MLflow's SQL store logs a database error (locked, read-only, missing tables) with its whole traceback and
+    # then raises it; the raised error reaches us and is reported in one line, so the traceback would only
+    # flood the terminal.
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if _below_warning not in store_log.filters:
+        store_log.addFilter(_below_warning)
     return mlflow
-
-
-def first_line(err: BaseException) -> str:
-    """What an MLflow error says, in one line (they can run to pages of server response)."""
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def metric_batch(metrics: dict[str, float], step: int) -> list:
@@ -84,9 +112,90 @@ def send_artifact(client: Any, run_id: str, path: Path, artifact_path: str | Non
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-class MlflowRun:
-    """Opens the run at construction (raising whatever MLflow raises when the server cannot be used: the caller,
-    start_training_run, then trains untracked); log_* afterwards, through a Backlog that never raises.
+class Backlog:
+    """What a stage sends to its MLflow run, kept until the tracker takes it: a tracking server (or database) that
+    fails mid-stage never stops the stage. Failed sends are retried with a growing pause (so a dead server costs a
+    log row no time); whatever is still not logged at the end is reported in one line."""
+
+    def __init__(self, client: Any, run_id: str, uri: str, job: Job) -> None:
+        self.client, self.run_id, self.uri, self.job = client, run_id, uri, job
+        self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.end_status: str | None = None  # set when ending the run failed
+        self.failures, self.retry_at, self.last_error = 0, 0.0, ""
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.metrics or self.artifacts or self.end_status)
+
+    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics += metric_batch(metrics, step)
+
+    def add_artifact(self, path: Path, artifact_path: str | None) -> None:
+        self.artifacts.append((path, artifact_path))
+
+    def flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self.retry_at:
+            return
+        try:
+            while self.metrics:
+                self.client.log_batch(self.run_id, metrics=self.metrics[:1000])
+                del self.metrics[:1000]
+            while self.artifacts:
+                send_artifact(self.client, self.run_id, *self.artifacts[0])
+                self.artifacts.pop(0)
+        except Exception as err:  # connection refused, timeouts, server errors, a locked database: all mean "later"
+            self.note_failure(err)
+            return
+        if self.failures:
+            log.info("MLflow at %s answers again: the backlog is logged", self.uri)
+            self.failures = 0
+
+    def note_failure(self, err: Exception) -> None:
+        self.last_error = first_line(err)
+        if not self.failures:
+            log.warning("MLflow at %s failed (%s): the %s goes on; what is not logged is kept and retried",
+                        self.uri, self.last_error, self.job.name)
+        self.failures += 1
+        self.retry_at = time.monotonic() + min(60.0, 2.0 ** self.failures)
+
+    def report(self, status: str) -> None:
+        if self.pending:
+            end = f", nor its end ({self.end_status})" if self.end_status else ""
+            outputs = f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else ""
+            log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
+                      self.uri, len(self.metrics), len(self.artifacts), self.run_id, end, self.last_error, outputs)
+
+
+class ExistingRun:
+    """Adds metrics and artifacts to a run that exists (the training's, for evaluation and the guide), leaving its
+    status and end time alone; through a Backlog, so a tracker that fails after the run was found never stops the
+    stage: what it did not take is reported by `finish`."""
+
+    def __init__(self, client: Any, run_id: str, uri: str, job: Job) -> None:
+        self.run_id, self.uri, self.job = run_id, uri, job
+        self.backlog = Backlog(client, run_id, uri, job)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.backlog.add_metrics(metrics, step)
+        self.backlog.flush()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.backlog.add_artifact(Path(path), artifact_path)
+        self.backlog.flush()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """One last try at the backlog, then a report of anything not logged."""
+        self.backlog.flush(force=True)
+        if self.backlog.pending:
+            self.backlog.report(status)
+        else:
+            log.info("logged the %s to MLflow run %s at %s", self.job.name, self.run_id, self.uri)
+
+
+class MlflowRun(ExistingRun):
+    """The run of a training: opened at construction (raising whatever MLflow raises when the server cannot be
+    used: the caller, start_training_run, then trains untracked), logged to as an ExistingRun, ended by `finish`.
 
     With `resume_run_id` (a training resumed from a checkpoint), the run that training started is reopened
     if the server still has it, so an interrupted and resumed training stays one run."""
@@ -113,9 +222,8 @@ class MlflowRun:
             logged = previous.data.params
             mlflow.log_params({k: v for k, v in params.items() if k not in logged})
             mlflow.set_tags({f"resumed.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
-        self.run_id = self.run.info.run_id
         self.resumed = previous is not None
-        self.backlog = Backlog(mlflow.MlflowClient(self.uri), self.run_id, self.uri)
+        super().__init__(mlflow.MlflowClient(self.uri), self.run.info.run_id, self.uri, TRAINING)
 
     def _find_run(self, run_id: str):
         try:
@@ -123,14 +231,6 @@ class MlflowRun:
         except Exception:  # deleted, or another database: start a new run
             log.warning("MLflow run %s of the checkpoint is not at %s: starting a new run", run_id, self.uri)
             return None
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.backlog.add_metrics(metrics, step)
-        self.backlog.flush()
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.backlog.add_artifact(Path(path), artifact_path)
-        self.backlog.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`: one last try at the backlog, then a report of anything not logged."""
@@ -143,98 +243,28 @@ class MlflowRun:
         self.backlog.report(status)
 
 
-class Backlog:
-    """What a training sends to its MLflow run, kept until the server takes it: a tracking server that fails
-    mid-run never stops training. Failed sends are retried with a growing pause (so a dead server costs a
-    log row no time); whatever is still not logged at the end is reported in one line."""
-
-    def __init__(self, client: Any, run_id: str, uri: str) -> None:
-        self.client, self.run_id, self.uri = client, run_id, uri
-        self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
-        self.artifacts: list[tuple[Path, str | None]] = []
-        self.end_status: str | None = None  # set when ending the run failed
-        self.failures, self.retry_at, self.last_error = 0, 0.0, ""
-
-    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics += metric_batch(metrics, step)
-
-    def add_artifact(self, path: Path, artifact_path: str | None) -> None:
-        self.artifacts.append((path, artifact_path))
-
-    def flush(self, force: bool = False) -> None:
-        if not force and time.monotonic() < self.retry_at:
-            return
-        try:
-            while self.metrics:
-                self.client.log_batch(self.run_id, metrics=self.metrics[:1000])
-                del self.metrics[:1000]
-            while self.artifacts:
-                send_artifact(self.client, self.run_id, *self.artifacts[0])
-                self.artifacts.pop(0)
-        except Exception as err:  # connection refused, timeouts, server errors: all mean "later"
-            self.note_failure(err)
-            return
-        if self.failures:
-            log.info("MLflow at %s answers again: the backlog is logged", self.uri)
-            self.failures = 0
-
-    def note_failure(self, err: Exception) -> None:
-        self.last_error = first_line(err)
-        if not self.failures:
-            log.warning("MLflow at %s failed (%s): training goes on; what is not logged is kept and retried",
-                        self.uri, self.last_error)
-        self.failures += 1
-        self.retry_at = time.monotonic() + min(60.0, 2.0 ** self.failures)
-
-    def report(self, status: str) -> None:
-        if self.metrics or self.artifacts or self.end_status:
-            end = f", nor its end ({self.end_status})" if self.end_status else ""
-            outputs = "; the outputs (models/final, metrics/train.json, plots/train.csv) are complete" \
-                if status == "FINISHED" else ""
-            log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
-                      self.uri, len(self.metrics), len(self.artifacts), self.run_id, end, self.last_error, outputs)
-
-
-class ExistingRun:
-    """Adds metrics and artifacts to a run that already exists (the training's), leaving its status and end
-    time alone. Checks at construction that the run can be reached."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client = _import_mlflow().MlflowClient(tracking_uri)
-        self.run_id, self.uri = run_id, tracking_uri
-        try:
-            self.client.get_run(run_id)
-        except Exception as err:  # connection errors, missing run, bad database: all mean "cannot log there"
-            raise InputError(f"MLflow run {run_id} at {tracking_uri}: not reachable ({first_line(err)})") from None
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.client.log_batch(self.run_id, metrics=metric_batch(metrics, step))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        send_artifact(self.client, self.run_id, Path(path), artifact_path)
-
-
 class UntrackedRun:
-    """Stands in for the MLflow run when the tracking server cannot be used as training starts: a failing
-    tracker never stops training, so it goes on untracked and its end says so."""
+    """Stands in for the MLflow run when there is none to log to: the tracker was not usable as training started,
+    or the run of the model that evaluation and the guide add to cannot be found. A failing tracker never stops a
+    stage, so it goes on untracked and its end says so."""
 
     run_id = None
     resumed = False
 
-    def __init__(self, uri: str, error: str) -> None:
-        self.uri, self.error = uri, error
+    def __init__(self, uri: str, reason: str, job: Job = TRAINING) -> None:
+        self.uri, self.reason, self.job = uri, reason, job
         self.metrics = self.artifacts = 0
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.metrics += len(metrics)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts += 1
 
     def finish(self, status: str = "FINISHED") -> None:
-        log.error("MLflow at %s was not usable when training started (%s): this training was not tracked "
-                  "(%d metric values, %d artifacts not logged)%s", self.uri, self.error, self.metrics,
-                  self.artifacts, "; the outputs are complete" if status == "FINISHED" else "")
+        log.error("%s: the %s was not tracked (%d metric values, %d artifacts not logged)%s", self.reason,
+                  self.job.name, self.metrics, self.artifacts,
+                  f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else "")
 
 
 def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, world_size: int,
@@ -252,7 +282,7 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
     except Exception as err:  # a refused connection, a bad database, an unknown scheme: all "not usable"
         uri = resolve_tracking_uri(cfg.tracking_uri, root)
         log.warning("MLflow at %s is not usable (%s): training goes on without tracking", uri, first_line(err))
-        return UntrackedRun(uri, first_line(err))
+        return UntrackedRun(uri, f"MLflow at {uri} was not usable when training started ({first_line(err)})")
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
@@ -270,9 +300,7 @@ class RunSummary:
 def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSummary]:
     """The `limit` most recently started runs of an experiment (none if it does not exist); raises when the
     tracking server cannot be used."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -281,32 +309,55 @@ def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSumma
             for r in runs]
 
 
-def model_run_record(run: MlflowRun | UntrackedRun) -> dict[str, str | None]:
-    """What MODEL_RUN_FILE holds."""
-    return {"run_id": run.run_id, "tracking_uri": run.uri}
+@dataclasses.dataclass(frozen=True)
+class ModelRun:
+    """MODEL_RUN_FILE in a trained model's folder: the run that trained the model, and where it was logged."""
+
+    run_id: str | None  # None: the training was not tracked
+    tracking_uri: str | None
 
 
-def run_of_model(model_dir: Path, cfg: MlflowConfig) -> ExistingRun | None:
-    """The MLflow run that trained the model in `model_dir`, looked up at params' tracking URI only (a model
-    folder from elsewhere never makes us contact the server it names). None, with a warning, when the folder
-    names no run or the run is not there: evaluation then writes its outputs without logging them."""
+def model_run_record(run: TrackedRun) -> dict[str, str | None]:
+    """What MODEL_RUN_FILE holds for a training that logged to `run`."""
+    return dataclasses.asdict(ModelRun(run.run_id, run.uri))
+
+
+def read_model_run(model_dir: Path) -> ModelRun | None:
+    """The model folder's MODEL_RUN_FILE; None when it has none (a model from elsewhere)."""
     path = Path(model_dir) / MODEL_RUN_FILE
     if not path.is_file():
-        log.warning("%s not found: evaluation is not logged to MLflow", path)
         return None
     try:
         record = json.loads(path.read_text())
-        run_id, named_uri = record["run_id"], record.get("tracking_uri")
+        run_id, uri = record["run_id"], record.get("tracking_uri")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         raise InputError(f"{path}: unreadable ({err})") from None
-    if run_id is None:
-        log.warning("%s: the training was not tracked; evaluation is not logged to MLflow either", path)
-        return None
+    return ModelRun(None if run_id is None else str(run_id), None if uri is None else str(uri))
+
+
+def run_of_model(model_dir: Path, cfg: MlflowConfig, job: Job) -> TrackedRun:
+    """The MLflow run that trained the model in `model_dir`, for `job` to add to; looked up at params' tracking URI
+    only (a model folder from elsewhere never makes us contact the server it names). An UntrackedRun, with a
+    warning, when the folder names no run or the run cannot be reached (not there, a server down, a locked or
+    corrupt database): the stage writes its outputs all the same, and its end says what was not logged."""
+    path = Path(model_dir) / MODEL_RUN_FILE
     uri = resolve_tracking_uri(cfg.tracking_uri, project_root())
-    if named_uri != uri:
-        log.warning("%s names a run at %s; evaluation logs to mlflow.tracking_uri (%s) only", path, named_uri, uri)
+    trained = read_model_run(model_dir)
+    if trained is None:
+        return _untracked(uri, f"{path} not found", job)
+    if trained.run_id is None:
+        return _untracked(uri, f"{path}: the training was not tracked", job)
+    if trained.tracking_uri != uri:
+        log.warning("%s names a run at %s; the %s logs to mlflow.tracking_uri (%s) only", path,
+                    trained.tracking_uri, job.name, uri)
     try:
-        return ExistingRun(uri, str(run_id))
-    except InputError as err:
-        log.warning("%s: evaluation is not logged to MLflow", err)
-        return None
+        client = _import_mlflow().MlflowClient(uri)
+        client.get_run(trained.run_id)
+    except Exception as err:  # connection errors, a missing run, a bad database: all mean "cannot log there"
+        return _untracked(uri, f"MLflow run {trained.run_id} at {uri}: not reachable ({first_line(err)})", job)
+    return ExistingRun(client, trained.run_id, uri, job)
+
+
+def _untracked(uri: str, reason: str, job: Job) -> UntrackedRun:
+    log.warning("%s: the %s is not logged to MLflow", reason, job.name)
+    return UntrackedRun(uri, reason, job)

@@ -22,7 +22,7 @@ from llm.configs.mlflow import MlflowConfig
 from llm.documents import iter_documents
 from llm.errors import InputError
 from llm.model_io import load_model_dir
-from llm.tracking import MODEL_RUN_FILE, run_of_model
+from llm.tracking import MODEL_RUN_FILE, Job, run_of_model
 from stages.__main__ import app
 from tests.conftest import ROOT, make_model_dir, write_params
 from tests.test_train import run, tokens_dir  # noqa: F401  (a fixture)
@@ -212,9 +212,10 @@ def test_a_model_folder_naming_a_foreign_tracking_server_is_never_contacted(tmp_
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     ours = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert run_of_model(model_dir, ours) is None, "that run is not in our database: not logged"
+    evaluation = Job("evaluation", "metrics/eval.json, reports")
+    assert run_of_model(model_dir, ours, evaluation).run_id is None, "that run is not in our database: not logged"
     (model_dir / MODEL_RUN_FILE).write_text(json.dumps({"run_id": None, "tracking_uri": "http://127.0.0.1:9"}))
-    assert run_of_model(model_dir, ours) is None, "an untracked training: nothing to log to"
+    assert run_of_model(model_dir, ours, evaluation).run_id is None, "an untracked training: nothing to log to"
     with pytest.raises(TimeoutError):
         listener.accept()  # nobody connected to the server the folder names
     listener.close()

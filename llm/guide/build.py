@@ -11,7 +11,7 @@ from llm.guide.document import Chapter, write_html, write_pdf
 from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
 from llm.guide.model_chapters import attention_chapter, evolution_chapter, model_chapter
 from llm.guide.run_chapters import experiments_chapter, generation_chapter, training_chapter
-from llm.tracking import run_of_model
+from llm.tracking import Job, run_of_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def subtitle(run: Run) -> str:
 def build_guide(paths: GuidePaths, settings: GuideSettings) -> list[Path]:
     """Write reports/guide/ (index.html, guide.pdf, attention_evolution.gif, figures/); return its files."""
     run = load_run(paths, settings)
-    tracked = run_of_model(paths.model, settings.mlflow)
+    tracked = run_of_model(paths.model, settings.mlflow, Job("guide", str(paths.out)))
     with atomic_dir(paths.out) as staging:
         figure_dir = staging / "figures"
         figure_dir.mkdir()
@@ -51,7 +51,6 @@ def build_guide(paths: GuidePaths, settings: GuideSettings) -> list[Path]:
         write_pdf(staging / "guide.pdf", staging, TITLE, subtitle(run), made)
     files = sorted(p for p in paths.out.rglob("*") if p.is_file())
     log.info("wrote %s: %d chapters, %d files", paths.out, len(made), len(files))
-    if tracked is not None:
-        tracked.log_artifact(paths.out, "guide")
-        log.info("logged to MLflow run %s", tracked.run_id)
+    tracked.log_artifact(paths.out, "guide")
+    tracked.finish()
     return files

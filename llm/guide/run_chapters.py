@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from llm.configs.train import TrainConfig
+from llm.errors import first_line
 from llm.generate import filter_logits, prompt_ids
 from llm.guide import figures
 from llm.guide.document import Chapter, Figure, Pre, Table, Text
@@ -15,9 +16,10 @@ from llm.guide.inputs import Run
 from llm.model import GPT
 from llm.optim import group_lrs, peak_lrs
 from llm.parallel import apply_activation_checkpointing
+from llm.project import project_root
 from llm.report import read_samples
 from llm.tokenizer import token_text
-from llm.tracking import first_line, newest_runs, project_root, resolve_tracking_uri
+from llm.tracking import newest_runs, resolve_tracking_uri
 from llm.train import autocast, has_fast_bf16, lr_at
 
 log = logging.getLogger(__name__)
