@@ -73,12 +73,6 @@ def param(default: Any, *, ge: float | None = None, gt: float | None = None, le:
     return dataclasses.field(default=default, metadata={"bounds": Bounds(ge, gt, le, lt, nonempty, note)})
 
 
-def choices(kind: Any) -> tuple[Any, ...]:
-    """The values a `Literal[...]` (or `Literal[...] | None`) field type accepts, None left out."""
-    kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-    return next(typing.get_args(kind) for kind in kinds if typing.get_origin(kind) is Literal)
-
-
 @functools.cache
 def _declared(cls: type) -> tuple[tuple[str, Any, Bounds], ...]:
     """(name, type, bounds) of each field of config class `cls`."""
@@ -98,7 +92,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         kind = next(option for option in options if option is not type(None))
         origin = typing.get_origin(kind)
     if origin is Literal:
-        if value not in typing.get_args(kind) or isinstance(value, bool):
+        if value not in typing.get_args(kind):
             raise FieldError(key, f"must be one of {', '.join(map(str, typing.get_args(kind)))}, got {value!r}")
         return value
     if origin is tuple:
