@@ -1,10 +1,15 @@
+import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,11 +71,82 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m stages ARGS` in `cwd` as a user runs it: this checkout importable, a bare environment."""
+def stage_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a stage run by a test: this checkout importable, the system's tools, nothing
+    from the caller's environment but the compute settings above, then `env`."""
+    return {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+            "LLM_PEAK_FLOPS": os.environ["LLM_PEAK_FLOPS"], **(env or {})}
+
+
+def run_stage_process(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages ARGS` in `cwd` in a new process, as a user runs it: for what only a process shows
+    (the entry point, a fresh interpreter). Each costs the seconds a new interpreter takes to import torch."""
     return subprocess.run([sys.executable, "-m", "stages", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                               "LLM_PEAK_FLOPS": os.environ["LLM_PEAK_FLOPS"], **(env or {})})
+                          env=stage_env(env))
+
+
+def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages ARGS` run in this process, with what run_stage_process would give: the exit code,
+    stdout, stderr (a traceback there for an uncaught exception, warnings shown as Python shows them by
+    default), in `cwd` and the same bare environment. The process-wide state a command changes is put back
+    after it: the environment, working directory, root logger, SIGINT/SIGTERM handlers, torch's thread
+    count, and MLflow's tracking URI and active run (ended, as MLflow's exit hook would end it)."""
+    from typer.testing import CliRunner
+
+    import stages.__main__  # noqa: F401  (registers every command)
+    from stages.cli import app
+
+    argv, environment = [str(arg) for arg in args], stage_env(env)
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            interpreter_warnings()
+            result = CliRunner().invoke(app, argv, prog_name="python -m stages")
+    finally:
+        end_mlflow_state()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        torch.set_num_threads(threads)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))  # as the interpreter prints it, exit 1
+    return subprocess.CompletedProcess(["python", "-m", "stages", *argv], result.exit_code, result.stdout, stderr)
+
+
+def interpreter_warnings() -> None:
+    """Within catch_warnings: Python's default warning filters (not pytest's), each warning written to the
+    current sys.stderr, so that a stage's warnings reach its stderr as they would in its own process."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+
+
+def end_mlflow_state() -> None:
+    """What a stage process leaves of MLflow dies with it; in this process, end a run still active (MLflow's
+    exit hook ends it as FINISHED) and forget the tracking URI, as a new process starts without them."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    if mlflow.active_run() is not None:
+        with contextlib.suppress(Exception):  # as the exit hook does: a server gone is no error of the stage
+            mlflow.end_run()
+    mlflow.set_tracking_uri(None)
 
 
 def free_port() -> int:

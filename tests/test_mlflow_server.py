@@ -18,7 +18,7 @@ import yaml
 
 from llm.tracking import flatten
 from stages.params import load_params
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, free_port, read_json
+from tests.conftest import TINY_MODEL, TINY_TRAIN, free_port, read_json, run_stage
 from tests.test_faults import LONG, history, start_train, wait_for
 
 pytestmark = pytest.mark.slow
@@ -89,10 +89,9 @@ def runs(server, tmp_path_factory, data_project):
                            "--checkpoints", out / "checkpoints"],
                  "evaluate": ["--model", out / "final", "--metrics", out / "eval.json", "--reports", out / "reports",
                               "--checkpoints", out / "checkpoints", "--train-plots", out / "train.csv"]}
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_EXP_NAME": name}  # the run name, as `dvc exp run` sets it
+        env = {"DVC_EXP_NAME": name}  # the run name, as `dvc exp run` sets it
         for command, options in paths.items():
-            result = subprocess.run([sys.executable, "-m", "stages", command, "--params", f"{name}.yaml",
-                                     *map(str, options)], cwd=work, env=env, capture_output=True, text=True)
+            result = run_stage(work, command, "--params", f"{name}.yaml", *options, env=env)
             assert result.returncode == 0, result.stderr
         ids[name] = read_json(out / "train.json")["mlflow_run_id"]
         assert read_json(out / "eval.json")["mlflow_run_id"] == ids[name]

@@ -1,8 +1,9 @@
-"""The commands as users and DVC run them: `python -m stages ...`, exit codes, one-line errors."""
+"""The commands as users and DVC run them: `python -m stages ...`, exit codes, one-line errors. The entry point
+is run as a process once (the help); the rest run in the test process (tests/conftest.py: run_stage)."""
 
 import pytest
 
-from tests.conftest import read_json, write_params
+from tests.conftest import read_json, run_stage_process, write_params
 from tests.conftest import run_stage as stage
 
 COMMANDS = ["fetch", "clean", "tokenizer", "tokenize"]
@@ -12,7 +13,7 @@ ALL_COMMANDS = [*COMMANDS, "train", "evaluate", "generate", "export-hf", "tracki
 
 
 def test_help_lists_every_command_and_each_command_has_help(tmp_path):
-    result = stage(tmp_path, "--help")
+    result = run_stage_process(tmp_path, "--help")  # a new interpreter: `python -m stages` registers them all
     assert result.returncode == 0
     for command in ALL_COMMANDS:
         assert command in result.stdout
