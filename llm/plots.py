@@ -26,7 +26,7 @@ def plot_loss(train_csv: Path, path: Path) -> None:
     rows = read_history_csv(train_csv)
     fig, ax = plt.subplots(figsize=(7, 4))
     for column, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(row["step"], row[column]) for row in rows if row[column] is not None]
+        points = [(row.step, getattr(row, column)) for row in rows if getattr(row, column) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=column.replace("_", " "), markersize=4)
     ax.set_xlabel("step")

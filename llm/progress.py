@@ -2,17 +2,18 @@
 
 import logging
 import sys
-from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from llm.history import HistoryRow
 
 log = logging.getLogger(__name__)
 
 
-def describe(row: dict[str, Any]) -> str:
-    val = f" | val {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""
-    return (f"loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e} | {row['tokens_per_sec']:,.0f} tok/s"
-            f" | mfu {100 * row['mfu']:.1f}%")
+def describe(row: HistoryRow) -> str:
+    val = f" | val {row.val_loss:.4f}" if row.val_loss is not None else ""
+    return (f"loss {row.train_loss:.4f}{val} | lr {row.lr:.2e} | {row.tokens_per_sec:,.0f} tok/s"
+            f" | mfu {100 * row.mfu:.1f}%")
 
 
 class TrainProgress:
@@ -35,8 +36,8 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, row: dict[str, Any]) -> None:
+    def update(self, row: HistoryRow) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=row["step"], status=describe(row))
+            self.bar.update(self.task, completed=row.step, status=describe(row))
         else:
-            log.info("step %d/%d | %s", row["step"], self.total, describe(row))
+            log.info("step %d/%d | %s", row.step, self.total, describe(row))

@@ -95,7 +95,7 @@ def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tup
         if all(torch.equal(a, b) for a, b in zip(weights.state_dict().values(), model.state_dict().values(),
                                                  strict=True)):
             continue  # the last checkpoint often is the final model
-        step = state["step"] if state else int(path.name.removeprefix("step_"))
+        step = state.step if state else int(path.name.removeprefix("step_"))
         snapshots.append((f"step {step}", f"step_{step:06d}", weights))
     snapshots.append(("final", "final", model))
     return snapshots

@@ -156,6 +156,9 @@ class ThroughputMeter:
         """MFU of a lap that ran now, on this device."""
         return self.flops_per_token * tokens_per_sec / self.peak
 
+    # What state_dict holds; a checkpoint without one of these is damaged (llm/checkpoint.py checks).
+    STATE_KEYS = ("run_tokens", "run_seconds", "run_peak_flop", "last_tokens_per_sec", "last_peak")
+
     def state_dict(self) -> dict[str, Any]:
         return {"run_tokens": self.run_tokens, "run_seconds": self.run_seconds, "run_peak_flop": self.run_peak_flop,
                 "last_tokens_per_sec": self.last_tokens_per_sec, "last_peak": self.last_peak}
@@ -163,5 +166,4 @@ class ThroughputMeter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_tokens, self.run_seconds = state["run_tokens"], state["run_seconds"]
         self.run_peak_flop = state["run_peak_flop"]
-        # A checkpoint written before the last lap's peak was kept: that lap counts at this device's peak.
-        self.last_tokens_per_sec, self.last_peak = state["last_tokens_per_sec"], state.get("last_peak", self.peak)
+        self.last_tokens_per_sec, self.last_peak = state["last_tokens_per_sec"], state["last_peak"]

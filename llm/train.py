@@ -1,9 +1,12 @@
 """The training loop: AdamW or Muon (llm/optim.py), warmup + cosine schedule, gradient accumulation, clipping,
 bf16 autocast, periodic evaluation, checkpoints and exact resume.
 
-`train` reads as the loop alone; each rule it follows has one home here: which checkpoint a run resumes
-from (`scan_checkpoints`), one optimizer step (`train_step`), when a step logs, evaluates or checkpoints
-(`is_log_step`, `is_eval_step`, `is_checkpoint_step`), and what the run reports (`final_metrics`).
+A run is a `Trainer`, as torchtitan's is: its set-up builds what the run is once, `resume` restores a
+checkpoint, `fit` is the loop and reads as the algorithm. Each rule the loop follows has one home here: which
+checkpoint a run resumes from (`newest_of_run`), one optimizer step (`Trainer.train_step`), when a step logs,
+evaluates or checkpoints (`is_log_step`, `is_eval_step`, `is_checkpoint_step`), and what the run reports
+(`Trainer.final_metrics`). What a checkpoint and a history row hold are records owned by llm/checkpoint.py and
+llm/history.py.
 """
 
 import contextlib
@@ -26,6 +29,8 @@ import llm.model
 import llm.optim
 from llm.attention import AttentionRecord, attention_frame, frame_model
 from llm.checkpoint import (
+    Checkpoint,
+    CheckpointState,
     checkpoint_dirs,
     gather_weights,
     read_checkpoint,
@@ -36,7 +41,8 @@ from llm.checkpoint import (
 from llm.configs.train import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows
 from llm.distributed import Runtime
-from llm.errors import Interrupted, TrainingDiverged
+from llm.errors import Interrupted, TrainingDiverged, first_line
+from llm.history import HistoryRow
 from llm.model import GPT, GPTConfig, initial_model
 from llm.optim import configure_optimizers, set_lr
 from llm.parallel import gradient_sync, is_sharded, parallelize
@@ -117,45 +123,33 @@ def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta,
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointScan:
-    resumable: list[tuple[Path, dict[str, Any]]]  # this run's checkpoints with their state.json, newest first
-    foreign: bool  # the newest checkpoint is another run's (model, data, config or code changed)
-
-
-def scan_checkpoints(checkpoint_dir: Path, fingerprint: str) -> CheckpointScan:
+def newest_of_run(checkpoint_dir: Path, fingerprint: str) -> list[tuple[Path, CheckpointState]] | None:
     """The rule for resuming: the newest checkpoint whose state.json reads decides whose folder this is. If it
-    is this run's, its readable checkpoints are candidates, newest first; if not, the run starts fresh."""
+    is this run's, its checkpoints that read are the candidates, newest first; if another run's (model, data,
+    config or code changed), None: the run starts fresh."""
     readable = [(path, state) for path in checkpoint_dirs(checkpoint_dir) if (state := read_state(path)) is not None]
-    if readable and readable[0][1].get("fingerprint") != fingerprint:
-        return CheckpointScan([], foreign=True)
-    return CheckpointScan([(p, s) for p, s in readable if s.get("fingerprint") == fingerprint], foreign=False)
+    if readable and readable[0][1].fingerprint != fingerprint:
+        return None
+    return readable
 
 
-def resumable_state(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
-                    attention_ids: list[int] | None = None) -> dict[str, Any] | None:
-    """state.json of the checkpoint `train` would resume from, or None for a fresh start (the caller's view,
-    e.g. to reopen the run's tracker; it does not check the weights, which `train` does)."""
-    scan = scan_checkpoints(checkpoint_dir, run_fingerprint(model_cfg, cfg, read_meta(tokens_dir), attention_ids))
-    return scan.resumable[0][1] if scan.resumable else None
-
-
-def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple | None:
-    """(state, weights, optimizer bundle) of the newest checkpoint of this run that reads whole, else None.
-    Another run's checkpoints are removed, so the folder holds one run."""
-    scan = scan_checkpoints(checkpoint_dir, fingerprint)
-    if scan.foreign:
+def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> Checkpoint | None:
+    """The newest checkpoint of this run that reads whole, else None. Another run's checkpoints are removed,
+    so the folder holds one run."""
+    candidates = newest_of_run(checkpoint_dir, fingerprint)
+    if candidates is None:
         log.warning("checkpoints in %s are from a different model, data, training config or code: not "
                     "resuming; starting fresh and removing the old checkpoints", checkpoint_dir)
         for old in checkpoint_dirs(checkpoint_dir):
             shutil.rmtree(old)
-    for path, _ in scan.resumable:
+        candidates = []
+    for path, _ in candidates:
         try:
             loaded = read_checkpoint(path)
         except Exception as err:  # damaged or truncated: any error from json, torch or safetensors
-            log.warning("checkpoint %s is damaged (%s): trying the previous one", path, str(err).splitlines()[0])
+            log.warning("checkpoint %s is damaged (%s): trying the previous one", path, first_line(err))
             continue
-        log.info("resuming from %s (step %d)", path, loaded[0]["step"])
+        log.info("resuming from %s (step %d)", path, loaded.state.step)
         return loaded
     return None
 
@@ -183,187 +177,226 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in local]).all())
 
 
-# --- one step ----------------------------------------------------------------------------------------------
-
-def train_step(step_model: torch.nn.Module, model: GPT, optimizers: list[torch.optim.Optimizer],
-               data: TokenWindows, cfg: TrainConfig, step: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step (0-based `step`): set its lr, accumulate grad_accum_steps micro-batches, clip,
-    update. Returns (mean loss of this rank's micro-batches, global grad norm), both still on the device."""
-    set_lr(optimizers, lr_at(step, cfg) / cfg.lr)
-    loss_sum = torch.zeros((), device=runtime.device)
-    for micro in range(cfg.grad_accum_steps):
-        x, y = data.batch(cfg.batch_size, cfg.seed, step, runtime.rank, runtime.world_size, micro_step=micro,
-                          device=runtime.device)
-        with gradient_sync(step_model, model, enabled=micro == cfg.grad_accum_steps - 1):
-            with autocast(runtime.device, cfg.dtype):
-                _, loss = step_model(x, y)
-            (loss / cfg.grad_accum_steps).backward()
-        loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    for optimizer in optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss_sum / cfg.grad_accum_steps, grad_norm
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: TokenWindows, cfg: TrainConfig, runtime: Runtime) -> float:
-    """Mean loss over `cfg.eval_batches` fixed validation batches (the same ones at every evaluation),
-    averaged over ranks, each rank taking its slice of every batch."""
-    model.eval()
-    total = torch.zeros((), device=runtime.device)
-    for i in range(cfg.eval_batches):
-        x, y = data.batch(cfg.batch_size, cfg.seed, VAL_STREAM, runtime.rank, runtime.world_size, micro_step=i,
-                          device=runtime.device)
-        with autocast(runtime.device, cfg.dtype):
-            _, loss = model(x, y)
-        total += loss.detach().float()
-    model.train()
-    return runtime.mean(total).item() / cfg.eval_batches
-
-
-def record_attention(record: AttentionRecord | None, model: GPT, runtime: Runtime, step: int) -> None:
-    """Add the attention after `step` steps to the record, which rank 0 keeps. A collective under FSDP, whose
-    ranks hold shards of the weights: they are gathered for the frame."""
-    if record is None:
-        return
-    weights = gather_weights(model, runtime) if is_sharded(model) else None
-    if runtime.is_main:
-        record.add(step, attention_frame(frame_model(model, weights), record.ids))
-
-
 # --- the run -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint restores, and what the next history row collects."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    history: list[HistoryRow] = dataclasses.field(default_factory=list)
+    row_losses: list[float] = dataclasses.field(default_factory=list)  # the steps since the last history row
+
 
 @dataclasses.dataclass
 class TrainResult:
     model: GPT  # the trained model, uncompiled (sharded under FSDP)
     weights: dict[str, torch.Tensor]  # its full weights on rank 0 (empty on other ranks), tied aliases once
     metrics: dict[str, Any]  # what metrics/train.json holds
-    history: list[dict[str, Any]]  # one row per log step of the whole run (restored across resumes)
+    history: list[HistoryRow]  # one row per log step of the whole run (restored across resumes)
     step_losses: list[float]  # the training loss of every step this process ran
     resumed_from: int  # step the run resumed from (0: a fresh start)
     attention: AttentionRecord | None  # on rank 0: the attention at step 0 and every evaluation
 
 
-def final_metrics(history: list[dict[str, Any]], meter: ThroughputMeter, model: GPT, steps: int,
-                  tokens_seen: int, peak_source: str, resumed_from: int, dtype: str) -> dict[str, Any]:
-    """metrics/train.json: the last logged train loss and val loss of the run, its speed, its size."""
-    val_losses = [row["val_loss"] for row in history if row["val_loss"] is not None]
-    return {
-        "train_loss": history[-1]["train_loss"] if history else math.nan,
-        "val_loss": val_losses[-1] if val_losses else math.nan,
-        "tokens_per_sec": meter.run_tokens_per_sec,
-        "mfu": meter.run_mfu,
-        "steps": steps,
-        "tokens_seen": tokens_seen,
-        "parameters": model.num_params(),
-        "flops_per_token": meter.flops_per_token,
-        "peak_flops": meter.run_peak,
-        "peak_flops_source": peak_source,
-        "dtype": dtype,  # what train.dtype resolved to
-        "resumed_from_step": resumed_from,
-    }
+class Trainer:
+    """One training run. `__init__` builds what the run is, once (data, model and its parallel wrapper,
+    optimizers, throughput meter, attention record); `resume` restores the newest checkpoint of this run, if
+    any; `fit` is the loop. Every rank of a distributed run makes one; rank 0 alone writes checkpoints and
+    calls `on_log`.
+
+    A second kind of training (fine-tuning on other data, with a loss mask in the targets) reuses this class by
+    handing it other `train_data` / `val_data`: anything with TokenWindows' `batch` method."""
+
+    def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta, tokens_dir: Path,
+                 checkpoint_dir: Path, runtime: Runtime, attention_ids: list[int] | None = None) -> None:
+        self.runtime, self.checkpoint_dir = runtime, checkpoint_dir
+        self.cfg = cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, runtime.device))
+        self.model_cfg = model_cfg
+        self.fingerprint = run_fingerprint(model_cfg, cfg, meta, attention_ids)
+        self.train_data, self.val_data = (
+            TokenWindows(meta.shard_paths(tokens_dir, split), model_cfg.block_size, model_cfg.vocab_size,
+                         f"{tokens_dir}: the {split} split") for split in ("train", "val"))
+        self.model = initial_model(model_cfg, cfg.seed).to(runtime.device)  # the same initial weights on every rank
+        self.step_model = parallelize(self.model, runtime, cfg.strategy, cfg.dtype, cfg.compile,
+                                      cfg.activation_checkpointing)
+        self.optimizers = configure_optimizers(self.model, cfg, runtime.device)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * runtime.world_size * model_cfg.block_size
+        # One rank measures the peak (ranks sharing a CPU would slow each other); MFU is over all devices.
+        peak, self.peak_source = runtime.broadcast(peak_flops(runtime.device, cfg.dtype) if runtime.is_main else None)
+        self.meter = ThroughputMeter(self.tokens_per_step, self.model.flops_per_token(), peak * runtime.world_size,
+                                     runtime.device)
+        self.record = AttentionRecord(list(attention_ids)) if attention_ids else None
+        log.info("model %s: %.2fM parameters; %s; %d tokens per step (%d sequences per rank x %d accumulation x %d "
+                 "ranks x %d); %s; peak %.0f GFLOP/s (%s)", model_cfg.arch, self.model.num_params() / 1e6,
+                 cfg.optimizer, self.tokens_per_step, cfg.batch_size, cfg.grad_accum_steps, runtime.world_size,
+                 model_cfg.block_size, cfg.dtype, peak / 1e9, self.peak_source)
+
+    def resume(self) -> tuple[Progress, str | None]:
+        """Restore the newest checkpoint of this run (a collective); (where the run stands, the tracker run id the
+        checkpoint recorded). A fresh start records the attention of the initial weights instead."""
+        loaded = load_resume_point(self.checkpoint_dir, self.fingerprint) if self.runtime.is_main else None
+        state = self.runtime.broadcast(loaded.state if loaded else None)
+        if state is None:
+            self.record_attention(0)
+            progress, run_id = Progress(), None
+        else:
+            restore_checkpoint(self.model, self.optimizers, loaded, self.runtime)
+            self.meter.load_state_dict(state.throughput)
+            if self.record is not None and self.runtime.is_main:
+                self.record = AttentionRecord.from_tensors(loaded.bundle["attention"])
+            progress = Progress(state.step, state.tokens_seen, list(state.history), list(state.row_losses))
+            run_id = state.tracker_run_id
+        if self.runtime.distributed:  # dropout differs across ranks (one process restores its exact RNG instead)
+            torch.manual_seed(hash((self.cfg.seed, self.runtime.rank, progress.step)) % 2**63)
+        return progress, run_id
+
+    def fit(self, progress: Progress, on_log: Callable[[HistoryRow], None] | None = None,
+            stop_after: int | None = None, stop: StopSignals | None = None,
+            tracker_run_id: str | None = None) -> TrainResult:
+        """Train from `progress` (what `resume` returned) to train.max_steps, or for `stop_after` steps, as an
+        interruption would end it (tests use it to check resume). With `stop`, a SIGINT or SIGTERM ends the run
+        after the current step and a checkpoint (Interrupted); a non-finite loss or weight ends it before any
+        checkpoint holds one (TrainingDiverged). `tracker_run_id` is kept in every checkpoint."""
+        cfg, runtime = self.cfg, self.runtime
+        start_step = progress.step
+        last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
+        step_losses: list[float] = []
+        device_losses: list[torch.Tensor] = []  # read back when a row or a checkpoint is due: one device sync
+        self.model.train()
+        for step in range(start_step, last_step):
+            loss, grad_norm = self.train_step(step)
+            device_losses.append(loss)
+            self.meter.step()
+            progress.step, progress.tokens_seen = step + 1, progress.tokens_seen + self.tokens_per_step
+            signum = runtime.max(stop.received) if stop is not None else 0
+            log_now = is_log_step(progress.step, cfg, last_step)
+            checkpoint_now = is_checkpoint_step(progress.step, cfg, last_step) or signum > 0
+            if log_now or checkpoint_now:
+                losses = runtime.mean(torch.stack(device_losses).float()).tolist()
+                device_losses.clear()
+                check_finite(losses, progress.step, self.checkpoint_dir)
+                progress.row_losses += losses
+                step_losses += losses
+            if log_now:
+                progress.history.append(self.history_row(progress, grad_norm))
+                progress.row_losses = []
+                if on_log is not None and runtime.is_main:
+                    on_log(progress.history[-1])
+            if checkpoint_now:
+                self.save(progress, tracker_run_id)
+            if signum:
+                written = self.checkpoint_dir / f"step_{progress.step:08d}"
+                raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {progress.step} of "
+                                          f"{cfg.max_steps}: checkpoint {written} written; run the stage again to "
+                                          "resume from it")
+        if start_step == last_step:
+            log.info("the checkpoint at step %d already completes this run", start_step)
+        return TrainResult(self.model, gather_weights(self.model, runtime), self.final_metrics(progress, start_step),
+                           progress.history, step_losses, start_step, self.record if runtime.is_main else None)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step (0-based `step`): set its lr, accumulate grad_accum_steps micro-batches, clip,
+        update. Returns (mean loss of this rank's micro-batches, global grad norm), both still on the device."""
+        cfg, runtime = self.cfg, self.runtime
+        set_lr(self.optimizers, lr_at(step, cfg) / cfg.lr)
+        loss_sum = torch.zeros((), device=runtime.device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self.train_data.batch(cfg.batch_size, cfg.seed, step, runtime.rank, runtime.world_size,
+                                         micro_step=micro, device=runtime.device)
+            with gradient_sync(self.step_model, self.model, enabled=micro == cfg.grad_accum_steps - 1):
+                with autocast(runtime.device, cfg.dtype):
+                    _, loss = self.step_model(x, y)
+                (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss_sum / cfg.grad_accum_steps, grad_norm
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> float:
+        """Mean loss over `eval_batches` fixed validation batches (the same ones at every evaluation), averaged
+        over ranks, each rank taking its slice of every batch."""
+        cfg, runtime = self.cfg, self.runtime
+        self.step_model.eval()
+        total = torch.zeros((), device=runtime.device)
+        for i in range(cfg.eval_batches):
+            x, y = self.val_data.batch(cfg.batch_size, cfg.seed, VAL_STREAM, runtime.rank, runtime.world_size,
+                                       micro_step=i, device=runtime.device)
+            with autocast(runtime.device, cfg.dtype):
+                _, loss = self.step_model(x, y)
+            total += loss.detach().float()
+        self.step_model.train()
+        return runtime.mean(total).item() / cfg.eval_batches
+
+    def record_attention(self, step: int) -> None:
+        """Add the attention after `step` steps to the record, which rank 0 keeps. A collective under FSDP, whose
+        ranks hold shards of the weights: they are gathered for the frame."""
+        if self.record is None:
+            return
+        weights = gather_weights(self.model, self.runtime) if is_sharded(self.model) else None
+        if self.runtime.is_main:
+            self.record.add(step, attention_frame(frame_model(self.model, weights), self.record.ids))
+
+    def history_row(self, progress: Progress, grad_norm: torch.Tensor) -> HistoryRow:
+        """The row of a log step: the lap's speed, and the validation loss (and attention) on eval steps, which
+        the meter does not count."""
+        tokens_per_sec = self.meter.lap()
+        with self.meter.paused():
+            val_loss = self.evaluate_loss() if is_eval_step(progress.step, self.cfg) else None
+            if val_loss is not None:
+                self.record_attention(progress.step)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return HistoryRow(step=progress.step, tokens_seen=progress.tokens_seen,
+                          train_loss=sum(progress.row_losses) / len(progress.row_losses), val_loss=val_loss,
+                          lr=lr_at(progress.step - 1, self.cfg), grad_norm=float(grad_norm),
+                          tokens_per_sec=tokens_per_sec, mfu=self.meter.mfu(tokens_per_sec))
+
+    def save(self, progress: Progress, tracker_run_id: str | None) -> None:
+        """A checkpoint of `progress`, once every rank's weights are known to be finite."""
+        if self.runtime.max(int(not weights_finite(self.model))):
+            raise TrainingDiverged(f"training diverged: the weights hold inf or nan after step {progress.step}; "
+                                   f"{last_good_checkpoint(self.checkpoint_dir)}")
+        with self.meter.paused():
+            state = CheckpointState(step=progress.step, tokens_seen=progress.tokens_seen, fingerprint=self.fingerprint,
+                                    history=tuple(progress.history), row_losses=tuple(progress.row_losses),
+                                    throughput=self.meter.state_dict(),
+                                    model_config=dataclasses.asdict(self.model_cfg),
+                                    train_config=dataclasses.asdict(self.cfg), tracker_run_id=tracker_run_id)
+            extra = {"attention": self.record.tensors()} if self.record is not None else None
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizers, state, self.cfg.keep_checkpoints,
+                            self.runtime, extra=extra)
+
+    def final_metrics(self, progress: Progress, resumed_from: int) -> dict[str, Any]:
+        """metrics/train.json: the last logged train loss and val loss of the run, its speed, its size."""
+        val_losses = [row.val_loss for row in progress.history if row.val_loss is not None]
+        return {
+            "train_loss": progress.history[-1].train_loss if progress.history else math.nan,
+            "val_loss": val_losses[-1] if val_losses else math.nan,
+            "tokens_per_sec": self.meter.run_tokens_per_sec,
+            "mfu": self.meter.run_mfu,
+            "steps": progress.step,
+            "tokens_seen": progress.tokens_seen,
+            "parameters": self.model.num_params(),
+            "flops_per_token": self.meter.flops_per_token,
+            "peak_flops": self.meter.run_peak,
+            "peak_flops_source": self.peak_source,
+            "dtype": self.cfg.dtype,  # what train.dtype resolved to
+            "resumed_from_step": resumed_from,
+        }
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_dir: Path,
-          runtime: Runtime | torch.device | str, on_log: Callable[[dict[str, Any]], None] | None = None,
-          stop_after: int | None = None, run_state: dict[str, Any] | None = None,
-          stop: StopSignals | None = None, attention_ids: list[int] | None = None) -> TrainResult:
-    """Train from scratch, or resume from the newest compatible checkpoint in `checkpoint_dir`.
-
-    Every rank of a distributed run calls this; rank 0 alone writes checkpoints and calls `on_log` with each
-    history row (the moment to send metrics to a tracker). `stop_after` ends the run after that many steps, as
-    an interruption would (tests use it to check resume). `run_state` (JSON) is saved in every checkpoint,
-    for the caller to read back with `resumable_state` (the tracker's run id, so a resumed run logs there).
-    With `stop`, a SIGINT or SIGTERM ends the run after the current step and a checkpoint (Interrupted); a
-    non-finite loss or weight ends it before any checkpoint holds one (TrainingDiverged). With
-    `attention_ids`, the attention on those tokens is recorded at step 0 and at every evaluation."""
+          runtime: Runtime | torch.device | str, on_log: Callable[[HistoryRow], None] | None = None,
+          stop_after: int | None = None, stop: StopSignals | None = None,
+          attention_ids: list[int] | None = None) -> TrainResult:
+    """Train from scratch, or resume from the newest checkpoint of this run in `checkpoint_dir`: a Trainer set
+    up, resumed and run to the end (see Trainer.fit for `on_log`, `stop_after`, `stop`)."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
-    device = runtime.device
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
-    meta = read_meta(tokens_dir)
-    fingerprint = run_fingerprint(model_cfg, cfg, meta, attention_ids)
-    train_data, val_data = (TokenWindows(meta.shard_paths(tokens_dir, split), model_cfg.block_size,
-                                         model_cfg.vocab_size, f"{tokens_dir}: the {split} split")
-                            for split in ("train", "val"))
-    model = initial_model(model_cfg, cfg.seed).to(device)  # the same initial weights on every rank
-    step_model = parallelize(model, runtime, cfg.strategy, cfg.dtype, cfg.compile, cfg.activation_checkpointing)
-    optimizers = configure_optimizers(model, cfg, device)
-
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * runtime.world_size * model_cfg.block_size
-    # One rank measures the peak (ranks sharing a CPU would slow each other); MFU is over all devices.
-    peak, peak_source = runtime.broadcast(peak_flops(device, cfg.dtype) if runtime.is_main else None)
-    meter = ThroughputMeter(tokens_per_step, model.flops_per_token(), peak * runtime.world_size, device)
-    log.info("model %s: %.2fM parameters; %s; %d tokens per step (%d sequences per rank x %d accumulation x %d "
-             "ranks x %d); %s; peak %.0f GFLOP/s (%s)", model_cfg.arch, model.num_params() / 1e6, cfg.optimizer,
-             tokens_per_step, cfg.batch_size, cfg.grad_accum_steps, runtime.world_size, model_cfg.block_size,
-             cfg.dtype, peak / 1e9, peak_source)
-
-    loaded = load_resume_point(checkpoint_dir, fingerprint) if runtime.is_main else None
-    state = runtime.broadcast(loaded[0] if loaded else {"step": 0, "tokens_seen": 0, "history": []})
-    record = AttentionRecord(list(attention_ids)) if attention_ids else None
-    if state["step"] > 0:
-        restore_checkpoint(model, optimizers, loaded, runtime)
-        meter.load_state_dict(state["throughput"])
-        if record is not None and runtime.is_main:
-            record = AttentionRecord.from_tensors(loaded[2]["attention"])
-    else:
-        record_attention(record, model, runtime, 0)
-    if runtime.distributed:  # dropout differs across ranks (one process restores its exact RNG instead)
-        torch.manual_seed(hash((cfg.seed, runtime.rank, state["step"])) % 2**63)
-
-    start_step, tokens_seen, history = state["step"], state["tokens_seen"], state["history"]
-    last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
-    step_losses: list[float] = []
-    row_losses: list[float] = state.get("row_losses", [])  # the next history row's steps so far (in checkpoints)
-    device_losses: list[torch.Tensor] = []  # read back when a row or a checkpoint is due: one device sync
-    model.train()
-    for step in range(start_step, last_step):
-        loss, grad_norm = train_step(step_model, model, optimizers, train_data, cfg, step, runtime)
-        device_losses.append(loss)
-        meter.step()
-        done, tokens_seen = step + 1, tokens_seen + tokens_per_step
-        signum = runtime.max(stop.received) if stop is not None else 0
-        log_now = is_log_step(done, cfg, last_step)
-        checkpoint_now = is_checkpoint_step(done, cfg, last_step) or signum > 0
-        if log_now or checkpoint_now:
-            losses = runtime.mean(torch.stack(device_losses).float()).tolist()
-            device_losses.clear()
-            check_finite(losses, done, checkpoint_dir)
-            row_losses += losses
-            step_losses += losses
-        if log_now:
-            tokens_per_sec = meter.lap()
-            with meter.paused():
-                val_loss = evaluate_loss(step_model, val_data, cfg, runtime) if is_eval_step(done, cfg) else None
-                if val_loss is not None:
-                    record_attention(record, model, runtime, done)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            history.append({"step": done, "train_loss": sum(row_losses) / len(row_losses), "val_loss": val_loss,
-                            "lr": lr_at(step, cfg), "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
-                            "mfu": meter.mfu(tokens_per_sec), "tokens_seen": tokens_seen})
-            row_losses = []
-            if on_log is not None and runtime.is_main:
-                on_log(history[-1])
-        if checkpoint_now:
-            if runtime.max(int(not weights_finite(model))):
-                raise TrainingDiverged(f"training diverged: the weights hold inf or nan after step {done}; "
-                                       f"{last_good_checkpoint(checkpoint_dir)}")
-            with meter.paused():
-                save_checkpoint(checkpoint_dir, done, model, optimizers,
-                                {**(run_state or {}), "fingerprint": fingerprint, "tokens_seen": tokens_seen,
-                                 "history": history, "row_losses": row_losses, "throughput": meter.state_dict(),
-                                 "model_config": dataclasses.asdict(model_cfg),
-                                 "train_config": dataclasses.asdict(cfg)},
-                                cfg.keep_checkpoints, runtime,
-                                extra={"attention": record.tensors()} if record is not None else None)
-        if signum:
-            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done} of "
-                                      f"{cfg.max_steps}: checkpoint {checkpoint_dir / f'step_{done:08d}'} written; "
-                                      f"run the stage again to resume from it")
-
-    if start_step == last_step:
-        log.info("the checkpoint at step %d already completes this run", start_step)
-    metrics = final_metrics(history, meter, model, last_step, tokens_seen, peak_source, start_step, cfg.dtype)
-    return TrainResult(model, gather_weights(model, runtime), metrics, history, step_losses, start_step,
-                       record if runtime.is_main else None)
+    trainer = Trainer(model_cfg, cfg, read_meta(tokens_dir), tokens_dir, checkpoint_dir, runtime, attention_ids)
+    progress, _ = trainer.resume()
+    return trainer.fit(progress, on_log=on_log, stop_after=stop_after, stop=stop)

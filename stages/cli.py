@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import typer
 
 from llm.errors import InputError, Interrupted
@@ -19,6 +20,19 @@ app = typer.Typer(
 )
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read", dir_okay=False)
+
+
+def command_line(ctx: typer.Context) -> list[str]:
+    """The command being run, as a new process would run it: `python -m stages NAME` with every option's value
+    (the defaults made explicit), read from the command's own option list, so none is listed twice."""
+    options = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option) and param.is_flag:
+            options.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(param, click.Option) and value is not None:
+            options += [param.opts[0], str(value)]
+    return [sys.executable, "-m", "stages", ctx.info_name, *options]
 
 
 def stage(fn: Callable) -> Callable:

@@ -1,14 +1,14 @@
-import sys
 from pathlib import Path
 
 import typer
 
-from stages.cli import PARAMS, stage
+from stages.cli import PARAMS, command_line, stage
 from stages.params import load_params
 
 
 @stage
 def train(
+    ctx: typer.Context,
     params: Path = PARAMS,
     tokens: Path = typer.Option(Path("data/tokens"), help="token shards and meta.json"),
     tokenizer_path: Path = typer.Option(Path("models/tokenizer/tokenizer.json"), "--tokenizer", help="the tokenizer"),
@@ -26,20 +26,16 @@ def train(
     from llm.configs.mlflow import MlflowConfig
     from llm.configs.model import ModelConfig
     from llm.configs.train import TrainConfig
-    from llm.experiment import TrainPaths, model_config, run_training
     from llm.launch import die_with_launcher, is_worker, launch_workers
+    from llm.training_run import TrainPaths, read_inputs, run_training
 
     cfg = load_params(params, model=ModelConfig, train=TrainConfig, evaluate=EvaluateConfig, mlflow=MlflowConfig)
     paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots, attention)
     if is_worker():
         die_with_launcher()
     elif cfg.train.nproc_per_node > 1:
-        model_config(cfg.model, paths)  # the inputs are checked before any worker starts
-        options = {"--params": params, "--tokens": tokens, "--tokenizer": tokenizer_path,
-                   "--checkpoints": checkpoints, "--out": out, "--metrics": metrics, "--plots": plots,
-                   "--attention": attention}
-        command = [sys.executable, "-m", "stages", "train", *(str(x) for pair in options.items() for x in pair)]
-        code, message = launch_workers(cfg.train.nproc_per_node, command, cfg.train.max_restarts)
+        read_inputs(cfg.model, paths, cfg.evaluate.attention_text)  # checked before any worker starts
+        code, message = launch_workers(cfg.train.nproc_per_node, command_line(ctx), cfg.train.max_restarts)
         if message:
             typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code)

@@ -142,7 +142,8 @@ def test_a_checkpoint_whose_state_json_is_damaged_falls_back_to_the_previous_one
     newest = checkpoint_dirs(ckpt)[0]
     state = json.loads((newest / "state.json").read_text())
     damage = [("step", "eight"), ("step", 4), ("history", None), ("row_losses", ["x"]), ("numpy_rng", [1, 2]),
-              ("python_rng", "x"), ("throughput", {}), ("tokens_seen", 1.5)]
+              ("python_rng", "x"), ("throughput", {}), ("tokens_seen", 1.5), ("history", [{"step": 1}]),
+              ("model_config", None)]
     for field, value in damage:
         (newest / "state.json").write_text(json.dumps({**state, field: value}))
         with pytest.raises(ValueError, match="state.json"):

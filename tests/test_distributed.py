@@ -39,8 +39,11 @@ def prepare(project: Path, name: str, train: dict | None = None) -> Path:
     return out
 
 
-def launch(project: Path, out: Path, launcher: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), *launcher, "-m", "stages", "train", "--params", str(out / "params.yaml"),
+def launch(project: Path, out: Path, launcher: list[str], env: dict | None = None,
+           fail_at: int | None = None) -> subprocess.CompletedProcess:
+    """The train stage under torchrun; with `fail_at`, rank 0 dies after logging that step (tests/fault_worker.py)."""
+    entry = ["stages", "train"] if fail_at is None else ["tests.fault_worker", str(fail_at)]
+    cmd = [str(BIN / "torchrun"), *launcher, "-m", *entry, "--params", str(out / "params.yaml"),
            "--checkpoints", str(out / "ckpt"), "--out", str(out / "final"), "--metrics", str(out / "train.json"),
            "--plots", str(out / "train.csv")]
     return subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=300,
@@ -48,10 +51,11 @@ def launch(project: Path, out: Path, launcher: list[str], env: dict | None = Non
 
 
 def torchrun(project: Path, name: str, nproc: int, train: dict | None = None, launcher: list[str] | None = None,
-             env: dict | None = None, check: bool = True) -> tuple[Path, subprocess.CompletedProcess]:
+             env: dict | None = None, check: bool = True,
+             fail_at: int | None = None) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the train stage under torchrun (standalone, `nproc` processes unless `launcher` says otherwise)."""
     out = prepare(project, name, train)
-    result = launch(project, out, launcher or ["--standalone", f"--nproc_per_node={nproc}"], env)
+    result = launch(project, out, launcher or ["--standalone", f"--nproc_per_node={nproc}"], env, fail_at)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -94,8 +98,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(one_process, two_p
 @pytest.mark.parametrize(("first", "second", "strategy"), [(2, 1, "fsdp"), (1, 2, "ddp")])
 def test_a_run_checkpointed_on_n_processes_resumes_on_m(project, first, second, strategy):
     name = f"resume-{first}to{second}-{strategy}"
-    out, crashed = torchrun(project, name, first, {"strategy": strategy}, env={"LLM_FAIL_AT_STEP": "6"},
-                            check=False)
+    out, crashed = torchrun(project, name, first, {"strategy": strategy}, fail_at=6, check=False)
     assert crashed.returncode != 0
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["step_00000004"]
     out, _ = torchrun(project, name, second, {"strategy": strategy})
@@ -108,7 +111,7 @@ def test_a_run_checkpointed_on_n_processes_resumes_on_m(project, first, second, 
 
 def test_a_dead_rank_is_restarted_and_the_run_completes_from_a_checkpoint(project):
     out, result = torchrun(project, "restart", 2, launcher=["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
-                           env={"LLM_FAIL_AT_STEP": "6"})
+                           fail_at=6)
     metrics = read_json(out / "train.json")
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 8
     assert (out / "final" / "model.safetensors").is_file()

@@ -89,6 +89,48 @@ def test_the_closure_follows_imports_through_the_library():
     assert Path("llm/fetch.py") not in closure
 
 
+# Options whose default path is deliberately no dep or out of their stage in dvc.yaml.
+NOT_IN_PIPELINE = {
+    ("fetch", "downloads"): "a download cache: DVC would delete an out before rerunning fetch",
+}
+
+
+def default_paths(command: str) -> dict[str, Path]:
+    """{option name: default path} of a stage command's path options (params.yaml aside)."""
+    import typer.main
+
+    from stages.__main__ import app
+
+    group = typer.main.get_command(app)
+    return {param.name: Path(param.default) for param in group.commands[command].params
+            if isinstance(param.default, Path) and param.name != "params"}
+
+
+def pipeline_paths(stage: dict) -> set[Path]:
+    """The data paths a dvc.yaml stage names: its deps other than code, and its outs, metrics and plots."""
+    named = [dep for dep in stage.get("deps", []) if not dep.endswith(".py")]
+    for kind in ("outs", "metrics", "plots"):
+        named += [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(kind, [])]
+    return {Path(path) for path in named}
+
+
+def test_the_stage_options_default_to_the_paths_dvc_yaml_names():
+    """The paths are written in the commands' options and in dvc.yaml: each path dvc.yaml names is an option's
+    default (or inside a folder one names), and each option's default is in dvc.yaml, so they cannot drift."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in pipeline["stages"].items():
+        command = stage_command_module(stage["cmd"]).stem.replace("_", "-")
+        options = {option: path for option, path in default_paths(command).items()
+                   if (name, option) not in NOT_IN_PIPELINE}
+        named = pipeline_paths(stage)
+        for path in named:
+            assert any(path == default or default in path.parents for default in options.values()), (
+                f"dvc.yaml stage {name} names {path}, which no option of `{command}` defaults to")
+        for option, default in options.items():
+            assert any(default == path or default in path.parents for path in named), (
+                f"`{command} --{option}` defaults to {default}, which dvc.yaml's stage {name} does not name")
+
+
 def config_modules(stage: dict) -> set[str]:
     """The section config modules (llm/configs/*.py) a stage lists as deps."""
     return {dep for dep in stage.get("deps", []) if dep.startswith("llm/configs/")}

@@ -96,9 +96,9 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tokens_dir, tmp_path, optimi
     assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)
     assert resumed.metrics["tokens_seen"] == full.metrics["tokens_seen"]
     # What users read is the whole run's too: the history (plots/train.csv, MLflow) and the final train loss.
-    assert [row["step"] for row in resumed.history] == [row["step"] for row in full.history]
-    np.testing.assert_allclose([row["train_loss"] for row in resumed.history],
-                               [row["train_loss"] for row in full.history], rtol=0, atol=1e-6)
+    assert [row.step for row in resumed.history] == [row.step for row in full.history]
+    np.testing.assert_allclose([row.train_loss for row in resumed.history],
+                               [row.train_loss for row in full.history], rtol=0, atol=1e-6)
     assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], abs=1e-6)
     # The attention record too (the guide's evolution): step 0 and every evaluation, frames equal.
     assert resumed.attention.steps == full.attention.steps == [0, 6, 12]
@@ -205,3 +205,26 @@ def test_a_resumed_meter_reports_the_speed_and_mfu_its_laps_ran_at(laps):
     assert restored.run_tokens_per_sec == first.run_tokens_per_sec > 0
     assert restored.run_peak == first.run_peak == 2e4
     assert restored.run_mfu == pytest.approx(first.run_mfu)
+
+
+def test_history_rows_and_checkpoint_state_round_trip_through_their_files(tokens_dir, tmp_path):
+    from llm.checkpoint import read_state
+    from llm.history import read_history_csv, write_history_csv
+
+    result = run(tokens_dir, tmp_path / "ckpt", stop_after=4)
+    write_history_csv(tmp_path / "train.csv", result.history)
+    assert read_history_csv(tmp_path / "train.csv") == result.history
+    assert [row.val_loss is None for row in result.history] == [True, True, True, True]
+    state = read_state(checkpoint_dirs(tmp_path / "ckpt")[0])
+    assert state.step == 4 and list(state.history) == result.history
+    assert state.tokens_seen == 4 * 4 * 2 * 32 and state.train_config["dtype"] == "float32"
+
+
+def test_a_damaged_history_csv_names_the_file_and_the_line(tmp_path):
+    from llm.history import read_history_csv
+
+    path = tmp_path / "train.csv"
+    path.write_text("step,tokens_seen,train_loss,val_loss,lr,grad_norm,tokens_per_sec,mfu\n"
+                    "1,128,4.1,,0.001,1.0,100.0,0.1\n2,256,lots,,0.001,1.0,100.0,0.1\n")
+    with pytest.raises(InputError, match=r"train\.csv, line 3: history field 'train_loss'"):
+        read_history_csv(path)

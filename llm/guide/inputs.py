@@ -16,7 +16,7 @@ from llm.configs.tokenizer import TokenizerConfig
 from llm.configs.train import TrainConfig
 from llm.errors import InputError
 from llm.fileio import read_utf8
-from llm.history import read_history_csv
+from llm.history import HistoryRow, read_history_csv
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
 from llm.shards import TokensMeta, read_meta
@@ -61,7 +61,7 @@ class Run:
     initial: GPT  # the weights training started from (train.seed)
     tokenizer: Tokenizer
     train_metrics: dict[str, Any]
-    history: list[dict[str, Any]]
+    history: list[HistoryRow]
     eval_metrics: dict[str, Any]
     record: AttentionRecord
     record_text: str

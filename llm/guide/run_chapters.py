@@ -99,17 +99,17 @@ def training_chapter(run: Run, figure_dir: Path) -> Chapter:
     model_cfg = run.model.config
     tokens_per_step = metrics["tokens_seen"] // max(metrics["steps"], 1)
     world = tokens_per_step // (cfg.batch_size * cfg.grad_accum_steps * model_cfg.block_size)
-    val_rows = [r for r in history if r["val_loss"] is not None]
-    steps = [r["step"] for r in history]
+    val_rows = [r for r in history if r.val_loss is not None]
+    steps = [r.step for r in history]
     figures.curves([
         ("loss", "tokens seen", "nats per token",
-         [("train", [r["tokens_seen"] for r in history], [r["train_loss"] for r in history], "-"),
-          ("val", [r["tokens_seen"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-")]),
+         [("train", [r.tokens_seen for r in history], [r.train_loss for r in history], "-"),
+          ("val", [r.tokens_seen for r in val_rows], [r.val_loss for r in val_rows], "o-")]),
         ("learning rate", "step", "lr", lr_curves(cfg)),
-        ("gradient norm (before clipping)", "step", "norm", [("grad norm", steps, [r["grad_norm"] for r in history],
+        ("gradient norm (before clipping)", "step", "norm", [("grad norm", steps, [r.grad_norm for r in history],
                                                               "o-")]),
-        ("speed", "step", "tokens per second", [("tokens/s", steps, [r["tokens_per_sec"] for r in history], "o-")]),
-        ("model FLOPs utilisation", "step", "% of peak", [("MFU", steps, [100 * r["mfu"] for r in history], "o-")]),
+        ("speed", "step", "tokens per second", [("tokens/s", steps, [r.tokens_per_sec for r in history], "o-")]),
+        ("model FLOPs utilisation", "step", "% of peak", [("MFU", steps, [100 * r.mfu for r in history], "o-")]),
     ], figure_dir / "training.png", columns=3)
     bpb = run.eval_metrics["val_bpb"]
     blocks: list = [

@@ -1,12 +1,12 @@
-"""One training as the train stage runs it: the inputs checked, the MLflow run opened (or reopened when the
-training resumes), the loop run with progress and tracking, and the outputs written: models/final/,
-metrics/train.json, plots/train.csv and plots/attention.safetensors, on rank 0 only.
+"""The train stage's run: its inputs read and checked once, the Trainer set up and resumed, the MLflow run opened
+(or reopened, when the training resumes), the loop run with progress and tracking, and the outputs written:
+models/final/, metrics/train.json, plots/train.csv and plots/attention.safetensors, on rank 0 only.
 """
 
 import dataclasses
 import logging
 import math
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from llm.configs.train import TrainConfig
 from llm.distributed import distributed_runtime
 from llm.errors import Interrupted
 from llm.fileio import write_json_atomic
-from llm.history import write_history_csv
+from llm.history import HistoryRow, write_history_csv
 from llm.model import GPTConfig
 from llm.model_io import save_model_dir
 from llm.progress import TrainProgress
@@ -25,7 +25,7 @@ from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
 from llm.tracking import MODEL_RUN_FILE, MlflowRun, UntrackedRun, model_run_record, start_training_run
-from llm.train import TrainResult, resolve_dtype, resumable_state, train
+from llm.train import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,23 @@ class TrainPaths:
     attention: Path  # plots/attention.safetensors: the attention on one text at every evaluation
 
 
-def model_config(model: ModelConfig, paths: TrainPaths) -> tuple[GPTConfig, TokensMeta]:
-    """The model config with its vocabulary size read from the tokenizer, and the shards' metadata, checked to
-    come from that same tokenizer."""
-    vocab_size = load_tokenizer(paths.tokenizer).get_vocab_size()
+@dataclasses.dataclass(frozen=True)
+class TrainInputs:
+    """What the train stage reads before any work, read once: the model config with its vocabulary size from the
+    tokenizer, the shards' metadata (checked to come from that tokenizer) and the attention probe's token ids."""
+
+    model_cfg: GPTConfig
+    meta: TokensMeta
+    attention_ids: list[int]
+
+
+def read_inputs(model: ModelConfig, paths: TrainPaths, attention_text: str) -> TrainInputs:
+    """The train stage's inputs, checked (InputError names the file): run before any worker starts too."""
+    tokenizer = load_tokenizer(paths.tokenizer)
     meta = read_meta(paths.tokens)
     meta.check_tokenizer(paths.tokens, paths.tokenizer)
-    return GPTConfig(**dataclasses.asdict(model), vocab_size=vocab_size), meta
+    model_cfg = GPTConfig(**dataclasses.asdict(model), vocab_size=tokenizer.get_vocab_size())
+    return TrainInputs(model_cfg, meta, probe_ids(tokenizer, attention_text, meta.eot_id, model_cfg.block_size))
 
 
 def val_bpb_estimate(val_loss: float, val: SplitMeta) -> float:
@@ -56,53 +66,46 @@ def val_bpb_estimate(val_loss: float, val: SplitMeta) -> float:
     return val_loss * val.tokens / val.bytes / math.log(2)
 
 
-def fail_for_testing(step: int) -> None:
-    """Fault injection for the restart tests: LLM_FAIL_AT_STEP=N kills rank 0 once it has logged step N, on
-    torchrun's first attempt only (it counts restarts in TORCHELASTIC_RESTART_COUNT)."""
-    fail_at = os.environ.get("LLM_FAIL_AT_STEP")
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if fail_at and first_attempt and step >= int(fail_at):
-        os._exit(17)
-
-
 def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, mlflow_cfg: MlflowConfig,
-                 paths: TrainPaths, attention_text: str) -> None:
+                 paths: TrainPaths, attention_text: str,
+                 after_log: Callable[[HistoryRow], None] | None = None) -> None:
     """Train (every rank calls this) and write the outputs. `params` are all the run's settings, as MLflow
-    records them; the attention on `attention_text` is recorded at every evaluation. From here on SIGINT and
-    SIGTERM are requests (llm/signals.py): the loop stops after a step and a checkpoint; once training is
-    over, the outputs are written whole before the process exits."""
-    model_cfg, meta = model_config(model, paths)
-    attention_ids = probe_ids(load_tokenizer(paths.tokenizer), attention_text, meta.eot_id, model_cfg.block_size)
+    records them; the attention on `attention_text` is recorded at every evaluation; `after_log` is called on
+    rank 0 after each history row is logged (a test's fault injection). From here on SIGINT and SIGTERM are
+    requests (llm/signals.py): the loop stops after a step and a checkpoint; once training is over, the
+    outputs are written whole before the process exits."""
+    inputs = read_inputs(model, paths, attention_text)
     with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+        trainer = Trainer(inputs.model_cfg, cfg, inputs.meta, paths.tokens, paths.checkpoints, runtime,
+                          inputs.attention_ids)
         if cfg.dtype == "auto":
-            cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, runtime.device))
-            log.info("train.dtype auto: %s on this %s", cfg.dtype, runtime.device.type)
-        run, run_state = None, None
+            log.info("train.dtype auto: %s on this %s", trainer.cfg.dtype, runtime.device.type)
+        progress, tracker_run_id = trainer.resume()
+        run = None
         if runtime.is_main:
-            resumed = resumable_state(model_cfg, cfg, paths.tokens, paths.checkpoints, attention_ids) or {}
-            tracked = {**params, "data_tokenizer_sha256": meta.tokenizer_sha256,
-                       "data_train_tokens": meta.splits["train"].tokens, "train_dtype_resolved": cfg.dtype}
-            run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size,
-                                     resumed.get("mlflow_run_id"))
-            run_state = {"mlflow_run_id": run.run_id}
+            tracked = {**params, "data_tokenizer_sha256": inputs.meta.tokenizer_sha256,
+                       "data_train_tokens": inputs.meta.splits["train"].tokens,
+                       "train_dtype_resolved": trainer.cfg.dtype}
+            run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size, tracker_run_id)
 
-        def on_log(row: dict[str, Any]) -> None:
-            progress.update(row)
-            run.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
-            fail_for_testing(row["step"])
+        def on_log(row: HistoryRow) -> None:
+            progress_bar.update(row)
+            run.log_metrics({k: v for k, v in row.to_dict().items() if k != "step" and v is not None}, step=row.step)
+            if after_log is not None:
+                after_log(row)
 
         try:
-            with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress:
-                result = train(model_cfg, cfg, paths.tokens, paths.checkpoints, runtime, on_log=on_log,
-                               run_state=run_state, stop=stop, attention_ids=attention_ids)
+            with TrainProgress(cfg.max_steps, interactive=None if runtime.is_main else False) as progress_bar:
+                result = trainer.fit(progress, on_log=on_log, stop=stop,
+                                     tracker_run_id=run.run_id if run is not None else None)
         except BaseException as err:
             if run is not None:
                 run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
             raise
         if runtime.is_main:
-            write_outputs(result, model_cfg, meta, run, paths, attention_text)
+            write_outputs(result, inputs.model_cfg, inputs.meta, run, paths, attention_text)
 
 
 def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun | UntrackedRun,
