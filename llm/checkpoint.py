@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"step_(\d{8})")
 
 
+def checkpoint_path(root: Path, step: int) -> Path:
+    """The folder of the checkpoint after `step` steps."""
+    return Path(root) / f"step_{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder's name says it was taken after."""
+    return int(_NAME.fullmatch(Path(path).name).group(1))
+
+
 def _state_dicts():
     """torch's state-dict API for (possibly sharded) models, imported on first use: it takes two seconds,
     which listing and reading checkpoints (the evaluate stage) need not pay."""
@@ -93,7 +103,7 @@ class CheckpointState:
         for field, kind in _STATE_TYPES.items():
             if not isinstance(data.get(field), kind) or isinstance(data.get(field), bool):
                 raise ValueError(f"state.json field {field!r} is missing or not a {kind.__name__}")
-        if path.name != f"step_{data['step']:08d}":
+        if checkpoint_step(path) != data["step"]:
             raise ValueError(f"state.json says step {data['step']}")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data["row_losses"]):
             raise ValueError("state.json field 'row_losses' holds a non-number")
@@ -162,7 +172,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizers: list[torch.o
     optimizer_state = api.get_optimizer_state_dict(model, optimizers, options=options)
     if runtime.is_main:
         remove_stale_temps(Path(root), _NAME.pattern)  # what a killed run left, whatever its step
-        with atomic_dir(Path(root) / f"step_{state.step:08d}") as tmp:
+        with atomic_dir(checkpoint_path(root, state.step)) as tmp:
             save_file(weights, str(tmp / "model.safetensors"))
             torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(), **(extra or {})},
                        tmp / "optimizer.pt")

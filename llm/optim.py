@@ -138,20 +138,34 @@ def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch
     return optimizers
 
 
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.max_steps - cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def lr_scale(step: int, cfg: TrainConfig) -> float:
+    """The schedule's factor for step `step`: every parameter group's lr is its peak lr times this."""
+    return lr_at(step, cfg) / cfg.lr
+
+
 def scheduled_lr(peak_lr: float, scale: float) -> float:
     """A group's lr at a step: its peak lr times the schedule's factor for that step."""
     return peak_lr * scale
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
-    """Every group's lr = its peak lr x `scale` (the schedule's factor for this step: lr_at(step) / train.lr)."""
+    """Every group's lr = its peak lr x `scale` (the schedule's factor for this step: `lr_scale`)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(group["peak_lr"], scale)
 
 
-def group_lrs(lr: float, cfg: TrainConfig) -> dict[str, float]:
-    """Each optimizer's lr, by name (as `peak_lrs`), at a step where the schedule (llm.train.lr_at) puts
-    train.lr at `lr`: what `set_lr` gives its groups there, to the last bit. What the guide plots."""
-    scale = lr / cfg.lr
+def group_lrs(step: int, cfg: TrainConfig) -> dict[str, float]:
+    """Each optimizer's lr, by name (as `peak_lrs`), at step `step`: what `set_lr` gives its groups there, to
+    the last bit. What the guide plots."""
+    scale = lr_scale(step, cfg)
     return {name: scheduled_lr(peak, scale) for name, peak in peak_lrs(cfg).items()}

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llm.attention import probe_ids
-from llm.checkpoint import checkpoint_dirs, read_state
+from llm.checkpoint import checkpoint_dirs, checkpoint_step
 from llm.configs.evaluate import EvaluateConfig
 from llm.errors import InputError
 from llm.fileio import atomic_dir, write_bytes_atomic
@@ -86,7 +86,6 @@ def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tup
     model. Checkpoints that do not fit the model's config (another run's) are skipped with a warning."""
     snapshots = [("step 0 (init)", "step_000000", initial)]
     for path in reversed(checkpoint_dirs(checkpoints)):
-        state = read_state(path)
         try:
             weights = load_weights(GPT(model.config), path / "model.safetensors")
         except InputError as err:
@@ -95,7 +94,7 @@ def attention_snapshots(model: GPT, initial: GPT, checkpoints: Path) -> list[tup
         if all(torch.equal(a, b) for a, b in zip(weights.state_dict().values(), model.state_dict().values(),
                                                  strict=True)):
             continue  # the last checkpoint often is the final model
-        step = state.step if state else int(path.name.removeprefix("step_"))
+        step = checkpoint_step(path)
         snapshots.append((f"step {step}", f"step_{step:06d}", weights))
     snapshots.append(("final", "final", model))
     return snapshots

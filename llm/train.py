@@ -32,6 +32,7 @@ from llm.checkpoint import (
     Checkpoint,
     CheckpointState,
     checkpoint_dirs,
+    checkpoint_path,
     gather_weights,
     read_checkpoint,
     read_state,
@@ -44,7 +45,7 @@ from llm.distributed import Runtime
 from llm.errors import Interrupted, TrainingDiverged, first_line
 from llm.history import HistoryRow
 from llm.model import GPT, GPTConfig, initial_model
-from llm.optim import configure_optimizers, set_lr
+from llm.optim import configure_optimizers, lr_at, lr_scale, set_lr
 from llm.parallel import gradient_sync, is_sharded, parallelize
 from llm.shards import TokensMeta, read_meta
 from llm.signals import StopSignals
@@ -58,15 +59,6 @@ CODE = {"model": llm.model, "train": sys.modules[__name__], "data": llm.data, "o
 # Settings that do not change the trajectory: a run may resume with other values of these.
 NOT_SHAPING = {"compile", "activation_checkpointing", "eval_interval", "eval_batches", "log_interval",
                "checkpoint_interval", "keep_checkpoints", "nproc_per_node", "strategy", "max_restarts"}
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = cfg.max_steps - cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
 def has_fast_bf16(device: torch.device) -> bool:
@@ -287,7 +279,7 @@ class Trainer:
             if checkpoint_now:
                 self.save(progress, tracker_run_id)
             if signum:
-                written = self.checkpoint_dir / f"step_{progress.step:08d}"
+                written = checkpoint_path(self.checkpoint_dir, progress.step)
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {progress.step} of "
                                           f"{cfg.max_steps}: checkpoint {written} written; run the stage again to "
                                           "resume from it")
@@ -300,7 +292,7 @@ class Trainer:
         """One optimizer step (0-based `step`): set its lr, accumulate grad_accum_steps micro-batches, clip,
         update. Returns (mean loss of this rank's micro-batches, global grad norm), both still on the device."""
         cfg, runtime = self.cfg, self.runtime
-        set_lr(self.optimizers, lr_at(step, cfg) / cfg.lr)
+        set_lr(self.optimizers, lr_scale(step, cfg))
         loss_sum = torch.zeros((), device=runtime.device)
         for micro in range(cfg.grad_accum_steps):
             x, y = self.train_data.batch(cfg.batch_size, cfg.seed, step, runtime.rank, runtime.world_size,

@@ -49,8 +49,7 @@ def test_the_guides_lr_curves_are_the_lrs_training_sets_at_every_step(optimizer)
 
     from llm.configs.train import TrainConfig
     from llm.guide.run_chapters import lr_curves
-    from llm.optim import configure_optimizers, set_lr
-    from llm.train import lr_at
+    from llm.optim import configure_optimizers, lr_at, set_lr
 
     cfg = TrainConfig(optimizer=optimizer, lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=4, max_steps=23)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))

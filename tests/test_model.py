@@ -9,8 +9,8 @@ from llm.configs.model import ARCHS, PRESETS
 from llm.configs.train import TrainConfig
 from llm.errors import ConfigError
 from llm.model import GPT, ROPE_THETA, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
+from llm.optim import lr_at
 from llm.parallel import apply_activation_checkpointing, apply_compile
-from llm.train import lr_at
 
 
 def tiny(arch: str, **overrides) -> GPTConfig:

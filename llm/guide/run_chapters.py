@@ -20,7 +20,7 @@ from llm.project import project_root
 from llm.report import read_samples
 from llm.tokenizer import token_text
 from llm.tracking import newest_runs, resolve_tracking_uri
-from llm.train import autocast, has_fast_bf16, lr_at
+from llm.train import autocast, has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ LR_LABELS = {"adamw": "train.lr (AdamW)", "muon": "train.muon_lr (Muon)"}  # by 
 def lr_curves(cfg: TrainConfig) -> list[tuple[str, list[int], list[float], str]]:
     """(label, steps, lrs, style) of each optimizer: its lr at every step (1-based, as the history counts
     them), by the training's own schedule and the rule set_lr applies (llm.optim.group_lrs)."""
-    per_step = [group_lrs(lr_at(step, cfg), cfg) for step in range(cfg.max_steps)]
+    per_step = [group_lrs(step, cfg) for step in range(cfg.max_steps)]
     steps = list(range(1, cfg.max_steps + 1))
     return [(LR_LABELS[name], steps, [lrs[name] for lrs in per_step], "-") for name in peak_lrs(cfg)]
 
