@@ -24,7 +24,7 @@ from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
-from llm.tracking import MODEL_RUN_FILE, MlflowRun, UntrackedRun, model_run_record, start_training_run
+from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, start_training_run
 from llm.train import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             write_outputs(result, inputs.model_cfg, inputs.meta, run, paths, attention_text)
 
 
-def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: MlflowRun | UntrackedRun,
+def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, run: TrackedRun,
                   paths: TrainPaths, attention_text: str) -> None:
     """The outputs first, then the tracker (which never raises: what it cannot log is reported by finish)."""
     save_model_dir(paths.out, model_cfg, result.weights, paths.tokenizer, extra={MODEL_RUN_FILE: model_run_record(run)})
