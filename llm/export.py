@@ -9,6 +9,13 @@ The folder loads offline with `AutoModelForCausalLM.from_pretrained(out)` and `A
   generation_config.json   bos/eos = <|endoftext|>
   tokenizer.json           our tokenizer, copied as is
   tokenizer_config.json    PreTrainedTokenizerFast over tokenizer.json; special_tokens_map.json
+  .llm-export.json         the marker: this tool, the source model and the files it wrote (`MARKER`)
+
+The export replaces only what it wrote itself (`check_out`): a new or empty folder, or an earlier export whose
+marker lists every file in it. Anything else is refused before a byte is written: a plain file, a link, a folder of
+the user's files (an earlier export the user added a model card or a `.git` to included), and any folder that is or
+holds the working directory, the project, the model being exported or its tokenizer. The replacement is atomic:
+the new folder is written beside the old one and renamed over it once whole.
 
 Weight names, ours -> transformers (i is the layer):
 
@@ -44,9 +51,12 @@ from llm.configs.model import PRESETS
 from llm.errors import InputError
 from llm.fileio import atomic_dir
 from llm.model import GPT, NORM_EPS, ROPE_THETA, GPTConfig, tied_aliases
+from llm.project import project_root
 from llm.tokenizer import load_tokenizer
 
 # The transformers class that computes each preset.
+MARKER = ".llm-export.json"  # in every export: what wrote it, so that only an export is ever replaced
+TOOL = "python -m stages export-hf"
 HF_PRESETS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 # Parts a class leaves free: zero_init shapes only the initial weights; Llama ties or unties its head
 # (tie_word_embeddings). GPT-2 always ties it.
@@ -70,8 +80,54 @@ def hf_class(cfg: GPTConfig) -> str:
     return name
 
 
-def export_hf(model: GPT, tokenizer_path: Path, out: Path) -> None:
-    """Write `out` (replaced whole, atomically) as a transformers model folder for `model` and its tokenizer."""
+def check_out(out: Path, keep: list[Path]) -> None:
+    """InputError naming `out` unless the export may write it: absent, an empty folder, or an earlier export
+    holding only the files its marker lists; never a folder that is or holds a path of `keep`."""
+    if out.is_symlink():
+        raise InputError(f"{out}: a symbolic link; export-hf writes a real folder and replaces only its own "
+                         "exports: choose another --out")
+    target = out.resolve()
+    for kept in keep:
+        if target == kept.resolve() or target in kept.resolve().parents:
+            raise InputError(f"{out}: is or holds {kept}, which export-hf must not replace: choose another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out}: a file, not a folder export-hf wrote; it is left as it is: choose another --out")
+    try:
+        present = {entry.name for entry in out.iterdir()}
+    except OSError as err:
+        raise InputError(f"{out}: cannot read ({err.strerror})") from None
+    if not present:
+        return
+    written = _exported_files(out / MARKER)
+    if written is None:
+        raise InputError(f"{out}: a folder export-hf did not write (no valid {MARKER}); it is left as it is: "
+                         "remove it yourself or choose another --out")
+    extra = sorted(present - written - {MARKER})
+    if extra:
+        raise InputError(f"{out}: an earlier export holding {extra[0]!r}, which export-hf did not write; it is left "
+                         "as it is: remove it yourself or choose another --out")
+
+
+def _exported_files(marker: Path) -> set[str] | None:
+    """The files an export's marker lists, or None when `marker` is not one export-hf wrote."""
+    try:
+        record = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) and record.get("tool") == TOOL else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files)
+
+
+def export_hf(model: GPT, tokenizer_path: Path, out: Path, model_dir: Path | None = None) -> None:
+    """Write `out` (replaced whole, atomically) as a transformers model folder for `model` and its tokenizer,
+    `model_dir` (default: the tokenizer's folder) named in its marker. InputError, before anything is written,
+    when `out` is not a folder the export may replace (`check_out`) or cannot be written."""
+    model_dir = tokenizer_path.parent if model_dir is None else model_dir
+    check_out(out, [Path.cwd(), project_root(), model_dir, tokenizer_path])
     cfg = model.config
     target = hf_class(cfg)
     tokenizer = load_tokenizer(tokenizer_path)  # raises InputError without <|endoftext|>
@@ -87,13 +143,19 @@ def export_hf(model: GPT, tokenizer_path: Path, out: Path) -> None:
     if weights:
         raise ValueError(f"weights with no transformers name: {sorted(weights)}")
 
-    with atomic_dir(out) as staging:
-        _write_json(staging / "config.json", config)
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(staging / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
-        shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
-        _write_json(staging / "tokenizer_config.json", _tokenizer_config(cfg.block_size))
-        _write_json(staging / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+    try:
+        with atomic_dir(out) as staging:
+            _write_json(staging / "config.json", config)
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            _write_json(staging / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
+            shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+            _write_json(staging / "tokenizer_config.json", _tokenizer_config(cfg.block_size))
+            _write_json(staging / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+            files = sorted(entry.name for entry in staging.iterdir())
+            _write_json(staging / MARKER, {"tool": TOOL, "model": str(model_dir.resolve()), "files": files})
+    except OSError as err:  # a disk without room is an InputError already (DiskFull)
+        raise InputError(f"{out}: cannot write it ({err.strerror or err}); choose a --out folder you can "
+                         "write") from None
 
 
 def _our_weights(model: GPT) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import shutil
 import socket
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm.config import EOT
 from llm.configs.model import PRESETS
 from llm.errors import InputError
-from llm.export import HF_PARTS, HF_PRESETS, export_hf, hf_class
+from llm.export import HF_PARTS, HF_PRESETS, MARKER, export_hf, hf_class
 from llm.generate import generate
 from llm.model import GPTConfig
 from llm.model_io import load_model_dir
@@ -136,11 +138,14 @@ def test_each_transformers_class_computes_the_parts_of_its_preset(hf_name, prese
 def test_export_replaces_the_folder_whole(tmp_path, sample_tokenizer_path):
     model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
     out = tmp_path / "hf"
-    out.mkdir()
+    export_hf(model, sample_tokenizer_path, out)
+    # An earlier export that wrote a file this one does not (its marker lists it): gone after the next export.
+    marker = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({**marker, "files": [*marker["files"], "stale.bin"]}))
     (out / "stale.bin").write_text("from an earlier export")
     export_hf(model, sample_tokenizer_path, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        MARKER, "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
@@ -182,3 +187,95 @@ def test_export_hf_command_writes_a_loadable_folder(tmp_path, tiny_model_dir):
     missing = run_stage(tmp_path, "export-hf", "--model", tmp_path / "nope", "--out", tmp_path / "hf2")
     assert missing.returncode == 2 and "config.json" in missing.stderr
     assert not (tmp_path / "hf2").exists()
+
+
+# --- what --out may replace: only an earlier export, whole ----------------------------------------------------
+
+def tree(folder):
+    """Every path under `folder` with its bytes (None for a folder): what a refused export must leave as it was."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
+
+
+def hostile_targets(work, model_dir):
+    """(name, --out) pairs export-hf must refuse, each set up under `work`, the command's working directory and a
+    project (dvc.yaml, params.yaml, .git/, .dvc/, data/)."""
+    (work / "user").mkdir()
+    (work / "user" / "thesis.tex").write_text("years of work")
+    (work / "plain.txt").write_text("a file")
+    (work / "link").symlink_to(work / "user")
+    earlier = work / "earlier"
+    export_hf(load_model_dir(model_dir)[0], model_dir / "tokenizer.json", earlier)
+    with_extra = work / "with_extra"
+    shutil.copytree(earlier, with_extra)
+    (with_extra / "README.md").write_text("the user's model card")
+    with_git = work / "with_git"
+    shutil.copytree(earlier, with_git)
+    (with_git / ".git").mkdir()
+    forged = work / "forged"
+    shutil.copytree(earlier, forged)
+    (forged / MARKER).write_text("{not json")
+    return [("a folder of the user's files", work / "user"), ("a plain file", work / "plain.txt"),
+            ("a symbolic link", work / "link"), ("the project folder", work), ("the working directory", Path(".")),
+            ("above the project", work.parent), ("models/", model_dir.parent), ("the model folder", model_dir),
+            ("data/", work / "data"), ("an export the user added a file to", with_extra),
+            ("an export holding a git repository", with_git), ("a damaged marker", forged),
+            ("the tokenizer file", model_dir / "tokenizer.json")]
+
+
+def test_export_hf_refuses_every_target_it_did_not_write_and_changes_nothing(tmp_path, sample_tokenizer_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        (work / name).write_text("")
+    (work / ".git").mkdir()
+    (work / ".dvc").mkdir()
+    (work / "data").mkdir()
+    (work / "data" / "corpus.txt").write_text("the corpus")
+    model_dir = make_model_dir(work / "models" / "final", sample_tokenizer_path)
+    targets = hostile_targets(work, model_dir)
+    before = tree(tmp_path)
+    for name, out in targets:
+        result = run_stage(work, "export-hf", "--model", model_dir, "--out", out)
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (name, result.stderr)
+        assert str(out) in result.stderr or str(out.resolve()) in result.stderr, (name, result.stderr)
+        assert tree(tmp_path) == before, name
+
+
+def test_export_hf_replaces_an_earlier_export_and_writes_an_empty_or_new_folder(tmp_path, tiny_model_dir):
+    for out in (tmp_path / "new" / "hf", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        for _ in range(2):  # the second run replaces the first's export
+            result = run_stage(tmp_path, "export-hf", "--model", tiny_model_dir, "--out", out)
+            assert result.returncode == 0, result.stderr
+            marker = json.loads((out / MARKER).read_text())
+            assert marker["model"] == str(tiny_model_dir.resolve()) and "export-hf" in marker["tool"]
+            assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != MARKER)
+
+
+def test_a_failed_export_leaves_the_earlier_export_whole(tmp_path, sample_tokenizer_path, monkeypatch):
+    model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
+    out = tmp_path / "hf"
+    export_hf(model, sample_tokenizer_path, out)
+    before = tree(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr("llm.export.save_file", broken)
+    with pytest.raises(RuntimeError):
+        export_hf(model, sample_tokenizer_path, out)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_an_unwritable_out_is_one_line(tmp_path, tiny_model_dir, where):
+    (tmp_path / "plain").write_text("a file")
+    out = tmp_path / "plain" / "hf" if where == "under a file" else Path("/proc/llm-export-test/hf")
+    result = run_stage(tmp_path, "export-hf", "--model", tiny_model_dir, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and str(out) in result.stderr, result.stderr
+    assert (tmp_path / "plain").read_text() == "a file"
