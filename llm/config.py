@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -20,7 +21,10 @@ from typing import Any, Literal, TypeVar
 from llm.errors import ConfigError
 
 EOT = "<|endoftext|>"
-MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
+# The largest vocabulary a tokenizer may be trained to. Shards store ids as uint32 (2**32), but `tokenizers`' BPE
+# trainer allocates for the requested size up front (2**24 costs ~30 MB; 2**26 and up abort the process on an
+# allocation failure in a few GB), and the largest vocabularies in use are ~2**18 (Gemma: 262,144).
+MAX_VOCAB = 2**20
 MAX_BLOCK_SIZE = 1 << 16  # positions (learned or rotary tables) are allocated up front
 MAX_INT = 2**63 - 1  # every integer param fits an int64 (seeds reach numpy and torch generators)
 
@@ -63,6 +67,25 @@ class Bounds:
         return f"must be {symbol} {_num(bound)}{note}, got {value}"
 
 
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no arguments
+(_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict, _SHOWN.maxset, _SHOWN.maxstring, _SHOWN.maxother) = (
+    3, 4, 4, 4, 4, 60, 60)
+
+
+def shown(value: Any, limit: int = 80, *, quote: bool = True) -> str:
+    """`value` as an error message shows it: one line of at most `limit` characters, however long or deep it is
+    (the repr of a YAML value whose aliases share one list a billion times would take minutes and all memory).
+    `quote=False` shows a printable string as it is (a key, a section name), anything else as its repr."""
+    if not quote and isinstance(value, str) and value.isprintable():
+        text = value
+    else:
+        try:
+            text = _SHOWN.repr(value)
+        except ValueError:  # an int too long for repr (over 4,300 digits)
+            text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _num(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
@@ -93,7 +116,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         origin = typing.get_origin(kind)
     if origin is Literal:
         if value not in typing.get_args(kind):
-            raise FieldError(key, f"must be one of {', '.join(map(str, typing.get_args(kind)))}, got {value!r}")
+            raise FieldError(key, f"must be one of {', '.join(map(str, typing.get_args(kind)))}, got {shown(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -103,7 +126,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if abs(value) < 2**1023 else math.inf
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise FieldError(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise FieldError(key, f"must be {kind.__name__}, got {type(value).__name__} {shown(value)}")
     if kind is float and not math.isfinite(value):
         raise FieldError(key, f"must be a finite number, got {value}")
     if kind is int and not -MAX_INT <= value <= MAX_INT:
@@ -174,7 +197,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], section: str, *, requi
     fields = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", f"unknown key (known: {', '.join(fields)})")
+        raise ConfigError(f"{section}.{shown(unknown[0], quote=False)}", f"unknown key (known: {', '.join(fields)})")
     # A key whose default is None (null: "from the preset", "off") may be left out.
     missing = [name for name, field in fields.items() if name not in values and field.default is not None]
     if require_all and missing:

@@ -30,7 +30,8 @@ from tests.test_train import run, tokens_dir  # noqa: F401  (a fixture)
 INVALID = [  # (section, key, value): each is refused, the error naming section.key
     ("data", "val_fraction", 0.0), ("data", "val_fraction", float("nan")), ("data", "seed", -1),
     ("data", "seed", 2**64), ("data", "source", " "), ("clean", "min_chars", -1), ("clean", "shard_mb", 0),
-    ("tokenizer", "vocab_size", 256), ("tokenizer", "special_tokens", []),
+    ("tokenizer", "vocab_size", 256), ("tokenizer", "vocab_size", 2**20 + 1), ("tokenizer", "vocab_size", 2 * 10**9),
+    ("tokenizer", "special_tokens", []),
     ("tokenizer", "special_tokens", ["<|pad|>"]), ("tokenizer", "max_train_chars", -1),
     ("clean", "near_dedup", 1.5), ("clean", "engine", "spark"), ("tokenize", "engine", "dask"), ("model", "n_layer", 0),
     ("model", "n_head", 5),

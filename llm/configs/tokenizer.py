@@ -24,5 +24,5 @@ class TokenizerConfig(Validated):
             raise FieldError("special_tokens", "must not contain an empty string")
         smallest = 256 + len(self.special_tokens)
         if not smallest <= self.vocab_size <= MAX_VOCAB:
-            raise FieldError("vocab_size", f"must be in [{smallest}, {MAX_VOCAB}] (256 bytes + special tokens), "
-                                           f"got {self.vocab_size}")
+            raise FieldError("vocab_size", f"must be in [{smallest}, {MAX_VOCAB}] (256 bytes + special tokens; "
+                                           f"the README says why no more), got {self.vocab_size}")
