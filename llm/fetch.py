@@ -49,6 +49,21 @@ BUILTIN = {
 }
 
 
+def printable(name: str) -> str:
+    """`name` with the bytes of a file name that is not UTF-8 (which Python keeps as lone surrogates) written as
+    \\xNN, so that it can be logged and stored."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def representable(name: str) -> bool:
+    """Whether `name` is text: a file name that is not valid UTF-8 cannot go into the manifest or the reports."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclasses.dataclass
 class FetchSummary:
     files: int = 0
@@ -58,12 +73,12 @@ class FetchSummary:
     downloaded: int = 0  # files of a URL source brought over the network in this run
     reused: int = 0  # files of a URL source found, verified, in the download cache
     entries: list[ManifestFile] = dataclasses.field(default_factory=list)  # what data/raw holds, by name
-    # Left out, by reason (unsupported_suffix, broken_symlink, symlink_loop, duplicate_folder,
-    # unreadable_folder, unreadable_file, not_a_regular_file): the paths.
+    # Left out, by reason (unsupported_suffix, broken_symlink, symlink_loop, duplicate_folder, link_outside_source,
+    # unreadable_folder, unreadable_file, not_a_regular_file, undecodable_name): the paths.
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def skip(self, reason: str, path: Path | str) -> None:
-        self.skipped.setdefault(reason, []).append(str(path))
+        self.skipped.setdefault(reason, []).append(printable(str(path)))
 
     def add(self, entry: ManifestFile, linked: bool | None = None) -> None:
         """Count a file brought into data/raw; `linked` says how, when it came from a file on disk."""
@@ -112,9 +127,10 @@ def extract_builtin(archive: Path, corpus: BuiltinCorpus, out_dir: Path) -> Fetc
 
 
 def walk_files(root: Path, summary: FetchSummary) -> list[Path]:
-    """Every regular file under `root`, in name order. A symlinked folder is followed when it leads outside
-    `root` to a folder not walked yet; one leading back up is a loop, one to another folder inside `root` a
-    duplicate (its files come by their real path). Whatever is left out is recorded in `summary.skipped`."""
+    """Every regular file under `root`, in name order, that is really inside it (see `classify`). A symlinked
+    folder is followed when it leads to a folder inside `root` not walked yet; one leading back up is a loop, one
+    leading out of `root` is left out like a file link that does. Whatever is left out is recorded in
+    `summary.skipped`."""
     files: list[Path] = []
     top = root.resolve()
     seen: set[Path] = set()
@@ -129,26 +145,30 @@ def walk_files(root: Path, summary: FetchSummary) -> list[Path]:
         for entry in entries:
             path = Path(entry.path)
             if not path.is_dir():  # is_dir is False, not an error, for a link that loops or dangles
-                classify(path, files, summary)
+                classify(path, files, summary, top)
             elif not path.is_symlink():
                 visit(path)
             else:
                 target = path.resolve()
                 if target in seen or target in path.parents or target == top:
                     summary.skip("symlink_loop", path)
-                elif top in target.parents:
-                    summary.skip("duplicate_folder", path)
+                elif top not in target.parents:
+                    summary.skip("link_outside_source", path)
                 else:
-                    visit(path)
+                    summary.skip("duplicate_folder", path)
 
     visit(root)
     return files
 
 
-def classify(path: Path, files: list[Path], summary: FetchSummary) -> None:
-    """Add `path` to `files` if it is a readable regular file, else record why it is left out."""
+def classify(path: Path, files: list[Path], summary: FetchSummary, top: Path) -> None:
+    """Add `path` to `files` if it is a readable regular file inside the folder `top` (resolved), else record
+    why it is left out. A link whose target is outside `top` is left out: data.source names a folder, and a
+    link in it to /etc/shadow or ~/.ssh must not reach data/raw/, the DVC cache and the model."""
     if path.is_file():
-        if os.access(path, os.R_OK):
+        if top not in path.resolve().parents:
+            summary.skip("link_outside_source", path)
+        elif os.access(path, os.R_OK):
             files.append(path)
         else:
             summary.skip("unreadable_file", path)
@@ -160,14 +180,15 @@ def classify(path: Path, files: list[Path], summary: FetchSummary) -> None:
 
 def find_local_files(source: str, summary: FetchSummary) -> list[tuple[Path, str]]:
     """Resolve a folder, file or glob to (path, name under data/raw) pairs sorted by name; the files left out
-    (a suffix we do not read, or not readable) are recorded in `summary.skipped`."""
+    (a suffix we do not read, a name that is not UTF-8, not readable, a link out of the folder) are recorded in
+    `summary.skipped`."""
     expanded = os.path.expanduser(source)
     if glob.has_magic(expanded):
         root = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), Path(expanded).parts))
         files: list[Path] = []
         for path in sorted(Path(p) for p in glob.glob(expanded, recursive=True)):
             if not path.is_dir():
-                classify(path, files, summary)
+                classify(path, files, summary, root.resolve())
     elif Path(expanded).is_dir():
         root = Path(expanded)
         files = walk_files(root, summary)
@@ -177,12 +198,22 @@ def find_local_files(source: str, summary: FetchSummary) -> list[tuple[Path, str
     else:
         raise InputError(f"data.source: '{source}' is not a builtin corpus ({', '.join(BUILTIN)}), "
                          "nor an existing folder, file or glob")
-    wanted = [p for p in files if supported(p.name)]
-    for path in sorted(p for p in files if not supported(p.name)):
-        summary.skip("unsupported_suffix", path)
+    wanted = []
+    for path in sorted(files):
+        name = path.relative_to(root).as_posix()
+        if not supported(path.name):
+            summary.skip("unsupported_suffix", path)
+        elif not representable(name):
+            # Skipped, not renamed: data/raw/ keeps the source's names, and this one cannot go into the
+            # manifest, clean's metrics or the reports, which are UTF-8 text.
+            summary.skip("undecodable_name", path)
+        else:
+            wanted.append((path, name))
     if not wanted:
-        raise InputError(f"data.source: no {'/'.join(SUFFIXES)} files found at '{source}'")
-    return sorted((p, p.relative_to(root).as_posix()) for p in wanted)
+        left_out = ", ".join(f"{len(paths)} {reason}" for reason, paths in summary.skipped.items())
+        raise InputError(f"data.source: no {'/'.join(SUFFIXES)} files found at '{source}'"
+                         + (f" (left out: {left_out})" if left_out else ""))
+    return sorted(wanted)
 
 
 def link_or_copy(src: Path, dst: Path) -> bool:

@@ -5,6 +5,7 @@ writer and reader."""
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class Manifest:
 FIELDS = {field.name: field for field in dataclasses.fields(ManifestFile)}
 REQUIRED = {name for name, field in FIELDS.items() if field.default is dataclasses.MISSING}
 KEYS = ("version", "source", "files")  # of the document itself
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def write_manifest(path: str | Path, manifest: Manifest) -> None:
@@ -50,14 +52,26 @@ def parse_file(entry: Any, where: str = "a file entry") -> ManifestFile:
     if not isinstance(entry, dict):
         raise ValueError(f"{where} is {type(entry).__name__}, not an object")
     if unknown := set(entry) - set(FIELDS):
-        raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+        raise ValueError(f"{where} has unknown keys {shown(sorted(unknown))}")
     if missing := REQUIRED - set(entry):
         raise ValueError(f"{where} lacks {sorted(missing)}")
     for key, value in entry.items():
         wanted = int if key == "size" else str
         if not isinstance(value, wanted) or isinstance(value, bool):
-            raise ValueError(f"{where}.{key} is {value!r}, not a {wanted.__name__}")
+            raise ValueError(f"{where}.{key} is {shown(value)}, not a {wanted.__name__}")
+    if entry["size"] < 0:
+        raise ValueError(f"{where}.size is {entry['size']}, not a size in bytes")
+    if not SHA256.fullmatch(entry["sha256"]):  # fetch pins the next download to it: it must be one
+        raise ValueError(f"{where}.sha256 is {shown(entry['sha256'])}, not 64 lower-case hex digits")
+    if not entry["name"]:
+        raise ValueError(f"{where}.name is empty")
     return ManifestFile(**entry)
+
+
+def shown(value: Any) -> str:
+    """`value` for an error line: short, whatever a damaged file holds."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_manifest(document: Any) -> Manifest:
@@ -65,10 +79,10 @@ def parse_manifest(document: Any) -> Manifest:
     if not isinstance(document, dict):
         raise ValueError(f"the document is {type(document).__name__}, not an object")
     if unknown := set(document) - set(KEYS):
-        raise ValueError(f"unknown keys {sorted(unknown)}")
+        raise ValueError(f"unknown keys {shown(sorted(unknown))}")
     version, source, files = (document.get(key) for key in KEYS)
-    if version != MANIFEST_VERSION:
-        raise ValueError(f"version is {version!r}, not {MANIFEST_VERSION}")
+    if type(version) is not int or version != MANIFEST_VERSION:  # neither 1.0 nor true
+        raise ValueError(f"version is {shown(version)}, not {MANIFEST_VERSION}")
     if not isinstance(source, str):
         raise ValueError(f"source is {type(source).__name__}, not a string")
     if not isinstance(files, list):
@@ -84,7 +98,9 @@ def read_manifest(path: str | Path) -> Manifest | None:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: not UTF-8, not JSON, or an integer of more digits than Python parses; RecursionError: nesting
+    # deeper than the parser goes
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"{path}: cannot read the fetch manifest ({first_line(err)}); delete it to fetch afresh") \
             from None
     try:

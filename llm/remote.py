@@ -33,6 +33,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CHUNK_BYTES = 8 << 20  # one read, and for seekable stores one ranged request: what a dropped connection costs
 STALLED_ATTEMPTS = 5  # attempts in a row that add no byte before a download is given up
 BACKOFF_S = 1.0  # wait before the first retry, doubled for each attempt in a row that added nothing
+# The one timeout policy for every URL scheme (README, "Or point it at a URL"): a store that does not answer is an
+# error naming the URL, never a hang. Connecting, and each wait for bytes of a listing or a download, get this long
+# (fsspec's HTTP lists a file with a HEAD, then a GET: twice the read timeout at most); a whole download has no
+# limit, since a large file on a slow link is no fault. A download that times out is retried as a dropped
+# connection is (STALLED_ATTEMPTS).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
 
 
 def is_url(source: str) -> bool:
@@ -75,12 +82,69 @@ def check_transport(url: str, pinned: bool) -> None:
                          "#sha256=<hex>")
 
 
+def timeout_options(scheme: str) -> dict[str, Any]:
+    """The storage options that give `scheme`'s filesystem our timeouts, each in its own client's terms."""
+    if scheme in ("http", "https"):
+        import aiohttp  # fsspec's HTTP client; its default is a 5-minute limit on the whole request
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)}}
+    if scheme in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S}}
+    if scheme in ("gs", "gcs"):
+        import aiohttp
+
+        return {"session_kwargs": {"timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)}}
+    if scheme == "hf":
+        import huggingface_hub
+
+        huggingface_hub.set_client_factory(hf_client)
+    return {}
+
+
+def hf_client() -> Any:
+    """huggingface_hub's shared HTTP client, with our timeouts. HfFileSystem takes no timeout option and the hub
+    library sends most requests with none (a few with 10 s), so a hook sets ours on every request, reading the
+    constants as it sends."""
+    from huggingface_hub.utils._http import default_client_factory
+
+    def bounded(request: Any) -> None:
+        read = READ_TIMEOUT_S
+        request.extensions = {**request.extensions,
+                              "timeout": {"connect": CONNECT_TIMEOUT_S, "read": read, "write": read, "pool": read}}
+
+    client = default_client_factory()
+    client.event_hooks["request"].append(bounded)
+    return client
+
+
+def timed_out(err: BaseException) -> str | None:
+    """"connect" or "read" when `err` or an error it was raised from is a timeout, else None. Stores wrap their
+    client's errors (fsspec's HTTP turns every failure into FileNotFoundError), so the chain is searched, and by
+    class name, since each client (aiohttp, httpx, botocore) has its own timeout classes."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = type(err).__name__
+        if "Timeout" in name or isinstance(err, TimeoutError):
+            return "connect" if "Connect" in name else "read"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def timeout_message(url: str, kind: str) -> str:
+    limit = CONNECT_TIMEOUT_S if kind == "connect" else READ_TIMEOUT_S
+    what = "connecting" if kind == "connect" else "waiting for an answer"
+    return f"{url} timed out after {limit:g} s {what}"
+
+
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem for `url` and the path within it; a protocol whose package is missing is an
-    InputError that says what to install."""
+    """The fsspec filesystem for `url`, with our timeouts, and the path within it; a protocol whose package is
+    missing is an InputError that says what to install."""
     scheme = url.split("://", 1)[0].lower()
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **timeout_options(scheme))
     except ImportError as err:
         package = (getattr(err.__cause__, "name", None) or scheme).split(".")[0]
         raise InputError(f"data.source: {scheme}:// URLs need the package {package}, which is not installed: "
@@ -122,7 +186,8 @@ def find(fs: AbstractFileSystem, path: str) -> tuple[str, list[dict[str, Any]]]:
     if root is not None:
         found = fs.glob(path, detail=True).values()
     elif path.endswith("/") or fs.info(path)["type"] == "directory":
-        root, found = path.rstrip("/"), fs.find(path, detail=True).values()
+        # on_error: fsspec's walk leaves out a folder it fails to list, a timeout included, by default
+        root, found = path.rstrip("/"), fs.find(path, detail=True, on_error="raise").values()
     else:
         without_query = path.split("?", 1)[0] if is_http(fs) else path  # a query may hold a "/"
         root, found = without_query.rsplit("/", 1)[0], [fs.info(path)]
@@ -158,6 +223,16 @@ def store_checksum(protocol: str, info: dict[str, Any]) -> tuple[str | None, lis
     return etag, pins
 
 
+def listing_error(source: str, err: Exception) -> str:
+    """What went wrong listing `source`, in one line."""
+    if kind := timed_out(err):
+        return f"listing {timeout_message(source, kind)}"
+    if isinstance(err, FileNotFoundError):
+        cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
+        return f"'{source}' not found{cause}"
+    return f"cannot list '{source}': {first_line(err)}"
+
+
 def list_remote(source: str) -> list[RemoteFile]:
     """Every file `source` (a URL of one file, a folder or a glob; a single file may end in #sha256=HEX) names,
     of any suffix, sorted by name."""
@@ -168,13 +243,10 @@ def list_remote(source: str) -> list[RemoteFile]:
     try:
         path, revision = pin_revision(fs, path)
         root, infos = find(fs, path)
-    except FileNotFoundError as err:
-        cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
-        raise InputError(f"data.source: '{source}' not found{cause}") from None
     except InputError:
         raise
-    except Exception as err:  # the store's own errors: credentials, network, a bad bucket name
-        raise InputError(f"data.source: cannot list '{source}': {first_line(err)}") from None
+    except Exception as err:  # the store's own errors: credentials, network, a bad bucket name, a timeout
+        raise InputError(f"data.source: {listing_error(source, err)}") from None
     if not infos:
         raise InputError(f"data.source: no files at '{source}'")
     if pinned and len(infos) > 1:
@@ -276,7 +348,8 @@ def download_part(file: RemoteFile, part: Path) -> None:
         except Exception as err:
             if out_of_space(err, part.parent):
                 raise DiskFull(part) from None
-            error = first_line(err)
+            kind = timed_out(err)
+            error = timeout_message("the transfer", kind) if kind else first_line(err)
         stalled = 0 if size_of(part) > reached else stalled + 1
         reached = max(reached, size_of(part))
         if stalled == STALLED_ATTEMPTS:

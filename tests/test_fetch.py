@@ -71,7 +71,7 @@ def test_links_loops_and_unreadable_folders_are_listed_by_reason_not_dropped(tmp
     (src / "linked").symlink_to(src / "sub", target_is_directory=True)  # its files come by their real path
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    (outside / "c.md").write_text("followed")
+    (outside / "c.md").write_text("not brought: outside the source folder")
     (src / "more").symlink_to(outside, target_is_directory=True)
     os.mkfifo(src / "pipe.txt")
     real_scandir = os.scandir
@@ -81,10 +81,11 @@ def test_links_loops_and_unreadable_folders_are_listed_by_reason_not_dropped(tmp
     out = tmp_path / "raw"
     summary = fetch(str(src), out)
     brought = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert brought == ["a.txt", "more/c.md", "sub/b.txt"]
+    assert brought == ["a.txt", "sub/b.txt"]
     assert summary.skipped == {
         "broken_symlink": [str(src / "gone.txt"), str(src / "self.txt")],
         "duplicate_folder": [str(src / "linked")],
+        "link_outside_source": [str(src / "more")],
         "symlink_loop": [str(src / "sub" / "up")],
         "unreadable_folder": [str(src / "locked")],
         "not_a_regular_file": [str(src / "pipe.txt")],
