@@ -6,6 +6,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+# Text is drawn as written: a "$" pair in a prompt or a token would otherwise be parsed as math, and bad math
+# ("$\frac{$") fails the figure.
+matplotlib.rcParams["text.parse_math"] = False
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

@@ -52,9 +52,22 @@ class Sample:
         return f"Sample {self.number}: {first_line}"
 
     def markdown(self) -> list[str]:
-        """The section's lines: the prompt in bold, then the continuation, escaped inside <pre>."""
+        """The section's lines: the title as a heading, then the prompt in bold and the continuation inside
+        <pre>, every piece of text escaped (the prompts come from params, the continuation from the model)."""
         body = f"<b>{html.escape(self.prompt, quote=False)}</b>{html.escape(self.continuation, quote=False)}"
-        return [f"## {self.title}", "", f"seed {self.seed}", "", "<pre>", body, "</pre>", ""]
+        return [f"## {markdown_text(self.title)}", "", f"seed {self.seed}", "", "<pre>", body, "</pre>", ""]
+
+
+# What Markdown (CommonMark, and GitHub's: strikethrough, tables, math) may read as markup inside a line; a
+# backslash makes each a plain character. <, > and & become HTML entities instead, text to every renderer. The
+# rest of ASCII's punctuation does nothing without one of these, or only at the start of a line.
+_MARKUP = re.compile(r"([\\`*_\[\]#~|$])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as Markdown inside a line (a heading's) that renders as exactly that text: no tag, link, image,
+    emphasis, code or math."""
+    return _MARKUP.sub(r"\\\1", html.escape(text, quote=False))
 
 
 # A section as Sample.markdown writes it. The text inside <pre> is escaped, so its first "</b>" and its "\n</pre>"

@@ -81,10 +81,22 @@ pre { background: #f7f7f7; padding: 0.7rem; overflow-x: auto; white-space: pre-w
 """
 
 
+# A backquote that is a character of the text, not a mark of `code`: a private-use character, which no text of
+# ours holds, put in by `literal` and turned back into a backquote as the page or the PDF is written.
+_BACKQUOTE = "\ue000"
+
+
+def literal(text: str) -> str:
+    """`text` (a prompt, a sample: what a user or the model wrote) for a Text paragraph, its backquotes shown as
+    they are rather than read as `code` marks."""
+    return text.replace("`", _BACKQUOTE)
+
+
 def _inline(text: str) -> str:
     """A paragraph's HTML: escaped, `code` set as code."""
     parts = re.split(r"`([^`]*)`", text)
-    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p)
+                   for i, p in enumerate(parts)).replace(_BACKQUOTE, "`")
 
 
 def _block_html(block: Block) -> str:
@@ -161,7 +173,7 @@ class _Pdf:
 
     def paragraph(self, text: str, size: float = 10) -> None:
         self.pdf.set_font("Sans", "", size)
-        self.pdf.multi_cell(0, 5, text.replace("`", ""), new_x="LMARGIN", new_y="NEXT")
+        self.pdf.multi_cell(0, 5, text.replace("`", "").replace(_BACKQUOTE, "`"), new_x="LMARGIN", new_y="NEXT")
         self.pdf.ln(2)
 
     def table(self, block: Table) -> None:

@@ -11,7 +11,7 @@ from llm.configs.train import TrainConfig
 from llm.errors import first_line
 from llm.generate import filter_logits, prompt_ids
 from llm.guide import figures
-from llm.guide.document import Chapter, Figure, Pre, Table, Text
+from llm.guide.document import Chapter, Figure, Pre, Table, Text, literal
 from llm.guide.inputs import Run
 from llm.model import GPT
 from llm.optim import group_lrs, peak_lrs
@@ -203,7 +203,7 @@ def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
     top = shown[0]
     blocks: list = [
         Text(f"Generation feeds the model its own output, one token at a time. After the prompt "
-             f"{prompt!r} ({len(ids)} tokens), the model gives a probability to each of the "
+             f"{literal(repr(prompt))} ({len(ids)} tokens), the model gives a probability to each of the "
              f"{run.model.config.vocab_size:,} tokens; the most likely next token is {labels[0]} at "
              f"{float(stages[0][1][top]):.3f}. Sampling then transforms the distribution, as "
              f"`evaluate.temperature`, `evaluate.top_k` and `evaluate.top_p` say:"),
@@ -216,7 +216,7 @@ def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
              f"with its own seed, up to {cfg.max_new_tokens} new tokens."),
     ]
     for sample in read_samples(run.samples):
-        blocks += [Text(f"{sample.title} (seed {sample.seed})"), Pre(sample.prompt + sample.continuation)]
+        blocks += [Text(f"{literal(sample.title)} (seed {sample.seed})"), Pre(sample.prompt + sample.continuation)]
     return Chapter("generation", "Generation", blocks)
 
 
