@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from llm.launch import die_with_launcher
+
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # batches submitted per worker: one being worked on, one queued behind it
@@ -53,9 +55,7 @@ def map_ordered(fn: Callable[[Any, Item], Result], items: Iterable[Item], setup:
         state = setup.build()
         yield from (fn(state, item) for item in items)
         return
-    # spawn, not fork: a forked child would inherit the tokenizer's Rust thread pool in an unknown state.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_local, initargs=(setup,)) as pool:
+    with _local_pool(workers, setup) as pool:
         yield from _bounded(lambda item: pool.submit(_call_local, fn, item), items, workers,
                             lambda future: future.result())
 
@@ -92,7 +92,32 @@ WORKER_ENV = {"RAYON_NUM_THREADS": "1"}
 _local_state: dict = {}
 
 
-def _init_local(setup: Setup) -> None:
+@contextlib.contextmanager
+def _local_pool(workers: int, setup: Setup) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` processes that ends with the stage: when the stage stops early (an error, SIGINT,
+    SIGTERM as llm/signals.py raises it, the consumer closing the generator), the workers are killed at once
+    instead of finishing the batches in flight; when the stage dies (kill -9), the kernel stops them
+    (_init_local). Once the workers are gone, multiprocessing's resource tracker reads the end of its pipe
+    and exits too."""
+    # spawn, not fork: a forked child would inherit the tokenizer's Rust thread pool in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_local,
+                               initargs=(setup, os.getpid()))
+    try:
+        yield pool
+    except BaseException:
+        # Python 3.14 has pool.terminate_workers(); before it, the pool's own table of its processes.
+        for process in list(pool._processes.values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _init_local(setup: Setup, stage_pid: int) -> None:
+    die_with_launcher()  # SIGTERM (which a worker does not handle: it ends it) when the stage dies, even by kill -9
+    if os.getppid() != stage_pid:  # it died before that, while this worker started: no work will come
+        os._exit(0)
     os.environ.update(WORKER_ENV)
     _local_state["state"] = setup.build()
 

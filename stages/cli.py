@@ -1,11 +1,15 @@
 """The one Typer app every stage registers on, and how errors become exit codes."""
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import click
 import typer
@@ -35,16 +39,50 @@ def command_line(ctx: typer.Context) -> list[str]:
     return [sys.executable, "-m", "stages", ctx.info_name, *options]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what DVC, Slurm and Kubernetes send), raised where the command is as Python raises
+    KeyboardInterrupt for Ctrl-C, and a kind of it: `with` blocks unwind (a temp folder is removed, a pool's
+    workers stopped), what handles Ctrl-C handles this too, and no `except Exception` swallows it."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While entered (in the main thread), the first SIGTERM raises Terminated; a repeated one is ignored, so
+    that the unwinding the first started is not cut short. The training loop enters its own handler inside
+    this one (llm/signals.py StopSignals: a checkpoint first), which puts this one back when it leaves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = False
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        if not received:
+            received = True
+            raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def stage(fn: Callable) -> Callable:
-    """Register `fn` as a command. An InputError becomes one line on stderr and exit code 2; SIGINT and
-    SIGTERM (Interrupted, KeyboardInterrupt) one line and 130 or 143 (said by rank 0 only, in a
-    distributed run)."""
+    """Register `fn` as a command. An InputError becomes one line on stderr and exit code 2. SIGINT and SIGTERM
+    unwind the command wherever it is (its temp output removed, its workers stopped), then become one line and
+    130 or 143; the train stage checkpoints first (Interrupted; said by rank 0 only, in a distributed run)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
         try:
-            return fn(*args, **kwargs)
+            with sigterm_interrupts():
+                return fn(*args, **kwargs)
         except InputError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
@@ -52,8 +90,9 @@ def stage(fn: Callable) -> Callable:
             if os.environ.get("RANK", "0") == "0":
                 typer.echo(f"interrupted: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: stopped by SIGINT", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated, a KeyboardInterrupt)
+            signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+            typer.echo(f"interrupted: stopped by {signal.Signals(signum).name}", err=True)
+            raise typer.Exit(128 + signum) from None
 
     return app.command(name=fn.__name__.replace("_", "-"))(run)
