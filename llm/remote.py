@@ -227,10 +227,12 @@ def listing_error(source: str, err: Exception) -> str:
     """What went wrong listing `source`, in one line."""
     if kind := timed_out(err):
         return f"listing {timeout_message(source, kind)}"
-    if isinstance(err, FileNotFoundError):
-        cause = f" ({first_line(err.__cause__)})" if err.__cause__ else ""  # fsspec's HTTP says so for any failure
-        return f"'{source}' not found{cause}"
-    return f"cannot list '{source}': {first_line(err)}"
+    cause = err
+    while isinstance(cause, FileNotFoundError) and cause.__cause__ is not None:
+        cause = cause.__cause__  # fsspec's HTTP raises FileNotFoundError for any failure, from the real one
+    if isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) in (404, 410):  # 404: aiohttp's
+        return f"'{source}' not found"
+    return f"cannot list '{source}': {first_line(cause)}"
 
 
 def list_remote(source: str) -> list[RemoteFile]:

@@ -286,3 +286,70 @@ def test_a_manifest_round_trips(tmp_path):
     manifest = Manifest("s", (ManifestFile(**GOOD_ENTRY), ManifestFile("b.txt", 0, "cd" * 32)))
     write_manifest(tmp_path / "m.json", manifest)
     assert read_manifest(tmp_path / "m.json") == manifest
+
+
+# --- every fetch error names its URL or file (issue 31, item 12) ----------------------------------------------
+
+OUTPUTS_IN_THE_WAY = {  # what is in the way, the options, the file the error must name
+    "the manifest is a folder": (lambda work: (work / "data" / "manifest.json").mkdir(parents=True), (),
+                                 "data/manifest.json: is a folder"),
+    "data is a file": (lambda work: (work / "data").write_text("mine"), (), "data: is a file"),
+    "data/raw is a file": (lambda work: ((work / "data").mkdir(), (work / "data" / "raw").write_text("mine")), (),
+                           "data/raw: is a file"),
+    "the downloads folder is a file": (lambda work: ((work / "data").mkdir(),
+                                                     (work / "data" / "downloads").write_text("mine")), (),
+                                       "data/downloads: is a file"),
+    "the manifest's folder is a file": (lambda work: (work / "lock").write_text("mine"),
+                                        ("--manifest", "lock/manifest.json"), "lock: is a file"),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUTS_IN_THE_WAY)
+def test_an_output_path_in_the_way_is_one_line_naming_it_and_nothing_is_written(tmp_path, case):
+    setup, options, named = OUTPUTS_IN_THE_WAY[case]
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha")
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(work / "params.yaml", data={"source": str(src)})
+    setup(work)
+    before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    result = run_stage(work, "fetch", "--params", params, *options)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"error: {named}" in result.stderr
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before, "nothing written"
+
+
+def test_an_unwritable_output_is_one_line_naming_it(tmp_path, monkeypatch):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha")
+    # Tests run as root, whom permissions do not stop: the kernel's answer for a folder we may not write.
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied",
+                                                                                       args[1])))
+    monkeypatch.setattr("shutil.copyfile", lambda src_, dst: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(dst))))
+    with pytest.raises(InputError) as raised:
+        fetch(str(src), tmp_path / "raw")
+    message = str(raised.value)
+    assert "a.txt: Permission denied (bringing data.source into it" in message and "\n" not in message
+
+
+SOURCE_ERRORS = {  # a source that fails, and what its one line must say besides naming it
+    "http://127.0.0.1:1/a.txt": "cannot list 'http://127.0.0.1:1/a.txt': Cannot connect",  # refused: not "not found"
+    "http://127.0.0.1:99999/a.txt": "cannot list 'http://127.0.0.1:99999/a.txt': Port out of range",
+    "foo://x/a.txt": "no filesystem for foo:// URLs",
+    "memory://nowhere/a.txt": "'memory://nowhere/a.txt' not found",
+    "http://example.com/a.txt": "'http://example.com/a.txt' uses plain http://",
+    "/nowhere/at/all": "'/nowhere/at/all' is not a builtin corpus",
+    "/nowhere/*.txt": "files found at '/nowhere/*.txt'",
+}
+
+
+@pytest.mark.parametrize("source", SOURCE_ERRORS)
+def test_every_source_error_names_the_source(tmp_path, source):
+    with pytest.raises(InputError) as raised:
+        fetch(source, **paths(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("data.source: ") and SOURCE_ERRORS[source] in message, message
