@@ -154,12 +154,34 @@ def read_state(path: Path) -> CheckpointState | None:
         return None
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """The whole checkpoint from disk; raises on any damage. No code is executed."""
+def read_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> Checkpoint:
+    """The whole checkpoint from disk; raises on any damage. No code is executed. With `shapes` (the model's
+    weights as a checkpoint stores them, by name: weight_shapes), weights of another model's names or shapes are
+    damage too (ValueError), found before anything is restored: restoring them failed halfway, on every rerun."""
     state = CheckpointState.from_dict(json.loads((path / "state.json").read_text()), path)
     weights = load_file(str(path / "model.safetensors"))
+    if shapes is not None:
+        _check_shapes(weights, shapes)
     bundle = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     return Checkpoint(state, weights, bundle)
+
+
+def weight_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The full shape of each weight `model` checkpoints (a tied alias once), without gathering anything: a
+    sharded (FSDP) parameter reports its whole shape."""
+    aliases = tied_aliases(model)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing, unexpected = sorted(shapes.keys() - weights.keys()), sorted(weights.keys() - shapes.keys())
+    if missing or unexpected:
+        (name, problem) = (missing[0], "is missing") if missing else (unexpected[0], "is not in this model")
+        raise ValueError(f"model.safetensors holds another model's weights: {name} {problem}")
+    for name, shape in sorted(shapes.items()):
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"model.safetensors holds another model's weights: {name} is "
+                             f"{list(weights[name].shape)}, this model's is {list(shape)}")
 
 
 def save_checkpoint(root: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],

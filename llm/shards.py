@@ -197,4 +197,31 @@ def read_meta(tokens_dir: Path) -> TokensMeta:
     if meta.dtype != token_dtype(meta.vocab_size).name or meta.eot_id >= meta.vocab_size:
         raise InputError(f"{path}: dtype {meta.dtype} and eot_id {meta.eot_id} do not fit vocab_size "
                          f"{meta.vocab_size}; rerun the tokenize stage")
+    for split in SPLITS:
+        _check_counts(path, split, meta)
     return meta
+
+
+def _check_counts(path: Path, split: str, meta: TokensMeta) -> None:
+    """meta.json's counts of a split against its shards: training's bits per byte is computed from them, so a
+    false count gave a false figure (64.9 bits per byte for 3.8). The tokens must be what the shard headers
+    hold. The bytes (of the documents' UTF-8 text) cannot be read from the shards without the tokenizer; what
+    holds without it: each document starts with one <|endoftext|> token, which stands for no text, and every
+    other token of a byte-level BPE stands for at least one byte."""
+    counts = meta.splits[split]
+    where = f"{path}: field splits.{split}."
+    in_shards = 0
+    for shard in meta.shard_paths(path.parent, split):
+        (dtype, num_tokens) = read_header(shard)
+        if dtype.name != meta.dtype:
+            raise InputError(f"{shard}: {dtype.name} tokens, but {path} says {meta.dtype}; rerun the tokenize stage")
+        in_shards += num_tokens
+    if counts.tokens != in_shards:
+        raise InputError(f"{where}tokens says {counts.tokens}, but its shards' headers hold {in_shards} tokens; "
+                         "rerun the tokenize stage")
+    if counts.documents > counts.tokens:
+        raise InputError(f"{where}documents says {counts.documents}, more than its {counts.tokens} tokens (each "
+                         "document starts with a token); rerun the tokenize stage")
+    if counts.bytes < counts.tokens - counts.documents:
+        raise InputError(f"{where}bytes says {counts.bytes}, fewer than its {counts.tokens - counts.documents} "
+                         "text tokens (each stands for at least one byte); rerun the tokenize stage")

@@ -38,6 +38,7 @@ from llm.checkpoint import (
     read_state,
     restore_checkpoint,
     save_checkpoint,
+    weight_shapes,
 )
 from llm.configs.train import TrainConfig
 from llm.data import VAL_STREAM, TokenWindows
@@ -125,9 +126,10 @@ def newest_of_run(checkpoint_dir: Path, fingerprint: str) -> list[tuple[Path, Ch
     return readable
 
 
-def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> Checkpoint | None:
-    """The newest checkpoint of this run that reads whole, else None. Another run's checkpoints are removed,
-    so the folder holds one run."""
+def load_resume_point(checkpoint_dir: Path, fingerprint: str,
+                      shapes: dict[str, tuple[int, ...]] | None = None) -> Checkpoint | None:
+    """The newest checkpoint of this run that reads whole (and holds weights of `shapes`, the model's), else
+    None. Another run's checkpoints are removed, so the folder holds one run."""
     candidates = newest_of_run(checkpoint_dir, fingerprint)
     if candidates is None:
         log.warning("checkpoints in %s are from a different model, data, training config or code: not "
@@ -137,7 +139,7 @@ def load_resume_point(checkpoint_dir: Path, fingerprint: str) -> Checkpoint | No
         candidates = []
     for path, _ in candidates:
         try:
-            loaded = read_checkpoint(path)
+            loaded = read_checkpoint(path, shapes)
         except Exception as err:  # damaged or truncated: any error from json, torch or safetensors
             log.warning("checkpoint %s is damaged (%s): trying the previous one", path, first_line(err))
             continue
@@ -228,7 +230,8 @@ class Trainer:
     def resume(self) -> tuple[Progress, str | None]:
         """Restore the newest checkpoint of this run (a collective); (where the run stands, the tracker run id the
         checkpoint recorded). A fresh start records the attention of the initial weights instead."""
-        loaded = load_resume_point(self.checkpoint_dir, self.fingerprint) if self.runtime.is_main else None
+        loaded = (load_resume_point(self.checkpoint_dir, self.fingerprint, weight_shapes(self.model))
+                  if self.runtime.is_main else None)
         state = self.runtime.broadcast(loaded.state if loaded else None)
         if state is None:
             self.record_attention(0)

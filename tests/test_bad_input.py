@@ -12,20 +12,23 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from llm.checkpoint import checkpoint_dirs, read_checkpoint
+from llm.checkpoint import checkpoint_dirs, read_checkpoint, weight_shapes
 from llm.clean import clean_corpus
 from llm.config import EOT
 from llm.configs.clean import CleanConfig
 from llm.configs.mlflow import MlflowConfig
 from llm.documents import iter_documents
 from llm.errors import InputError
+from llm.model import GPT
 from llm.model_io import load_model_dir
 from llm.tracking import MODEL_RUN_FILE, Job, run_of_model
 from stages.__main__ import app
 from tests.conftest import ROOT, make_model_dir, write_params
-from tests.test_train import run, tokens_dir  # noqa: F401  (a fixture)
+from tests.test_train import model_config, run, tokens_dir  # noqa: F401  (a fixture)
 
 INVALID = [  # (section, key, value): each is refused, the error naming section.key
     ("data", "val_fraction", 0.0), ("data", "val_fraction", float("nan")), ("data", "seed", -1),
@@ -150,6 +153,43 @@ def test_a_checkpoint_whose_state_json_is_damaged_falls_back_to_the_previous_one
         with pytest.raises(ValueError, match="state.json"):
             read_checkpoint(newest)
     assert run(tokens_dir, ckpt).resumed_from == 4, "resumed from the previous checkpoint, and finished"
+
+
+def test_a_garbage_state_json_is_passed_over_with_a_log_line(tokens_dir, tmp_path, caplog):  # noqa: F811
+    """As a damaged optimizer.pt is: the folder is passed over, and the log says so."""
+    run(tokens_dir, tmp_path / "pristine", stop_after=8)
+    for i, garbage in enumerate([b"", b"{", b"[]", b"null", b"\xff\xfe\x00garbage", b'{"step": 8}']):
+        ckpt = shutil.copytree(tmp_path / "pristine", tmp_path / f"ckpt{i}")
+        newest = checkpoint_dirs(ckpt)[0]
+        (newest / "state.json").write_bytes(garbage)
+        caplog.clear()
+        assert run(tokens_dir, ckpt, stop_after=1).resumed_from == 4, garbage
+        assert f"checkpoint {newest}: state.json does not read" in caplog.text and "passed over" in caplog.text
+
+
+def test_a_checkpoint_holding_another_models_weights_falls_back_to_the_previous_one(tokens_dir, tmp_path,  # noqa: F811
+                                                                                   caplog):
+    """Restoring them failed with a size-mismatch traceback on every rerun; now they are damage, found on read."""
+    ckpt = tmp_path / "ckpt"
+    run(tokens_dir, ckpt, stop_after=8)
+    newest = checkpoint_dirs(ckpt)[0]
+    ours = load_file(newest / "model.safetensors")
+    wider = {name: torch.zeros([size + 2 for size in tensor.shape]) for name, tensor in ours.items()}
+    first = min(ours)
+    for weights, problem in ((wider, f"{first} is {[size + 2 for size in ours[first].shape]}, this model's is "
+                                     f"{list(ours[first].shape)}"),
+                             ({**ours, "extra.weight": torch.zeros(2)}, "extra.weight is not in this model"),
+                             ({k: v for k, v in ours.items() if k != first}, f"{first} is missing")):
+        save_file(weights, newest / "model.safetensors")
+        with pytest.raises(ValueError, match="another model's weights") as error:
+            read_checkpoint(newest, weight_shapes(GPT(model_config())))
+        assert problem in str(error.value), error.value
+    save_file(wider, newest / "model.safetensors")
+    assert run(tokens_dir, ckpt).resumed_from == 4, "resumed from the previous checkpoint, and finished"
+    assert f"checkpoint {newest} is damaged (model.safetensors holds another model's weights" in caplog.text
+    for path in checkpoint_dirs(ckpt):
+        save_file(wider, path / "model.safetensors")
+    assert run(tokens_dir, ckpt).resumed_from == 0, "none of this model's: a fresh start"
 
 
 def test_a_model_config_asking_for_absurd_shapes_is_refused_before_allocating(tmp_path, sample_tokenizer_path):

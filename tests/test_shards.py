@@ -109,8 +109,17 @@ def valid_meta() -> TokensMeta:
                       splits={"train": split, "val": dataclasses.replace(split, shards=("val_000000.bin",))})
 
 
+def write_valid_tokens(tokens_dir) -> None:
+    """valid_meta() and the shards it describes: 10 tokens per split, 2 documents, each starting with EOT."""
+    for split in ("train", "val"):
+        writer = ShardWriter(tokens_dir, split, np.dtype("<u2"), shard_tokens=100)
+        writer.write(np.array([0, 5, 6, 7, 8, 0, 9, 10, 11, 12]))
+        writer.close()
+    write_meta(tokens_dir, valid_meta())
+
+
 def test_meta_round_trips_through_its_writer_and_reader(tmp_path):
-    write_meta(tmp_path, valid_meta())
+    write_valid_tokens(tmp_path)
     assert read_meta(tmp_path) == valid_meta()
     assert read_meta(tmp_path).shard_paths(tmp_path, "val") == [tmp_path / "val_000000.bin"]
 
@@ -124,15 +133,34 @@ def test_meta_round_trips_through_its_writer_and_reader(tmp_path):
     (lambda meta: meta["splits"]["train"].update(tokens=1.5), "splits.train.tokens"),
     (lambda meta: meta["splits"]["val"].update(shards=["../escape.bin"]), "splits.val.shards"),
     (lambda meta: meta.update(dtype="uint32"), "dtype"),
+    # Counts that disagree with the shards (training's bits per byte is computed from them).
+    (lambda meta: meta["splits"]["train"].update(tokens=11), "field splits.train.tokens says 11, but its shards' "
+                                                             "headers hold 10"),
+    (lambda meta: meta["splits"]["val"].update(tokens=100_000), "field splits.val.tokens"),
+    (lambda meta: meta["splits"]["val"].update(documents=11), "field splits.val.documents"),
+    (lambda meta: meta["splits"]["val"].update(bytes=7), "field splits.val.bytes says 7, fewer than its 8 text tokens"),
+    (lambda meta: meta["splits"]["train"].update(bytes=0), "field splits.train.bytes"),
 ])
 def test_a_damaged_meta_is_an_input_error_naming_the_field(tmp_path, edit, named):
-    write_meta(tmp_path, valid_meta())
+    write_valid_tokens(tmp_path)
     raw = json.loads((tmp_path / "meta.json").read_text())
     edit(raw)
     (tmp_path / "meta.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match=re.escape(named)) as error:
         read_meta(tmp_path)
     assert "meta.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_shard_that_meta_lists_but_is_missing_or_of_another_dtype_is_refused_naming_it(tmp_path):
+    write_valid_tokens(tmp_path)
+    (tmp_path / "val_000000.bin").unlink()
+    with pytest.raises(InputError, match="val_000000.bin: cannot read token shard"):
+        read_meta(tmp_path)
+    writer = ShardWriter(tmp_path, "val", np.dtype("<u4"), shard_tokens=100)
+    writer.write(np.arange(10))
+    writer.close()
+    with pytest.raises(InputError, match="val_000000.bin: uint32 tokens, but .*meta.json says uint16"):
+        read_meta(tmp_path)
 
 
 def test_shards_from_another_tokenizer_are_refused(tmp_path, sample_tokenizer_path):
