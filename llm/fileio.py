@@ -53,16 +53,24 @@ def out_of_space(err: BaseException, folder: Path) -> bool:
 
 class DiskFull(InputError):
     def __init__(self, path: Path) -> None:
-        free = shutil.disk_usage(path.parent).free / 1e6
+        self.path = path
+        existing = next(folder for folder in path.parents if folder.exists())  # its folder may not exist yet
+        free = shutil.disk_usage(existing).free / 1e6
         super().__init__(f"{path}: no space to write it (the disk is full, or over a quota or file-size limit; "
                          f"{free:,.0f} MB free on its file system); free some space and rerun")
 
 
 @contextlib.contextmanager
-def space_checked(path: Path) -> Iterator[None]:
-    """Turn a write error that means "no room" into DiskFull naming `path`; let any other error through."""
+def space_checked(path: Path, staging: Path | None = None) -> Iterator[None]:
+    """Turn a write error that means "no room" into DiskFull naming `path`; let any other error through. A
+    DiskFull from a write into `staging` (the temp folder that becomes `path`) names the file where it would
+    have been: the temp folder is gone by the time the user reads the error."""
     try:
         yield
+    except DiskFull as err:
+        if staging is not None and err.path.is_relative_to(staging):
+            raise DiskFull(path / err.path.relative_to(staging)) from None
+        raise
     except Exception as err:
         if out_of_space(err, path.parent):
             raise DiskFull(path) from None
@@ -158,7 +166,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        with space_checked(path):
+        with space_checked(path, staging=tmp):
             yield tmp
         old = None
         if path.exists() or path.is_symlink():

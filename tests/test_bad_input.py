@@ -227,6 +227,29 @@ def test_a_full_disk_is_one_line_naming_the_file_and_exit_2_with_nothing_half_wr
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"], "no temp folder left behind"
 
 
+NESTED_WRITE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from llm.errors import InputError
+from llm.fileio import atomic_dir, write_bytes_atomic
+try:
+    with atomic_dir("reports/guide") as staging:  # as the guide writes: files into a folder that replaces its output
+        write_bytes_atomic(staging / "figures" / "loss.png", bytes(200_000))
+except InputError as err:
+    print(err)
+"""
+
+
+def test_a_full_disk_under_a_folder_written_whole_names_the_output_not_its_temp_folder(tmp_path):
+    """The guide's error named `.guide.pid123.x.tmp/index.html`, a path gone by the time the user reads it."""
+    result = subprocess.run([sys.executable, "-c", NESTED_WRITE], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.startswith("reports/guide/figures/loss.png: no space to write it"), result
+    assert ".tmp" not in result.stdout and result.stdout.count("\n") == 1, result.stdout
+    assert not (tmp_path / "reports" / "guide").exists() and list((tmp_path / "reports").iterdir()) == []
+
+
 def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
