@@ -114,7 +114,8 @@ def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> su
         os.environ.clear()
         os.environ.update(saved_env)
         for signum, handler in saved_signals.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler set outside Python, which Python cannot set back
+                signal.signal(signum, handler)
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         torch.set_num_threads(threads)
