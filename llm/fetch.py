@@ -274,7 +274,8 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
     """Replace `out_dir` with the corpus named by `source` (data.source), then write the `manifest` of what it
     holds when a path is given. A URL's files are downloaded into `downloads` and kept there for the next run
     (into a temporary folder when None)."""
-    for path, kind in ((out_dir, "folder"), (downloads, "folder"), (manifest, "file")):
+    cache = downloads if remote.is_url(source) else None  # only a URL source uses it
+    for path, kind in ((out_dir, "folder"), (cache, "folder"), (manifest, "file")):
         if path is not None:
             check_output(path, kind)
     with naming_the_file(out_dir, "bringing data.source into it"), atomic_dir(out_dir) as staging:

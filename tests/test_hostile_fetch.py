@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import fsspec
 import pytest
 
 from llm import remote
@@ -298,7 +299,7 @@ OUTPUTS_IN_THE_WAY = {  # what is in the way, the options, the file the error mu
                            "data/raw: is a file"),
     "the downloads folder is a file": (lambda work: ((work / "data").mkdir(),
                                                      (work / "data" / "downloads").write_text("mine")), (),
-                                       "data/downloads: is a file"),
+                                       "data/downloads: is a file"),  # the source is a URL then (below)
     "the manifest's folder is a file": (lambda work: (work / "lock").write_text("mine"),
                                         ("--manifest", "lock/manifest.json"), "lock: is a file"),
 }
@@ -312,7 +313,9 @@ def test_an_output_path_in_the_way_is_one_line_naming_it_and_nothing_is_written(
     (src / "a.txt").write_text("alpha")
     work = tmp_path / "work"
     work.mkdir()
-    params = write_params(work / "params.yaml", data={"source": str(src)})
+    fsspec.filesystem("memory").pipe(f"/{tmp_path.name}/a.txt", b"alpha")
+    source = f"memory://{tmp_path.name}/a.txt" if "downloads" in case else str(src)
+    params = write_params(work / "params.yaml", data={"source": source})
     setup(work)
     before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
     result = run_stage(work, "fetch", "--params", params, *options)
