@@ -26,6 +26,14 @@ def run(cmd: list[str], cwd: Path) -> str:
     return result.stdout
 
 
+def dvc_fails(repo: Path, *args: str) -> str:
+    """Run a dvc command that must fail; its stderr."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode != 0, f"dvc {args} succeeded: {result.stdout}"
+    return result.stderr
+
+
 def repro(repo: Path, *targets: str) -> set[str]:
     """Run `dvc repro [targets]`; return the stages whose commands actually ran."""
     return ran(run(["dvc", "repro", *targets], repo))
@@ -85,6 +93,29 @@ def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
 
     (repo / "params.yaml").write_text("# a comment only\n" + (repo / "params.yaml").read_text())
     assert repro(repo) == set()
+
+    # A stage that fails under `dvc repro` leaves its last good outputs: DVC deletes the outputs of a stage
+    # before running it unless they are `persist: true`, as every out in dvc.yaml is.
+    good_params = (repo / "params.yaml").read_text()
+    outputs = ["metrics/eval.json", "reports/samples.md", "reports/attention_evolution.png",
+               "models/tokenizer/tokenizer.json", "metrics/tokenizer.json"]
+    before = {path: (repo / path).read_bytes() for path in outputs}
+    edit_params(repo, "evaluate", "max_new_tokens", 0)  # refused by the evaluate stage, after DVC began it
+    assert "evaluate.max_new_tokens" in dvc_fails(repo, "repro", "evaluate")
+    edit_params(repo, "tokenizer", "vocab_size", 10)
+    assert "tokenizer.vocab_size" in dvc_fails(repo, "repro", "tokenizer")
+    assert {path: (repo / path).read_bytes() for path in outputs} == before
+    (repo / "params.yaml").write_text(good_params)
+    assert "up to date" in run(["dvc", "status"], repo), "the kept outputs are the ones dvc.lock names"
+
+    # A second `dvc repro` while one holds an output is refused with the message the README quotes.
+    rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    rwlock.write_text(json.dumps({"read": {}, "write": {str(repo / "metrics" / "eval.json"):
+                                                        {"pid": os.getpid(), "cmd": "dvc repro"}}}))
+    refused = dvc_fails(repo, "repro", "-f", "evaluate")
+    rwlock.unlink()
+    assert "is busy, it is being blocked by" in refused and f"(PID {os.getpid()})" in refused
+    assert "is busy, it is being blocked by" in (ROOT / "README.md").read_text()
 
     # From here on the guide is left out (`dvc repro evaluate`): it would only rerun each time. What would
     # rerun is what `dvc status` lists.
