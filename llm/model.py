@@ -23,6 +23,7 @@ NORM_EPS = 1e-5
 ROPE_THETA = 10_000.0  # the rotary base (RoPE, Llama): rope_tables' default, and what the HF export declares
 INIT_STD = 0.02  # standard deviation of the weights drawn at init (GPT-2's); residual projections' is smaller
 FLOPS_PER_WEIGHT = 6  # training FLOPs per token of each matmul weight: forward 2, backward 4
+IGNORE = -1  # a target that adds no loss (a masked token: fine-tuning trains on the answers' tokens only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +264,7 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)  # bounded to (-cap, cap), near-identity below it
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
         return logits, loss
 
     def embed(
@@ -329,28 +330,35 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        # Targets equal to IGNORE (masked, as in fine-tuning) add no loss and no gradient, and the mean is over
+        # the others: a masked row's gradient is divided by inf (0), the others' by the count, as a plain mean
+        # divides them, so with nothing masked this is the plain mean to the bit, and no device sync is needed.
+        kept = targets != IGNORE
+        counted = kept.sum().clamp(min=1).float()
+        divisors = torch.where(kept, counted, math.inf)
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             for start in range(0, rows, chunk):
-                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk].clamp(min=0)
                 logits = (h @ w.T).float()  # (chunk, vocab)
                 if softcap:
                     squashed = logits.div_(softcap).tanh_()  # in place: logits now holds tanh(z / cap)
                     logits = squashed * softcap
                 log_norm = torch.logsumexp(logits, dim=-1)
-                total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                row_loss = log_norm - logits.gather(1, t[:, None]).squeeze(1)
+                total += torch.where(kept[start:start + chunk], row_loss, 0.0).sum()
                 grad = logits.sub_(log_norm[:, None]).exp_()  # softmax
                 grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits, per row
                 if softcap:
                     grad.mul_(squashed.square_().neg_().add_(1))  # d cap tanh(z / cap) / dz = 1 - tanh^2
-                grad = grad.div_(rows).to(dtype)
+                grad = grad.div_(divisors[start:start + chunk, None]).to(dtype)
                 grad_hidden[start:start + chunk] = grad @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad.T, h)
                 else:
                     grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / rows
+        return total / counted
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):

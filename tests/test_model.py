@@ -8,7 +8,7 @@ from llm.config import from_mapping
 from llm.configs.model import ARCHS, PRESETS
 from llm.configs.train import TrainConfig
 from llm.errors import ConfigError
-from llm.model import GPT, ROPE_THETA, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
+from llm.model import GPT, IGNORE, ROPE_THETA, ChunkedHeadLoss, GPTConfig, apply_rope, rope_tables
 from llm.optim import lr_at
 from llm.parallel import apply_activation_checkpointing, apply_compile
 
@@ -315,16 +315,21 @@ def test_grouped_query_attention_equals_full_attention_with_shared_key_value_hea
 
 
 def plain_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The reference: whole-batch logits (forward without targets), then F.cross_entropy in float32."""
+    """The reference: whole-batch logits (forward without targets), then F.cross_entropy in float32 (a target
+    of IGNORE, -1, counts for nothing)."""
     logits, _ = model(idx)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)  # gpt2: tied head; llama: untied; modern: untied with a softcap
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_chunked_training_loss_and_its_gradients_equal_the_plain_ones(arch, dtype, monkeypatch):
+@pytest.mark.parametrize("masked", [False, True])  # True: some targets are IGNORE, as fine-tuning's are
+def test_the_chunked_training_loss_and_its_gradients_equal_the_plain_ones(arch, dtype, masked, monkeypatch):
     monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 97 * 10)  # chunks of 10 rows: 7 chunks, the last short
     idx, targets = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    if masked:
+        targets[:, :9] = IGNORE  # whole chunks and part of one
+        targets[3, 12] = IGNORE
     cap = 3.0 if arch == "modern" else None  # low enough that the softcap's tanh bends the perturbed logits
     fused, plain = make(arch, logit_softcap=cap), make(arch, logit_softcap=cap)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -337,3 +342,11 @@ def test_the_chunked_training_loss_and_its_gradients_equal_the_plain_ones(arch, 
     torch.testing.assert_close(fused_loss, reference, **tolerance)
     for name, grad in grads(plain).items():
         torch.testing.assert_close(grads(fused)[name], grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_batch_whose_targets_are_all_masked_has_loss_zero_and_no_gradient(monkeypatch):
+    monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 97 * 10)
+    hidden, weight = torch.randn(40, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    loss = ChunkedHeadLoss.apply(hidden, weight, torch.full((40,), IGNORE), 0.0)
+    loss.backward()
+    assert loss.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
