@@ -28,6 +28,7 @@ from llm.errors import InputError
 from llm.fileio import atomic_dir
 from llm.near_dedup import MinHashParams, NearDuplicateIndex, signature
 from llm.readers import RawDocument, iter_raw_documents
+from llm.special_tokens import NEUTRALISER, neutralise_special_tokens  # noqa: F401  (NEUTRALISER: clean's API)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,6 @@ _GUTENBERG_START = re.compile(r"^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG 
 _GUTENBERG_END = re.compile(
     r"^(?:\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK|End of (?:the )?Project Gutenberg)", re.M | re.I
 )
-# Inserted after the first character of a literal special token found in text, so that it reads the
-# same but can never match the token (U+2060 WORD JOINER: invisible, no line break, not a control char).
-NEUTRALISER = "\u2060"
 
 
 @dataclasses.dataclass
@@ -101,17 +99,6 @@ class CleanStats:
         """Drops by reason, as a table for the log."""
         rows = [(reason, count, self.dropped_bytes[reason]) for reason, count in sorted(self.dropped.items())]
         return pd.DataFrame(rows, columns=["reason", "documents", "bytes"]).set_index("reason")
-
-
-def neutralise_special_tokens(text: str, special_tokens: Iterable[str]) -> tuple[str, int]:
-    """Defuse every literal occurrence of a special token so it stays plain text downstream."""
-    total = 0
-    for token in special_tokens:
-        count = text.count(token)
-        if count:
-            text = text.replace(token, token[0] + NEUTRALISER + token[1:])
-            total += count
-    return text, total
 
 
 def strip_gutenberg(text: str) -> tuple[str, bool]:
