@@ -58,6 +58,23 @@ def sample_tokenizer_path(tmp_path: Path) -> Path:
     return path
 
 
+@functools.cache
+def _chat_tokenizer_json(vocab_size: int) -> str:
+    from llm.chat import CHAT_TOKENS
+    from llm.config import EOT
+
+    cfg = TokenizerConfig(vocab_size=vocab_size, min_frequency=1, special_tokens=(EOT, *CHAT_TOKENS))
+    return train_tokenizer(SAMPLE_TEXTS * 3, cfg).to_str()
+
+
+@pytest.fixture
+def chat_tokenizer_path(tmp_path: Path) -> Path:
+    """The sample tokenizer with the chat tokens (llm/chat.py) among its special tokens, after <|endoftext|>."""
+    path = tmp_path / "chat_tokenizer.json"
+    path.write_text(_chat_tokenizer_json(400))
+    return path
+
+
 def write_params(path: Path, **overrides: dict) -> Path:
     """params.yaml from the repo's defaults with per-section overrides."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
