@@ -9,6 +9,8 @@ The folder loads offline with `AutoModelForCausalLM.from_pretrained(out)` and `A
   generation_config.json   bos/eos = <|endoftext|>
   tokenizer.json           our tokenizer, copied as is
   tokenizer_config.json    PreTrainedTokenizerFast over tokenizer.json; special_tokens_map.json
+  chat_template.jinja      only for a tokenizer with the chat tokens (a tuned model's): llm/chat.py's template, also
+                           in tokenizer_config.json; generation_config.json then ends a turn at <|end|> too
   .llm-export.json         the marker: this tool, the source model and the files it wrote (`MARKER`)
 
 The export replaces only what it wrote itself (`check_out`): a new or empty folder, or an earlier export whose
@@ -35,7 +37,10 @@ transposed. Llama's are nn.Linear and keep their layout; its rotary embedding ro
 each head with inv_freq = 1 / ROPE_THETA^(2j / head_dim), as ours does, so q and k need no permutation.
 
 Tokenizer: text is encoded with split_special_tokens, as our load_tokenizer does: the string "<|endoftext|>" in
-input text is plain text; only code emits the <|endoftext|> id. No BOS or EOS is added to encodings.
+input text is plain text; only code emits the <|endoftext|> id. No BOS or EOS is added to encodings. The one
+exception, a chat export: apply_chat_template renders the control tokens as text, so its tokenizer must match them
+(split_special_tokens false, as every transformers chat model); the template neutralises special-token strings in
+message content as our encoder does (llm/chat.py), and plain text with such strings wants split_special_tokens=True.
 """
 
 import json
@@ -46,6 +51,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from llm.chat import ChatTokens, chat_template
 from llm.config import EOT
 from llm.configs.model import PRESETS
 from llm.errors import InputError
@@ -83,6 +89,17 @@ def hf_class(cfg: GPTConfig) -> str:
 def check_out(out: Path, keep: list[Path]) -> None:
     """InputError naming `out` unless the export may write it: absent, an empty folder, or an earlier export
     holding only the files its marker lists; never a folder that is or holds a path of `keep`."""
+    try:
+        _check_out(out, keep)
+    except OSError as err:  # a name too long, a parent that is a file, a folder that cannot be read...
+        raise _unwritable(out, err) from None
+
+
+def _unwritable(out: Path, err: OSError) -> InputError:
+    return InputError(f"{out}: cannot write it ({err.strerror or err}); choose a --out folder you can write")
+
+
+def _check_out(out: Path, keep: list[Path]) -> None:
     if out.is_symlink():
         raise InputError(f"{out}: a symbolic link; export-hf writes a real folder and replaces only its own "
                          "exports: choose another --out")
@@ -94,10 +111,7 @@ def check_out(out: Path, keep: list[Path]) -> None:
         return
     if not out.is_dir():
         raise InputError(f"{out}: a file, not a folder export-hf wrote; it is left as it is: choose another --out")
-    try:
-        present = {entry.name for entry in out.iterdir()}
-    except OSError as err:
-        raise InputError(f"{out}: cannot read ({err.strerror})") from None
+    present = {entry.name for entry in out.iterdir()}
     if not present:
         return
     written = _exported_files(out / MARKER)
@@ -135,6 +149,8 @@ def export_hf(model: GPT, tokenizer_path: Path, out: Path, model_dir: Path | Non
         raise InputError(f"{tokenizer_path}: {tokenizer.get_vocab_size()} tokens, but the model has "
                          f"vocab_size {cfg.vocab_size}; is this the tokenizer it was trained with?")
     eot_id = tokenizer.token_to_id(EOT)
+    chat = ChatTokens.from_tokenizer(tokenizer, tokenizer_path) if ChatTokens.present(tokenizer) else None
+    template = None if chat is None else chat_template(chat)
     weights = _our_weights(model)
     if target == "GPT2LMHeadModel":
         config, tensors = _gpt2_config(model, eot_id), _gpt2_tensors(weights, cfg.n_layer)
@@ -147,15 +163,17 @@ def export_hf(model: GPT, tokenizer_path: Path, out: Path, model_dir: Path | Non
         with atomic_dir(out) as staging:
             _write_json(staging / "config.json", config)
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-            _write_json(staging / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
+            eos = eot_id if chat is None else [chat.end, eot_id]  # a tuned model ends its answer with <|end|>
+            _write_json(staging / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eos})
             shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
-            _write_json(staging / "tokenizer_config.json", _tokenizer_config(cfg.block_size))
+            _write_json(staging / "tokenizer_config.json", _tokenizer_config(cfg.block_size, template))
+            if template is not None:  # transformers 5 reads this file; 4 reads tokenizer_config.json's copy
+                (staging / "chat_template.jinja").write_text(template)
             _write_json(staging / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
             files = sorted(entry.name for entry in staging.iterdir())
             _write_json(staging / MARKER, {"tool": TOOL, "model": str(model_dir.resolve()), "files": files})
     except OSError as err:  # a disk without room is an InputError already (DiskFull)
-        raise InputError(f"{out}: cannot write it ({err.strerror or err}); choose a --out folder you can "
-                         "write") from None
+        raise _unwritable(out, err) from None
 
 
 def _our_weights(model: GPT) -> dict[str, torch.Tensor]:
@@ -264,8 +282,9 @@ def _llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
     }
 
 
-def _tokenizer_config(block_size: int) -> dict[str, Any]:
-    return {
+def _tokenizer_config(block_size: int, chat_template: str | None) -> dict[str, Any]:
+    """`chat_template`: a chat export's (None: a base model's), which needs special tokens matched in its text."""
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # the generic class: runs tokenizer.json as it is
         "bos_token": EOT,
         "eos_token": EOT,
@@ -276,6 +295,9 @@ def _tokenizer_config(block_size: int) -> dict[str, Any]:
         "split_special_tokens": True,  # as load_tokenizer: "<|endoftext|>" in text is plain text
         "clean_up_tokenization_spaces": False,  # decode(encode(s)) == s
     }
+    if chat_template is not None:
+        config |= {"split_special_tokens": False, "chat_template": chat_template}
+    return config
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

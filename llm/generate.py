@@ -31,17 +31,20 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the first token stays
+        outside = mass_before >= top_p
+        outside[..., 0] = False  # the most likely token stays, also for a top_p float32 rounds to 0 (1e-320)
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
     return logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
-    """One token id from logits (V,); temperature 0 is greedy (argmax)."""
-    if temperature == 0.0:
+    """One token id from logits (V,); temperature 0 is greedy (argmax), and so is a temperature so close to 0
+    that logits / temperature overflow float32 (1e-300): the distribution sampling tends to as it goes to 0."""
+    scaled = logits.float() / temperature if temperature != 0.0 else None
+    if scaled is None or not torch.isfinite(scaled).all():
         return int(logits.argmax())
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    return int(torch.multinomial(filter_logits(scaled, top_k, top_p).softmax(dim=-1), 1, generator=generator))
 
 
 @torch.no_grad()

@@ -13,10 +13,26 @@ from types import FrameType
 
 import click
 import typer
+from typer._click.exceptions import UsageError  # typer (pinned) parses with its own copy of click
 
 from llm.errors import InputError, Interrupted
 
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """The group of commands. A command line that cannot be parsed (a value of the wrong type or out of range, an
+    unknown or a missing option) is bad input like any other: one line on stderr naming the option, exit code 2,
+    instead of click's usage text and framed message."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except UsageError as err:
+            typer.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

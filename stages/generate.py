@@ -3,8 +3,9 @@ from pathlib import Path
 
 import typer
 
-from llm.config import EOT
-from llm.configs.evaluate import EvaluateConfig, check_sampling
+from llm.config import EOT, check_field
+from llm.configs.evaluate import MAX_NEW_TOKENS, EvaluateConfig, check_sampling
+from llm.errors import InputError
 from stages.cli import stage
 from stages.params import load_params
 
@@ -18,14 +19,19 @@ def sampling_defaults(params: Path | None) -> EvaluateConfig:
     return load_params(params, evaluate=EvaluateConfig).evaluate
 
 
+def flag(param: str) -> str:
+    """The command-line flag that sets a sampling param: top_p is --top-p."""
+    return "--" + param.replace("_", "-")
+
+
 @stage
 def generate(
     params: Path | None = typer.Option(None, "--params", help="sampling defaults from its evaluate section "
                                        "[default: params.yaml when present]", dir_okay=False),
     model_dir: Path = typer.Option(Path("models/final"), "--model", help="trained model folder"),
     prompt: str = typer.Option("", help="text to continue; empty starts a new document"),
-    max_new_tokens: int | None = typer.Option(None, min=1, help="stop after this many tokens or <|endoftext|> "
-                                              "[default: evaluate.max_new_tokens]"),
+    max_new_tokens: int | None = typer.Option(None, help=f"stop after this many tokens (1 to {MAX_NEW_TOKENS:,}) "
+                                              "or <|endoftext|> [default: evaluate.max_new_tokens]"),
     temperature: float | None = typer.Option(None, help="0 is greedy [default: evaluate.temperature]"),
     top_k: int | None = typer.Option(None, help="sample among the k most likely tokens; 0 turns it off "
                                      "[default: evaluate.top_k]"),
@@ -45,7 +51,14 @@ def generate(
     temperature = defaults.temperature if temperature is None else temperature
     top_k = defaults.top_k if top_k is None else top_k
     top_p = defaults.top_p if top_p is None else top_p
-    check_sampling(temperature, top_k, top_p, key=lambda param: "--" + param.replace("_", "-"))
+    check_sampling(temperature, top_k, top_p, key=flag)
+    check_field(EvaluateConfig, "max_new_tokens", max_new_tokens, flag("max_new_tokens"))
+    if seed is not None:
+        check_field(EvaluateConfig, "seed", seed, flag("seed"))
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes of the command line that are not UTF-8 (Python escapes them)
+        raise InputError(f"--prompt: not valid UTF-8 (character {err.start})") from None
     model, tokenizer = load_model_dir(model_dir, default_device())
     eot_id = tokenizer.token_to_id(EOT)
     ids = generate_ids(model, prompt_ids(tokenizer, prompt, eot_id), max_new_tokens, temperature=temperature,

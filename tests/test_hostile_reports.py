@@ -7,7 +7,6 @@ import random
 import types
 
 import pytest
-import torch
 from markdown_it import MarkdownIt
 
 from llm.configs.evaluate import EvaluateConfig

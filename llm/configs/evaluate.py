@@ -6,12 +6,16 @@ from dataclasses import InitVar
 
 from llm.config import Validated, check_field, param
 
+# The most tokens one sample (or one generate command) may ask for: a bound, so that a typo (10**12) cannot run
+# for days. 100,000 tokens are about 400 KB of text, minutes on a CPU for a small model.
+MAX_NEW_TOKENS = 100_000
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig(Validated):
     # one sample per prompt in reports/samples.md; "" starts from EOT
     prompts: tuple[str, ...] = param(("ROMEO.\n",), nonempty=True)
-    max_new_tokens: int = param(200, ge=1)  # tokens generated per sample
+    max_new_tokens: int = param(200, ge=1, le=MAX_NEW_TOKENS)  # tokens generated per sample
     temperature: float = param(0.8, ge=0, note="0 is greedy")
     top_k: int = param(50, ge=0, note="0 turns it off")  # sample among the k most likely tokens
     # nucleus: the smallest set of tokens holding this much probability
