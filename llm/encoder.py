@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
+# The longest piece encoded (or trained on) whole, when the caller does not say (tokenize.max_piece_chars does).
+MAX_PIECE_CHARS = 4096
+
 # A cut at one of these places cannot change the byte-level pre-tokenization (the GPT-2 regex), so
 # encoding the pieces gives the same ids as encoding the whole text: before a single space that sits
 # between two non-space characters, or after a single newline between two non-space characters.
@@ -48,12 +51,44 @@ def split_pieces(text: str, max_piece_chars: int) -> list[str]:
     """Cut `text` before every space that precedes a non-space: ["Hello", " world", ",\nhow"]. Encoding
     the pieces one by one gives exactly the ids of encoding the whole text, and pieces repeat a lot,
     so each distinct piece is encoded once. Pieces longer than `max_piece_chars` go through split_text."""
+    return _pieces(text, max_piece_chars)[0]
+
+
+def _pieces(text: str, max_piece_chars: int) -> tuple[list[str], bool]:
+    """split_pieces's pieces, and whether a piece longer than `max_piece_chars` was cut."""
     if _CUT in text:  # cannot mark cuts with a character the text holds (clean removes it)
-        return split_text(text, max_piece_chars)
+        return split_text(text, max_piece_chars), len(text) > max_piece_chars
     pieces = _UNSAFE_CUT.sub(" ", text.replace(" ", _CUT + " ")).split(_CUT)
-    if max(map(len, pieces)) > max_piece_chars:
-        pieces = [part for piece in pieces for part in split_text(piece, max_piece_chars)]
-    return pieces
+    if max(map(len, pieces)) <= max_piece_chars:
+        return pieces, False
+    return [part for piece in pieces for part in split_text(piece, max_piece_chars)], True
+
+
+def _joinable(piece: str) -> bool:
+    """Whether `piece` can be encoded joined to whatever precedes it with the same ids: it begins with a space
+    and a non-space, a cut that no pre-token crosses."""
+    return piece[:1] == " " and bool(piece[1:2].strip())
+
+
+def split_for_training(text: str, max_piece_chars: int, chunk_chars: int) -> list[str]:
+    """`text` as the tokenizer trainer is given it: cut where tokenize cuts it (split_pieces), so that the trainer
+    counts the words the encoder will meet, and a run with no space in it (a hash, base64, a language written
+    without spaces) costs it pieces of `max_piece_chars`, not one huge word whose merges cost time that grows
+    faster than its length. For speed, in strings of about `chunk_chars` (the trainer's cost per string):
+    pieces joined where the join changes no pre-token, or, when no piece was cut, split_text's chunks of the
+    whole text (which change none either)."""
+    pieces, cut = _pieces(text, max_piece_chars)
+    if not cut:
+        return split_text(text, chunk_chars)
+    chunks, run, run_chars = [], [], 0
+    for piece in pieces:
+        if run and (run_chars >= chunk_chars or not _joinable(piece)):
+            chunks.append("".join(run))
+            run, run_chars = [], 0
+        run.append(piece)
+        run_chars += len(piece)
+    chunks.append("".join(run))
+    return chunks
 
 
 class PieceEncoder:
@@ -61,7 +96,7 @@ class PieceEncoder:
     up to `cache_size` pieces across calls), and gathers the ids with numpy. Several times faster than
     `encode_batch` on natural text, with identical ids (see split_pieces)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_piece_chars: int = 4096, cache_size: int = 1 << 17) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_piece_chars: int = MAX_PIECE_CHARS, cache_size: int = 1 << 17) -> None:
         self.tokenizer, self.max_piece_chars, self.cache_size = tokenizer, max_piece_chars, cache_size
         self.cache: dict[str, list[int]] = {}
 
@@ -95,7 +130,7 @@ class PieceEncoder:
         """Ids of each piece. The tokenizer's cost per call dwarfs its cost per character for pieces this
         short, so pieces that begin with a space and a non-space (a safe cut, whatever precedes it) are
         joined into texts of a few KB and their ids split back by character offsets."""
-        joinable = [i for i, piece in enumerate(pieces) if piece[:1] == " " and piece[1:2].strip()]
+        joinable = [i for i, piece in enumerate(pieces) if _joinable(piece)]
         alone = sorted(set(range(len(pieces))) - set(joinable))
         ids: list[list[int] | None] = [None] * len(pieces)
         for i, encoding in zip(alone, self.tokenizer.encode_batch_fast([pieces[i] for i in alone],
@@ -115,9 +150,10 @@ class PieceEncoder:
         return ids
 
 
-def count_tokens(tokenizer: Tokenizer, texts: Iterable[str], batch_size: int = 256) -> tuple[int, int]:
-    """(tokens, UTF-8 bytes) over `texts`."""
-    encoder = PieceEncoder(tokenizer)
+def count_tokens(tokenizer: Tokenizer, texts: Iterable[str], batch_size: int = 256,
+                 max_piece_chars: int = MAX_PIECE_CHARS) -> tuple[int, int]:
+    """(tokens, UTF-8 bytes) over `texts`, encoded as tokenize encodes them."""
+    encoder = PieceEncoder(tokenizer, max_piece_chars)
     tokens = nbytes = 0
     texts = iter(texts)
     while batch := list(itertools.islice(texts, batch_size)):

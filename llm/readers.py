@@ -3,6 +3,10 @@
 
 Every file, line or row either becomes a document or is counted under a drop reason, with the bytes it held:
 nothing is lost silently. A reader keeps what it could read of a damaged file.
+
+A document over MAX_DOCUMENT_BYTES is dropped as `too_long`, before it is read whole where the format allows
+(a plain file by its size, a JSONL line a block at a time): a few MB of compressed JSONL can hold a line of
+gigabytes, which would take clean's memory many times over and no Parquet string column can hold.
 """
 
 import dataclasses
@@ -19,6 +23,12 @@ import pyarrow.parquet as pq
 import zstandard
 
 from llm.raw_formats import raw_format
+
+# The largest document read, in bytes of its raw form (a file, a JSONL line, a Parquet value): far above any
+# book (a few MB), and far below what one document costs clean (copies of its text in the reader, a worker,
+# the shard writer) and the 2 GiB a Parquet string column holds.
+MAX_DOCUMENT_BYTES = 64 << 20
+SKIP_BLOCK_BYTES = 1 << 20  # an over-long line is read past this much at a time
 
 
 class ReadCounts(Protocol):
@@ -61,6 +71,12 @@ def _encodes(text: str) -> bool:
 
 def read_plain_file(path: Path, name: str, stats: ReadCounts) -> Iterator[RawDocument]:
     """The whole file as one document."""
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:
+        stats.documents_in += 1
+        stats.bytes_in += size
+        stats.drop("too_long", size, name)
+        return
     data = path.read_bytes()
     stats.documents_in += 1
     stats.bytes_in += len(data)
@@ -95,9 +111,27 @@ def read_jsonl_file(path: Path, name: str, stats: ReadCounts) -> Iterator[RawDoc
         stats.drop("corrupt_compressed", 0, f"{name}: {err}")
 
 
+def bounded_lines(f: BinaryIO, limit: int) -> Iterator[bytes | int]:
+    """Each line of `f`, with its newline; for a line longer than `limit` bytes (its newline not counted), its
+    length instead, read past a block at a time so that it is never held whole."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        length = len(line)
+        while (block := f.readline(SKIP_BLOCK_BYTES)) and (length := length + len(block)) and not block.endswith(b"\n"):
+            pass
+        yield length
+
+
 def _read_jsonl_lines(path: Path, name: str, stats: ReadCounts) -> Iterator[RawDocument]:
     with open_jsonl(path) as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in enumerate(bounded_lines(f, MAX_DOCUMENT_BYTES), start=1):
+            if isinstance(line, int):
+                stats.documents_in += 1
+                stats.bytes_in += line
+                stats.drop("too_long", line, f"{name}:{lineno}")
+                continue
             if not line.strip():
                 continue
             stats.documents_in += 1
@@ -135,8 +169,11 @@ def read_parquet_file(path: Path, name: str, stats: ReadCounts) -> Iterator[RawD
                 stats.documents_in += 1
                 if not isinstance(text, str):
                     stats.drop("missing_text", 0, f"{name}:{row}")
+                elif (size := len(text.encode())) > MAX_DOCUMENT_BYTES:  # read already: Arrow bounds its pages
+                    stats.bytes_in += size
+                    stats.drop("too_long", size, f"{name}:{row}")
                 else:
-                    stats.bytes_in += len(text.encode())
+                    stats.bytes_in += size
                     yield RawDocument(id=f"{name}:{row}", source=name, text=text)
                 row += 1
     except (pa.ArrowException, OSError) as err:

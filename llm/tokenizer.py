@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from llm.config import EOT
 from llm.configs.data import DataConfig
 from llm.configs.tokenizer import TokenizerConfig
-from llm.encoder import count_tokens, split_text
+from llm.encoder import MAX_PIECE_CHARS, count_tokens, split_for_training
 from llm.errors import InputError
 from llm.fileio import write_bytes_atomic
 from llm.split import is_val, require_both_splits
@@ -34,8 +34,11 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, chunk_chars: int = 1 << 16) -> Tokenizer:
-    """Train on a stream of documents; memory grows with the number of distinct words, not the corpus."""
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, chunk_chars: int = 1 << 16,
+                    max_piece_chars: int = MAX_PIECE_CHARS) -> Tokenizer:
+    """Train on a stream of documents; memory grows with the number of distinct words, not the corpus. Text is
+    cut as tokenize cuts it (tokenize.max_piece_chars: split_for_training), so that no run without a space
+    costs the trainer more than its pieces do."""
     tokenizer = build_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
@@ -48,7 +51,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, chunk_chars: int
     def batches(batch_size: int = 256) -> Iterator[list[str]]:
         batch = []
         for text in texts:
-            batch.extend(split_text(text, chunk_chars))
+            batch.extend(split_for_training(text, max_piece_chars, chunk_chars))
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
@@ -99,11 +102,12 @@ def train_budget(documents: Iterable[tuple[str, str]], data: DataConfig, max_cha
 
 
 def train_on_corpus(documents: Callable[[], Iterable[tuple[str, str]]], data: DataConfig,
-                    cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, float]]:
+                    cfg: TokenizerConfig, max_piece_chars: int = MAX_PIECE_CHARS) -> tuple[Tokenizer, dict[str, float]]:
     """Train on the train split of (id, text) documents (`documents()` streams them, in a fixed order), in one
     pass that also keeps a sample of the val split; return the tokenizer and its report (vocab size, bytes
     per token on that val sample, the train characters used). With tokenizer.max_train_chars, a first pass
-    chooses which train documents fit in it (train_budget)."""
+    chooses which train documents fit in it (train_budget). Text is cut, for training and for the bytes per
+    token, as tokenize cuts it (`max_piece_chars`: tokenize.max_piece_chars)."""
     budget = train_budget(documents(), data, cfg.max_train_chars) if cfg.max_train_chars else None
     val_sample: list[str] = []
     documents_per_split = {"train": 0, "val": 0}
@@ -127,9 +131,9 @@ def train_on_corpus(documents: Callable[[], Iterable[tuple[str, str]]], data: Da
                 val_sample.append(text)
                 sampled_chars += len(text)
 
-    tokenizer = train_tokenizer(train_texts(), cfg)
+    tokenizer = train_tokenizer(train_texts(), cfg, max_piece_chars=max_piece_chars)
     require_both_splits(documents_per_split)
-    val_tokens, val_bytes = count_tokens(tokenizer, val_sample)
+    val_tokens, val_bytes = count_tokens(tokenizer, val_sample, max_piece_chars=max_piece_chars)
     report = {"vocab_size": tokenizer.get_vocab_size(), "val_tokens": val_tokens, "val_bytes": val_bytes,
               "val_bytes_per_token": val_bytes / max(val_tokens, 1), "train_documents": documents_per_split["train"],
               **used}

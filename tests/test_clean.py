@@ -238,3 +238,72 @@ def test_the_metrics_keep_their_keys_and_a_duplicate_is_counted_once(tmp_path):
                             "gutenberg_stripped", "near_duplicates", "shards", "special_tokens_neutralised"}
     assert metrics["duplicates"] == metrics["dropped"]["duplicate"] == metrics["documents_dropped"] == 1
     assert metrics["near_duplicates"] == 0 and metrics["documents_out"] == 2
+
+
+LIMIT = 1000  # MAX_DOCUMENT_BYTES for these tests: the real limit's files would take seconds to write
+
+
+def jsonl_line(nbytes: int) -> bytes:
+    """A JSONL line of exactly `nbytes` bytes, newline not counted."""
+    return json.dumps({"text": "x" * (nbytes - len(json.dumps({"text": ""})))}).encode()
+
+
+def write_sized(raw, suffix: str, sizes: list[int]) -> None:
+    """Documents whose raw form (a file, a JSONL line without its newline, a Parquet value) has these sizes."""
+    import gzip
+
+    import zstandard
+
+    if suffix == ".txt":
+        for i, size in enumerate(sizes):
+            (raw / f"{i}.txt").write_bytes(b"%d " % i + b"y" * (size - len(b"%d " % i)))
+        return
+    if suffix == ".parquet":
+        write_parquet(raw / "docs.parquet", [f"{i} " + "y" * (size - len(f"{i} ")) for i, size in enumerate(sizes)])
+        return
+    lines = b"".join(jsonl_line(size)[:-5] + b"%03d\"}" % i + b"\n" for i, size in enumerate(sizes))
+    compress = {".jsonl": bytes, ".jsonl.gz": gzip.compress, ".jsonl.zst": zstandard.ZstdCompressor().compress}
+    (raw / f"docs{suffix}").write_bytes(compress[suffix](lines))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"])
+def test_a_document_over_the_size_limit_is_dropped_and_counted_in_every_format(tmp_path, monkeypatch, suffix):
+    monkeypatch.setattr(llm.readers, "MAX_DOCUMENT_BYTES", LIMIT)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sizes = [200, LIMIT, LIMIT + 1, 300, 50 * LIMIT, LIMIT - 1]
+    write_sized(raw, suffix, sizes)
+    stats = clean_corpus(raw, tmp_path / "clean", CleanConfig(min_chars=1), SPECIAL)
+    docs = list(iter_documents(tmp_path / "clean"))
+    kept = [size for size in sizes if size <= LIMIT]
+    assert len(docs) == len(kept) and stats.documents_out == len(kept), "those within the limit, at it included"
+    assert stats.dropped == {"too_long": 2}
+    newline = 1 if "jsonl" in suffix else 0  # a line's bytes count its newline, as bytes_in does
+    assert stats.dropped_bytes["too_long"] == LIMIT + 1 + 50 * LIMIT + 2 * newline
+    assert stats.bytes_in == sum(sizes) + newline * len(sizes)
+    assert len([f for f in stats.bad_files if f["reason"] == "too_long"]) == 2
+    assert stats.documents_in == stats.documents_out + sum(stats.dropped.values())
+
+
+def test_an_over_long_jsonl_line_is_skipped_without_being_held_in_memory(tmp_path, monkeypatch):
+    import gzip
+    import tracemalloc
+
+    from llm.readers import read_jsonl_file
+
+    monkeypatch.setattr(llm.readers, "MAX_DOCUMENT_BYTES", 1 << 20)
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:  # 64 MB of one line, written a megabyte at a time
+        f.write(b'{"text": "')
+        for _ in range(64):
+            f.write(b"a" * (1 << 20))
+        f.write(b'"}\n' + jsonl_line(100) + b"\n")
+    stats = CleanStats()
+    tracemalloc.start()
+    try:
+        docs = list(read_jsonl_file(path, path.name, stats))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [doc.id for doc in docs] == ["bomb.jsonl.gz:2"] and stats.dropped == {"too_long": 1}
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MB held to read a 64 MB line"

@@ -7,10 +7,11 @@ from hypothesis import strategies as st
 from llm.config import EOT
 from llm.configs.data import DataConfig
 from llm.configs.tokenizer import TokenizerConfig
-from llm.encoder import PieceEncoder, split_pieces, split_text
+from llm.documents import DocumentShardWriter
+from llm.encoder import PieceEncoder, split_for_training, split_pieces, split_text
 from llm.split import is_val
 from llm.tokenizer import load_tokenizer, train_budget, train_on_corpus, train_tokenizer
-from tests.conftest import SAMPLE_TEXTS
+from tests.conftest import SAMPLE_TEXTS, run_stage, write_params
 
 # Scripts the issue names, plus the whitespace that makes pre-tokenization subtle.
 ALPHABET = st.sampled_from(
@@ -120,3 +121,37 @@ def test_a_character_budget_trains_on_a_hash_chosen_sample_of_the_train_split():
     assert sum(chosen.values()) == budget and not any(is_val(doc_id, 1, 0.2) for doc_id in chosen)
     direct = train_tokenizer((text[:chosen[doc_id]] for doc_id, text in docs if doc_id in chosen), cfg)
     assert direct.to_str() == small.to_str(), "it is the tokenizer of the chosen texts"
+
+
+# A run with no space in it (a hash, base64, a language written without spaces): one huge word to BPE, whose
+# merges cost the trainer minutes for a few MB unless it is cut as tokenize cuts it (issue 31, item 6).
+LONG_RUN = "ab" * 5000
+
+
+def test_the_tokenizer_stage_trains_on_a_long_run_cut_as_tokenize_cuts_it(tmp_path):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    writer = DocumentShardWriter(clean, 1 << 20)
+    for i, text in enumerate(SAMPLE_TEXTS * 4 + [LONG_RUN] * 4):
+        writer.add(f"doc{i}", f"doc{i}", text, len(text.encode()))
+    writer.close()
+    params = write_params(tmp_path / "params.yaml", tokenizer={"vocab_size": 400, "min_frequency": 1},
+                          tokenize={"max_piece_chars": 64}, data={"val_fraction": 0.3})
+    result = run_stage(tmp_path, "tokenizer", "--params", params, "--clean", clean, "--out", "tokenizer.json",
+                       "--metrics", "tokenizer_metrics.json")
+    assert result.returncode == 0, result.stderr
+    vocab = load_tokenizer(tmp_path / "tokenizer.json").get_vocab()
+    assert "abab" in vocab, "the run was trained on"
+    assert max(len(token) for token in vocab) <= 2 * 64, "no token longer than tokenize's longest piece"
+
+
+@SLOW_OK
+@given(text=TEXTS, run=st.integers(0, 200), max_piece_chars=st.integers(1, 16), chunk_chars=st.integers(1, 64))
+def test_training_text_is_cut_where_tokenize_cuts_it_or_where_no_pre_token_crosses(
+        sample_tokenizer_path, text, run, max_piece_chars, chunk_chars):
+    text = text[: len(text) // 2] + LONG_RUN[:run] + text[len(text) // 2 :]
+    strings = split_for_training(text, max_piece_chars, chunk_chars)
+    assert "".join(strings) == text
+    assert all(len(word) <= 2 * max_piece_chars for string in strings for word in string.split(" "))
+    encoder = PieceEncoder(load_tokenizer(sample_tokenizer_path), max_piece_chars)
+    assert [i for string in strings for i in encoder.encode([string])[0].tolist()] == encoder.encode([text])[0].tolist()
