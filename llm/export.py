@@ -282,8 +282,9 @@ def _llama_config(model: GPT, eot_id: int) -> dict[str, Any]:
     }
 
 
-def _tokenizer_config(block_size: int, chat_template: str | None) -> dict[str, Any]:
-    """`chat_template`: a chat export's (None: a base model's), which needs special tokens matched in its text."""
+def _tokenizer_config(block_size: int, template: str | None) -> dict[str, Any]:
+    """`template`: a chat export's chat template (None: a base model's), which needs special tokens matched in its
+    text."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # the generic class: runs tokenizer.json as it is
         "bos_token": EOT,
@@ -295,8 +296,8 @@ def _tokenizer_config(block_size: int, chat_template: str | None) -> dict[str, A
         "split_special_tokens": True,  # as load_tokenizer: "<|endoftext|>" in text is plain text
         "clean_up_tokenization_spaces": False,  # decode(encode(s)) == s
     }
-    if chat_template is not None:
-        config |= {"split_special_tokens": False, "chat_template": chat_template}
+    if template is not None:
+        config |= {"split_special_tokens": False, "chat_template": template}
     return config
 
 

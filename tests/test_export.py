@@ -279,3 +279,90 @@ def test_an_unwritable_out_is_one_line(tmp_path, tiny_model_dir, where):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and str(out) in result.stderr, result.stderr
     assert (tmp_path / "plain").read_text() == "a file"
+
+
+# --- a tuned model's export: the chat template ---------------------------------------------------------------
+
+CONVERSATIONS = [  # each ends with an assistant message; the generation prompt is tested on the rest
+    [{"role": "user", "content": "Who speaks first?"}, {"role": "assistant", "content": "HAMLET."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Who speaks first?"},
+     {"role": "assistant", "content": "HAMLET."}],
+    [{"role": "system", "content": f"Typed: {EOT} <|system|>"},
+     {"role": "user", "content": "What does <|user|> mean, or <|end|>, or <|use, or |>?\n"},
+     {"role": "assistant", "content": " <|assistant|>: a <<|end|>> token. 天地 🎭 e\u0301\n\n"},
+     {"role": "user", "content": "And <\u2060|user|> (already neutral), <|<|end|>|>, <|endoftext"},
+     {"role": "assistant", "content": "\t<|endoftext|>\n"}],
+    [{"role": "user", "content": TEXT}, {"role": "assistant", "content": TEXT}],
+]
+
+
+@pytest.fixture
+def chat_exported(tmp_path, chat_tokenizer_path):
+    """(our model, our tokenizer, its ChatTokens, the exported folder) for a model whose tokenizer has the chat
+    tokens: the export of a tuned model."""
+    from llm.chat import ChatTokens
+
+    model_dir = make_model_dir(tmp_path / "model", chat_tokenizer_path, block_size=128)
+    model, tokenizer = load_model_dir(model_dir)
+    out = tmp_path / "hf"
+    export_hf(model, model_dir / "tokenizer.json", out)
+    return model.eval(), tokenizer, ChatTokens.from_tokenizer(tokenizer, chat_tokenizer_path), out
+
+
+def test_apply_chat_template_gives_our_ids_and_our_loss_mask(chat_exported):
+    """transformers' assistant_masks[i] equals our trained[i], position for position: both say whether token i
+    is an assistant's (content or closing <|end|>). The loss shifts them alike: position i's label is
+    ids[i + 1] where token i + 1 is marked, else -1 (ignored); inputs_and_targets builds exactly that."""
+    from llm.chat import Conversation, Message, encode_conversation, encode_prompt
+
+    _, tokenizer, tokens, out = chat_exported
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    for messages in CONVERSATIONS:
+        conversation = Conversation(tuple(Message(m["role"], m["content"]) for m in messages))
+        ours = encode_conversation(tokenizer, tokens, conversation)
+        theirs = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+        assert theirs["input_ids"] == ours.ids
+        assert theirs["assistant_masks"] == [int(trained) for trained in ours.trained]
+        _, targets = ours.inputs_and_targets()
+        ids, mask = theirs["input_ids"], theirs["assistant_masks"]
+        assert targets == [ids[i + 1] if mask[i + 1] else -1 for i in range(len(ids) - 1)]
+        assert hf_tokenizer.apply_chat_template(messages, return_dict=False) == ours.ids
+
+        so_far = conversation.messages[:-1]
+        assert hf_tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False) \
+            == encode_prompt(tokenizer, tokens, so_far)
+        assert hf_tokenizer.apply_chat_template(messages[:-1], return_dict=False) \
+            == encode_conversation(tokenizer, tokens, Conversation(so_far)).ids
+        control = tokens.control_ids
+        assert sum(t in control for t in ours.ids) == 1 + 2 * len(messages)  # typed strings stayed text
+
+
+def test_a_chat_export_writes_its_template_and_ends_turns_at_end(chat_exported):
+    from llm.chat import chat_template
+
+    _, tokenizer, tokens, out = chat_exported
+    template = (out / "chat_template.jinja").read_text()
+    assert template == chat_template(tokens)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == template and config["split_special_tokens"] is False
+    assert "chat_template.jinja" in json.loads((out / MARKER).read_text())["files"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokens.end, tokens.eot]
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    # Plain text encodes as ours: as is without special-token strings, with split_special_tokens=True with them.
+    assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT).ids
+    typed = f"a literal {EOT} and <|user|> in text is text"
+    assert hf_tokenizer(typed, split_special_tokens=True)["input_ids"] == tokenizer.encode(typed).ids
+    with pytest.raises(Exception, match="roles are system, user, assistant"):
+        hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+@torch.no_grad()
+def test_a_chat_export_computes_our_logits_on_a_conversation(chat_exported):
+    from llm.chat import Conversation, Message, encode_conversation
+
+    model, tokenizer, tokens, out = chat_exported
+    conversation = Conversation(tuple(Message(m["role"], m["content"]) for m in CONVERSATIONS[1]))
+    idx = torch.tensor([encode_conversation(tokenizer, tokens, conversation).ids])
+    torch.testing.assert_close(load_hf(out)(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
