@@ -226,14 +226,20 @@ def encode_conversation(tokenizer: Tokenizer, tokens: ChatTokens, conversation: 
     return EncodedConversation(ids, trained)
 
 
+def fits_context(encoded: EncodedConversation, block_size: int) -> bool:
+    """Whether a model of `block_size` trains on the whole conversation: block_size inputs and, shifted by one,
+    as many targets, so block_size + 1 tokens (more: too_long)."""
+    return len(encoded.ids) <= block_size + 1
+
+
 def encode_conversations(tokenizer: Tokenizer, tokens: ChatTokens, conversations: Iterable[Conversation],
-                         max_tokens: int) -> tuple[list[EncodedConversation], collections.Counter]:
-    """Each conversation encoded, those over `max_tokens` tokens (block_size + 1: the context and the last
-    target) left out and counted under too_long."""
+                         block_size: int) -> tuple[list[EncodedConversation], collections.Counter]:
+    """Each conversation encoded, those that do not fit the context (fits_context) left out and counted under
+    too_long."""
     encoded, dropped = [], collections.Counter()
     for conversation in conversations:
         one = encode_conversation(tokenizer, tokens, conversation)
-        if len(one.ids) > max_tokens:
+        if not fits_context(one, block_size):
             dropped["too_long"] += 1
         else:
             encoded.append(one)

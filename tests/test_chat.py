@@ -209,11 +209,12 @@ def test_too_long_conversations_are_counted(chat):
     tokenizer, tokens = chat
     short = conversation(("user", "Hi"), ("assistant", "Yes."))
     long = conversation(("user", "To be, or not to be " * 20), ("assistant", "That is the question."))
-    fits = len(encode_conversation(tokenizer, tokens, short).ids)
-    encoded, dropped = encode_conversations(tokenizer, tokens, [short, long, short], max_tokens=fits)
+    block_size = len(encode_conversation(tokenizer, tokens, short).ids) - 1  # just fits: its inputs fill the context
+    encoded, dropped = encode_conversations(tokenizer, tokens, [short, long, short], block_size=block_size)
     assert dropped == {"too_long": 1}
     assert [e.ids for e in encoded] == [encode_conversation(tokenizer, tokens, short).ids] * 2
-    _, dropped = encode_conversations(tokenizer, tokens, [short], max_tokens=fits - 1)
+    assert len(encoded[0].inputs_and_targets()[0]) == block_size
+    _, dropped = encode_conversations(tokenizer, tokens, [short], block_size=block_size - 1)
     assert dropped == {"too_long": 1}
 
 
