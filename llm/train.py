@@ -20,7 +20,8 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import torch
 
@@ -45,7 +46,7 @@ from llm.data import VAL_STREAM, TokenWindows
 from llm.distributed import Runtime
 from llm.errors import Interrupted, TrainingDiverged, first_line
 from llm.history import HistoryRow
-from llm.model import GPT, GPTConfig, initial_model
+from llm.model import GPT, GPTConfig, initial_model, tied_aliases
 from llm.optim import configure_optimizers, lr_at, lr_scale, set_lr
 from llm.parallel import gradient_sync, is_sharded, parallelize
 from llm.shards import TokensMeta, read_meta
@@ -103,17 +104,44 @@ def is_checkpoint_step(done: int, cfg: TrainConfig, last_step: int) -> bool:
 
 # --- which checkpoint a run resumes from -------------------------------------------------------------------
 
-def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta,
+def code_sha256(module: ModuleType) -> str:
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+
+
+def run_fingerprint(model_cfg: GPTConfig, cfg: TrainConfig, data_identity: dict[str, Any],
                     attention_ids: list[int] | None = None) -> str:
-    """What a checkpoint must share with this run to be resumed: the model, the data, the code of the
-    model and the loop, every setting that shapes the trajectory (NOT_SHAPING excluded) and the tokens whose
-    attention is recorded. So a run whose params or code changed starts fresh, as DVC expects."""
+    """What a checkpoint must share with this run to be resumed: the model, the data (and the weights it starts
+    from, for a fine-tuning: `data_identity`), the code of the model and the loop, every setting that shapes
+    the trajectory (NOT_SHAPING excluded) and the tokens whose attention is recorded. So a run whose params or
+    code changed starts fresh, as DVC expects."""
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SHAPING}
-    data = {"tokenizer_sha256": meta.tokenizer_sha256, "splits": dataclasses.asdict(meta)["splits"]}
-    code = {name: hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest() for name, module in CODE.items()}
-    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data, "code": code,
+    code = {name: code_sha256(module) for name, module in CODE.items()}
+    blob = json.dumps({"model": dataclasses.asdict(model_cfg), "train": shaping, "data": data_identity, "code": code,
                        **({"attention_ids": list(attention_ids)} if attention_ids else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Batches(Protocol):
+    """Where a run's batches come from: (x, y) of shape (batch_size, block_size) for this rank, a pure function
+    of (seed, step, rank, world size, micro-step). A target of llm.model.IGNORE is trained on nothing."""
+
+    def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, world_size: int = 1, micro_step: int = 0,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    train: Batches
+    val: Batches  # the fixed validation batches draw from here
+    identity: dict[str, Any]  # JSON that changes when the data (or the starting weights) do: in the fingerprint
+
+
+def pretraining_data(meta: TokensMeta, tokens_dir: Path, block_size: int, vocab_size: int) -> TrainingData:
+    """Random windows of the token shards' train and val splits."""
+    train, val = (TokenWindows(meta.shard_paths(tokens_dir, split), block_size, vocab_size,
+                               f"{tokens_dir}: the {split} split") for split in ("train", "val"))
+    identity = {"tokenizer_sha256": meta.tokenizer_sha256, "splits": dataclasses.asdict(meta)["splits"]}
+    return TrainingData(train, val, identity)
 
 
 def newest_of_run(checkpoint_dir: Path, fingerprint: str) -> list[tuple[Path, CheckpointState]] | None:
@@ -200,19 +228,23 @@ class Trainer:
     any; `fit` is the loop. Every rank of a distributed run makes one; rank 0 alone writes checkpoints and
     calls `on_log`.
 
-    A second kind of training (fine-tuning on other data, with a loss mask in the targets) reuses this class by
-    handing it other `train_data` / `val_data`: anything with TokenWindows' `batch` method."""
+    Pretraining hands it the token shards' windows (`pretraining_data`); fine-tuning (llm/sft.py) reuses the set-up
+    and the loop with other `data` (conversations, whose targets mask what is not trained) and `initial_weights`
+    (the base model's)."""
 
-    def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, meta: TokensMeta, tokens_dir: Path,
-                 checkpoint_dir: Path, runtime: Runtime, attention_ids: list[int] | None = None) -> None:
+    def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, data: TrainingData, checkpoint_dir: Path,
+                 runtime: Runtime, attention_ids: list[int] | None = None,
+                 initial_weights: dict[str, torch.Tensor] | None = None) -> None:
         self.runtime, self.checkpoint_dir = runtime, checkpoint_dir
         self.cfg = cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, runtime.device))
         self.model_cfg = model_cfg
-        self.fingerprint = run_fingerprint(model_cfg, cfg, meta, attention_ids)
-        self.train_data, self.val_data = (
-            TokenWindows(meta.shard_paths(tokens_dir, split), model_cfg.block_size, model_cfg.vocab_size,
-                         f"{tokens_dir}: the {split} split") for split in ("train", "val"))
-        self.model = initial_model(model_cfg, cfg.seed).to(runtime.device)  # the same initial weights on every rank
+        self.fingerprint = run_fingerprint(model_cfg, cfg, data.identity, attention_ids)
+        self.train_data, self.val_data = data.train, data.val
+        self.model = initial_model(model_cfg, cfg.seed)  # the same initial weights on every rank
+        if initial_weights is not None:
+            aliases = {alias: initial_weights[name] for alias, name in tied_aliases(self.model).items()}
+            self.model.load_state_dict({**initial_weights, **aliases}, strict=True)
+        self.model.to(runtime.device)
         self.step_model = parallelize(self.model, runtime, cfg.strategy, cfg.dtype, cfg.compile,
                                       cfg.activation_checkpointing)
         self.optimizers = configure_optimizers(self.model, cfg, runtime.device)
@@ -392,6 +424,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     """Train from scratch, or resume from the newest checkpoint of this run in `checkpoint_dir`: a Trainer set
     up, resumed and run to the end (see Trainer.fit for `on_log`, `stop_after`, `stop`)."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
-    trainer = Trainer(model_cfg, cfg, read_meta(tokens_dir), tokens_dir, checkpoint_dir, runtime, attention_ids)
+    data = pretraining_data(read_meta(tokens_dir), tokens_dir, model_cfg.block_size, model_cfg.vocab_size)
+    trainer = Trainer(model_cfg, cfg, data, checkpoint_dir, runtime, attention_ids)
     progress, _ = trainer.resume()
     return trainer.fit(progress, on_log=on_log, stop_after=stop_after, stop=stop)

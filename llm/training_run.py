@@ -25,7 +25,7 @@ from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
 from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, start_training_run
-from llm.train import Trainer, TrainResult
+from llm.train import Trainer, TrainResult, pretraining_data
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
     with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        trainer = Trainer(inputs.model_cfg, cfg, inputs.meta, paths.tokens, paths.checkpoints, runtime,
-                          inputs.attention_ids)
+        data = pretraining_data(inputs.meta, paths.tokens, inputs.model_cfg.block_size, inputs.model_cfg.vocab_size)
+        trainer = Trainer(inputs.model_cfg, cfg, data, paths.checkpoints, runtime, inputs.attention_ids)
         if cfg.dtype == "auto":
             log.info("train.dtype auto: %s on this %s", trainer.cfg.dtype, runtime.device.type)
         progress, tracker_run_id = trainer.resume()
