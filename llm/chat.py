@@ -104,13 +104,12 @@ class ChatTokens:
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, path: Path | str) -> "ChatTokens":
         """InputError naming `path` (the tokenizer's file) when a chat token is not one of its special tokens."""
-        added = sorted(tokenizer.get_added_tokens_decoder().items())
-        specials = tuple(token.content for _, token in added if token.special)
+        specials = _special_strings(tokenizer)
         missing = [token for token in (EOT, *CHAT_TOKENS) if token not in specials]
         if missing:
             raise InputError(f"{path}: the tokenizer has no chat token {', '.join(missing)}; add "
-                             f"{', '.join(CHAT_TOKENS)} to tokenizer.special_tokens in params.yaml and rerun from the "
-                             "tokenizer stage (a model trained with this tokenizer cannot be tuned to chat)")
+                             f"{', '.join(CHAT_TOKENS)} to tokenizer.special_tokens in params.yaml and rerun the "
+                             "pipeline from the tokenizer stage (the base model is retrained: its vocabulary changes)")
         ids = {token: tokenizer.token_to_id(token) for token in (EOT, *CHAT_TOKENS)}
         return cls(eot=ids[EOT], system=ids[SYSTEM], user=ids[USER], assistant=ids[ASSISTANT], end=ids[END],
                    specials=specials)
@@ -118,8 +117,7 @@ class ChatTokens:
     @staticmethod
     def present(tokenizer: Tokenizer) -> bool:
         """Whether the tokenizer has every chat token among its special tokens."""
-        specials = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
-        return specials >= {EOT, *CHAT_TOKENS}
+        return set(_special_strings(tokenizer)) >= {EOT, *CHAT_TOKENS}
 
     def role(self, role: str) -> int:
         return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
@@ -127,6 +125,11 @@ class ChatTokens:
     @property
     def control_ids(self) -> frozenset[int]:
         return frozenset((self.eot, self.system, self.user, self.assistant, self.end))
+
+
+def _special_strings(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special tokens, by id (added tokens that are not special are matched in text)."""
+    return tuple(token.content for _, token in sorted(tokenizer.get_added_tokens_decoder().items()) if token.special)
 
 
 # --- parsing and reading ------------------------------------------------------------------------------------
