@@ -138,10 +138,12 @@ def _exported_files(marker: Path) -> set[str] | None:
 
 def export_hf(model: GPT, tokenizer_path: Path, out: Path, model_dir: Path | None = None) -> None:
     """Write `out` (replaced whole, atomically) as a transformers model folder for `model` and its tokenizer,
-    `model_dir` (default: the tokenizer's folder) named in its marker. InputError, before anything is written,
+    `model_dir` (default: the tokenizer's folder) named in its marker as given (an export is often published: the
+    marker tells no more of this machine's folders than the command line did). InputError, before anything is written,
     when `out` is not a folder the export may replace (`check_out`) or cannot be written."""
     model_dir = tokenizer_path.parent if model_dir is None else model_dir
-    check_out(out, [Path.cwd(), project_root(), model_dir, tokenizer_path])
+    keep = [Path.cwd(), project_root(), model_dir, tokenizer_path]
+    check_out(out, keep)
     cfg = model.config
     target = hf_class(cfg)
     tokenizer = load_tokenizer(tokenizer_path)  # raises InputError without <|endoftext|>
@@ -171,7 +173,8 @@ def export_hf(model: GPT, tokenizer_path: Path, out: Path, model_dir: Path | Non
                 (staging / "chat_template.jinja").write_text(template)
             _write_json(staging / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
             files = sorted(entry.name for entry in staging.iterdir())
-            _write_json(staging / MARKER, {"tool": TOOL, "model": str(model_dir.resolve()), "files": files})
+            _write_json(staging / MARKER, {"tool": TOOL, "model": str(model_dir), "files": files})
+            check_out(out, keep)  # again, just before the swap: `out` may have changed while the weights were written
     except OSError as err:  # a disk without room is an InputError already (DiskFull)
         raise _unwritable(out, err) from None
 

@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -251,7 +252,7 @@ def test_export_hf_replaces_an_earlier_export_and_writes_an_empty_or_new_folder(
             result = run_stage(tmp_path, "export-hf", "--model", tiny_model_dir, "--out", out)
             assert result.returncode == 0, result.stderr
             marker = json.loads((out / MARKER).read_text())
-            assert marker["model"] == str(tiny_model_dir.resolve()) and "export-hf" in marker["tool"]
+            assert marker["model"] == str(tiny_model_dir) and "export-hf" in marker["tool"]
             assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != MARKER)
 
 
@@ -268,6 +269,24 @@ def test_a_failed_export_leaves_the_earlier_export_whole(tmp_path, sample_tokeni
     with pytest.raises(RuntimeError):
         export_hf(model, sample_tokenizer_path, out)
     assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
+
+
+def test_a_file_put_into_out_during_the_export_is_kept(tmp_path, sample_tokenizer_path, monkeypatch):
+    """The check is made again just before the swap: what the user put into --out while the weights were being
+    written (an export of a big model takes minutes) is not replaced."""
+    model, _ = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path))
+    out = tmp_path / "hf"
+    export_hf(model, sample_tokenizer_path, out)
+
+    def save_while_the_user_writes(*args, **kwargs):
+        (out / "notes.txt").write_text("written during the export")
+        save_file(*args, **kwargs)
+
+    monkeypatch.setattr("llm.export.save_file", save_while_the_user_writes)
+    with pytest.raises(InputError, match="notes.txt"):
+        export_hf(model, sample_tokenizer_path, out)
+    assert (out / "notes.txt").read_text() == "written during the export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
 
 
