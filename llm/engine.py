@@ -95,7 +95,7 @@ _local_state: dict = {}
 @contextlib.contextmanager
 def _local_pool(workers: int, setup: Setup) -> Iterator[ProcessPoolExecutor]:
     """A pool of `workers` processes that ends with the stage: when the stage stops early (an error, SIGINT,
-    SIGTERM as llm/signals.py raises it, the consumer closing the generator), the workers are killed at once
+    SIGTERM as stages/cli.py raises it, the consumer closing the generator), the workers are killed at once
     instead of finishing the batches in flight; when the stage dies (kill -9), the kernel stops them
     (_init_local). Once the workers are gone, multiprocessing's resource tracker reads the end of its pipe
     and exits too."""

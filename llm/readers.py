@@ -119,8 +119,8 @@ def bounded_lines(f: BinaryIO, limit: int) -> Iterator[bytes | int]:
             yield line
             continue
         length = len(line)
-        while (block := f.readline(SKIP_BLOCK_BYTES)) and (length := length + len(block)) and not block.endswith(b"\n"):
-            pass
+        while not line.endswith(b"\n") and (line := f.readline(SKIP_BLOCK_BYTES)):
+            length += len(line)
         yield length
 
 

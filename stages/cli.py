@@ -102,13 +102,14 @@ def stage(fn: Callable) -> Callable:
         except InputError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
-        except Interrupted as err:
+        except (Interrupted, KeyboardInterrupt) as err:  # KeyboardInterrupt: Ctrl-C, or SIGTERM (Terminated)
+            if isinstance(err, Interrupted):
+                exit_code, message = err.exit_code, str(err)
+            else:
+                signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+                exit_code, message = 128 + signum, f"stopped by {signal.Signals(signum).name}"
             if os.environ.get("RANK", "0") == "0":
-                typer.echo(f"interrupted: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated, a KeyboardInterrupt)
-            signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
-            typer.echo(f"interrupted: stopped by {signal.Signals(signum).name}", err=True)
-            raise typer.Exit(128 + signum) from None
+                typer.echo(f"interrupted: {message}", err=True)
+            raise typer.Exit(exit_code) from None
 
     return app.command(name=fn.__name__.replace("_", "-"))(run)
