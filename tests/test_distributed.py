@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, free_port, only_mlflow_run, read_json, write_params
+from tests.conftest import ROOT, TINY_MODEL, free_port, only_mlflow_run, read_json, run_stage, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -39,13 +39,17 @@ def prepare(project: Path, name: str, train: dict | None = None) -> Path:
     return out
 
 
+def train_options(out: Path) -> list[str]:
+    """The train stage's options that put its inputs and outputs in `out`."""
+    return ["--params", str(out / "params.yaml"), "--checkpoints", str(out / "ckpt"), "--out", str(out / "final"),
+            "--metrics", str(out / "train.json"), "--plots", str(out / "train.csv")]
+
+
 def launch(project: Path, out: Path, launcher: list[str], env: dict | None = None,
            fail_at: int | None = None) -> subprocess.CompletedProcess:
     """The train stage under torchrun; with `fail_at`, rank 0 dies after logging that step (tests/fault_worker.py)."""
     entry = ["stages", "train"] if fail_at is None else ["tests.fault_worker", str(fail_at)]
-    cmd = [str(BIN / "torchrun"), *launcher, "-m", *entry, "--params", str(out / "params.yaml"),
-           "--checkpoints", str(out / "ckpt"), "--out", str(out / "final"), "--metrics", str(out / "train.json"),
-           "--plots", str(out / "train.csv")]
+    cmd = [str(BIN / "torchrun"), *launcher, "-m", *entry, *train_options(out)]
     return subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -68,8 +72,12 @@ def losses(out: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def one_process(project):
-    """The run the two-process runs must match: one process with their global batch."""
-    return torchrun(project, "one", 1, {"batch_size": 8})[0]
+    """The run the two-process runs must match: one process with their global batch. A world of one needs no
+    launcher: the stage runs in this process."""
+    out = prepare(project, "one", {"batch_size": 8})
+    result = run_stage(project, "train", *train_options(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
