@@ -290,10 +290,17 @@ def test_a_file_put_into_out_during_the_export_is_kept(tmp_path, sample_tokenize
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model", "tokenizer.json"]  # no staging left
 
 
-@pytest.mark.parametrize("where", ["under a file", "under /proc"])
-def test_an_unwritable_out_is_one_line(tmp_path, tiny_model_dir, where):
+@pytest.mark.parametrize("where", ["under a file", "under /proc", "permission denied"])
+def test_an_unwritable_out_is_one_line(tmp_path, tiny_model_dir, where, monkeypatch):
     (tmp_path / "plain").write_text("a file")
     out = tmp_path / "plain" / "hf" if where == "under a file" else Path("/proc/llm-export-test/hf")
+    if where == "permission denied":  # what a folder without write permission gives (the tests run as root)
+        out = tmp_path / "hf"
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("tempfile.mkdtemp", denied)
     result = run_stage(tmp_path, "export-hf", "--model", tiny_model_dir, "--out", out)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and str(out) in result.stderr, result.stderr
