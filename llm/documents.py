@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm.errors import InputError
+from llm.errors import InputError, first_line
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 SHARD_NAME = "part-{:06d}.parquet"
@@ -64,5 +64,21 @@ def iter_documents(clean_dir: Path, batch_size: int = 256) -> Iterator[tuple[str
     if not shards:
         raise InputError(f"{clean_dir}: no cleaned shards ({SHARD_GLOB}); run the clean stage first")
     for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["id", "text"], batch_size=batch_size):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+        yield from _shard_documents(shard, batch_size)
+
+
+def _shard_documents(shard: Path, batch_size: int) -> Iterator[tuple[str, str]]:
+    """One shard's (id, text) rows; a shard that is not Parquet, is cut short, or lacks string columns id and
+    text is an InputError naming it (pyarrow's own error is a traceback)."""
+    try:
+        file = pq.ParquetFile(shard)
+        for name in ("id", "text"):
+            if file.schema_arrow.get_field_index(name) < 0 or file.schema_arrow.field(name).type != pa.string():
+                raise InputError(f"{shard}: not a cleaned shard: no string column {name!r}; rerun the clean stage")
+        for batch in file.iter_batches(columns=["id", "text"], batch_size=batch_size):
+            ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            if None in ids or None in texts:
+                raise InputError(f"{shard}: a row without an id or text; rerun the clean stage")
+            yield from zip(ids, texts, strict=True)
+    except (OSError, pa.ArrowException) as err:  # ArrowInvalid, ArrowIOError...: a damaged file
+        raise InputError(f"{shard}: unreadable cleaned shard ({first_line(err)}); rerun the clean stage") from None

@@ -24,6 +24,7 @@ from llm.configs.mlflow import MlflowConfig
 from llm.distributed import default_device
 from llm.errors import InputError
 from llm.fileio import read_utf8, write_json_atomic
+from llm.history import read_history_csv
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
 from llm.report import write_reports
@@ -164,6 +165,8 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
     model, tokenizer = load_model_dir(paths.model, default_device())
     meta = read_meta(paths.tokens)
     meta.check_tokenizer(paths.tokens, paths.model / "tokenizer.json")
+    if paths.train_plots.is_file():  # read again for loss.png: a damaged one is refused before any report is written
+        read_history_csv(paths.train_plots)
     trained = read_model_run(paths.model)  # eval.json names the training's run whether or not MLflow answers now
     run = run_of_model(paths.model, mlflow_cfg, Job("evaluation", f"{paths.metrics}, {paths.reports}"))
 

@@ -4,10 +4,11 @@ plots/train.csv. This module owns the row and the CSV: their one writer and read
 import csv
 import dataclasses
 import io
+import math
 from pathlib import Path
 from typing import Any
 
-from llm.errors import InputError
+from llm.errors import InputError, first_line
 from llm.fileio import write_bytes_atomic
 
 
@@ -57,15 +58,40 @@ def write_history_csv(path: Path, history: list[HistoryRow]) -> None:
 
 
 def read_history_csv(path: Path) -> list[HistoryRow]:
-    """The rows of a plots/train.csv; a row that does not read is an InputError naming the file and line."""
+    """The rows of a plots/train.csv. A file that does not read, a header that is not COLUMNS, a row that does not
+    read (a cell missing or extra, text for a number, a non-finite number) or no row at all (a run logs its last
+    step) is an InputError naming the file, and the line."""
     rows = []
-    with open(path, newline="") as f:
-        for line, raw in enumerate(csv.DictReader(f), start=2):
-            try:
-                rows.append(HistoryRow.from_dict({key: _number(key, value) for key, value in raw.items()}))
-            except ValueError as err:
-                raise InputError(f"{path}, line {line}: {err}") from None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != COLUMNS:
+                header = ",".join(reader.fieldnames or [])[:80]
+                raise InputError(f"{path}: not the train stage's history (its header is {header!r}, not "
+                                 f"{','.join(COLUMNS)!r}); rerun the train stage")
+            for line, raw in enumerate(reader, start=2):
+                try:
+                    rows.append(_row(raw))
+                except ValueError as err:
+                    raise InputError(f"{path}, line {line}: {err}; rerun the train stage") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; run the train stage first") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); rerun the train stage") from None
+    except (OSError, csv.Error) as err:
+        raise InputError(f"{path}: does not read as CSV ({first_line(err)}); rerun the train stage") from None
+    if not rows:
+        raise InputError(f"{path}: holds no rows (a run logs at least its last step); rerun the train stage")
     return rows
+
+
+def _row(raw: dict[str | None, Any]) -> HistoryRow:
+    if None in raw:
+        raise ValueError("more cells than the header")
+    row = HistoryRow.from_dict({key: _number(key, value) for key, value in raw.items()})
+    if not all(math.isfinite(value) for value in dataclasses.astuple(row) if value is not None):
+        raise ValueError("a number that is not finite (a run that diverged writes no history)")
+    return row
 
 
 def _number(column: str | None, text: str | None) -> int | float | str | None:

@@ -183,6 +183,8 @@ def read_meta(tokens_dir: Path) -> TokensMeta:
             raise InputError(f"{path}: field {where}{key} is missing or not {expected}; rerun the tokenize stage")
         return value
 
+    if isinstance(raw, dict) and not isinstance(raw.get("format", ""), str):  # a description, but ours is a string
+        raise InputError(f"{path}: field format is not a string; rerun the tokenize stage")
     splits = {}
     for split in SPLITS:
         entry = field(field(raw, "splits", dict), split, dict, "splits.")

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from llm.configs.evaluate import EvaluateConfig
 from llm.configs.mlflow import MlflowConfig
 from llm.configs.tokenizer import TokenizerConfig
 from llm.configs.train import TrainConfig
-from llm.errors import InputError
+from llm.errors import InputError, first_line
 from llm.fileio import read_utf8
 from llm.history import HistoryRow, read_history_csv
 from llm.model import GPT, initial_model
@@ -79,14 +81,64 @@ def read_text(path: Path, stage: str) -> str:
     return read_utf8(path)
 
 
-def read_json(path: Path, stage: str) -> dict[str, Any]:
+# What each kind of metrics field must hold, and how an error says it.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "amount": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+               "a finite non-negative number"),
+    "loss": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and not v < 0,
+             "a non-negative number (or NaN: not measured)"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "id": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "counts": (lambda v: isinstance(v, dict) and all(_KINDS["count"][0](n) for n in v.values()),
+               "an object of non-negative integers"),
+}
+# The metrics files the guide reads: the fields it uses must be there, of their kind (an older report may lack
+# an optional one); any field it knows that is there must be of its kind.
+CLEAN_FIELDS = {"documents_in": "count", "documents_out": "count", "bytes_in": "count", "bytes_out": "count"}
+CLEAN_OPTIONAL = {"control_chars_removed": "count", "gutenberg_stripped": "count",
+                  "special_tokens_neutralised": "count", "dropped": "counts", "dropped_bytes": "counts"}
+TOKENIZER_FIELDS = {"vocab_size": "count", "val_bytes_per_token": "amount"}
+TOKENIZER_OPTIONAL = {"train_chars_used": "count", "train_documents": "count", "train_documents_used": "count",
+                      "val_bytes": "count", "val_tokens": "count"}
+TRAIN_FIELDS = {"steps": "count", "tokens_seen": "count", "train_loss": "loss", "val_loss": "loss",
+                "tokens_per_sec": "amount", "mfu": "amount", "peak_flops": "amount", "peak_flops_source": "text",
+                "dtype": "text"}
+TRAIN_OPTIONAL = {"flops_per_token": "amount", "parameters": "count", "mlflow_run_id": "id",
+                  "resumed_from_step": "count", "val_bpb_estimate": "loss"}
+EVAL_FIELDS = {"val_bpb": "amount"}
+EVAL_OPTIONAL = {"val_loss": "amount", "val_perplexity": "amount", "val_tokens": "count", "val_bytes": "count",
+                 "mlflow_run_id": "id"}
+
+
+def read_json(path: Path, stage: str, fields: dict[str, str] | None = None,
+              optional: dict[str, str] | None = None) -> dict[str, Any]:
+    """A stage's JSON object; `fields` (name -> kind) must be there and `optional` ones, if there, of their kind.
+    Anything else is an InputError naming the file and the field: a chapter then uses what it reads as it is."""
     try:
         value = json.loads(read_text(path, stage))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err}); rerun the {stage} stage") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise InputError(f"{path}: not valid JSON ({first_line(err)}); rerun the {stage} stage") from None
     if not isinstance(value, dict):
         raise InputError(f"{path}: not a JSON object; rerun the {stage} stage")
+    for name, kind in {**(optional or {}), **(fields or {})}.items():
+        (holds, description) = _KINDS[kind]
+        if (name in value or name in (fields or {})) and not holds(value.get(name)):
+            raise InputError(f"{path}: field {name!r} is missing or not {description}; rerun the {stage} stage")
     return value
+
+
+def read_tokenizer_report(path: Path) -> dict[str, Any]:
+    """metrics/tokenizer.json; its three counts of what the tokenizer trained on come together or not at all (an
+    older report lacks them)."""
+    report = read_json(path, "tokenizer", TOKENIZER_FIELDS, TOKENIZER_OPTIONAL)
+    together = ("train_chars_used", "train_documents", "train_documents_used")
+    present = [name for name in together if name in report]
+    if present and len(present) < len(together):
+        missing = next(name for name in together if name not in report)
+        raise InputError(f"{path}: field {missing!r} is missing (it goes with {present[0]!r}); rerun the tokenizer "
+                         "stage")
+    return report
 
 
 def load_run(paths: GuidePaths, settings: GuideSettings) -> Run:
@@ -102,13 +154,13 @@ def load_run(paths: GuidePaths, settings: GuideSettings) -> Run:
     record, record_text = read_record(paths.attention)
     return Run(
         paths=paths, settings=settings,
-        clean=read_json(paths.clean_metrics, "clean"),
-        tokenizer_report=read_json(paths.tokenizer_metrics, "tokenizer"),
+        clean=read_json(paths.clean_metrics, "clean", CLEAN_FIELDS, CLEAN_OPTIONAL),
+        tokenizer_report=read_tokenizer_report(paths.tokenizer_metrics),
         meta=meta, model=model.eval(), initial=initial_model(model.config, settings.train.seed).eval(),
         tokenizer=tokenizer,
-        train_metrics=read_json(paths.train_metrics, "train"),
+        train_metrics=read_json(paths.train_metrics, "train", TRAIN_FIELDS, TRAIN_OPTIONAL),
         history=read_history_csv(paths.train_plots),
-        eval_metrics=read_json(paths.eval_metrics, "evaluate"),
+        eval_metrics=read_json(paths.eval_metrics, "evaluate", EVAL_FIELDS, EVAL_OPTIONAL),
         record=record, record_text=record_text,
         samples=read_text(paths.samples, "evaluate"),
     )
