@@ -47,8 +47,8 @@ class Sample:
 
     @property
     def title(self) -> str:
-        """The section's heading: its number and the prompt's first line."""
-        first_line = self.prompt.splitlines()[0] if self.prompt.strip() else "(empty prompt)"
+        """The section's heading: its number and the prompt's first line that is not blank."""
+        first_line = next((line for line in self.prompt.splitlines() if line.strip()), "(empty prompt)")
         return f"Sample {self.number}: {first_line}"
 
     def markdown(self) -> list[str]:
@@ -65,8 +65,8 @@ _MARKUP = re.compile(r"([\\`*_\[\]#~|$])")
 
 
 def markdown_text(text: str) -> str:
-    """`text` as Markdown inside a line (a heading's) that renders as exactly that text: no tag, link, image,
-    emphasis, code or math."""
+    """`text` as Markdown inside a line (a heading's) that renders as that text: no tag, link, image, emphasis,
+    code or math (a heading's renderer still trims whitespace at its ends)."""
     return _MARKUP.sub(r"\\\1", html.escape(text, quote=False))
 
 
