@@ -297,6 +297,16 @@ def fetch(source: str, out_dir: Path, manifest: Path | None = None, downloads: P
     return summary
 
 
+def fetch_nothing(out_dir: Path, manifest: Path) -> None:
+    """An empty `out_dir` and a manifest of no files: what a source generated later (sft.source builtin) brings."""
+    check_output(out_dir, "folder")
+    check_output(manifest, "file")
+    with naming_the_file(out_dir, "emptying it"), atomic_dir(out_dir):
+        pass
+    with naming_the_file(manifest, "writing the fetch manifest"):
+        write_manifest(manifest, Manifest("builtin", ()))
+
+
 def check_output(path: Path, kind: str) -> None:
     """Refuse, before any work, an output `path` that cannot become a `kind` ("file" or "folder"): a folder where
     the manifest goes, a file where a folder goes or must be above it. Nothing is half-written then."""

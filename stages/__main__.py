@@ -5,13 +5,16 @@ Each command imports the library (`llm`) inside its function, so a command loads
 """
 
 from stages import (  # noqa: F401  (each module registers its command)
+    chat,
     check_params,
     clean,
     evaluate,
     export_hf,
     fetch,
+    fetch_sft,
     generate,
     guide,
+    sft,
     tokenize,
     tokenizer,
     tracking_uri,

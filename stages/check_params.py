@@ -14,10 +14,11 @@ def check_params(params: Path = PARAMS) -> None:
     from llm.configs.evaluate import EvaluateConfig
     from llm.configs.mlflow import MlflowConfig
     from llm.configs.model import ModelConfig
+    from llm.configs.sft import SFTConfig
     from llm.configs.tokenize import TokenizeConfig
     from llm.configs.tokenizer import TokenizerConfig
     from llm.configs.train import TrainConfig
 
     load_params(params, data=DataConfig, clean=CleanConfig, tokenizer=TokenizerConfig, tokenize=TokenizeConfig,
-                model=ModelConfig, train=TrainConfig, evaluate=EvaluateConfig, mlflow=MlflowConfig)
+                model=ModelConfig, train=TrainConfig, evaluate=EvaluateConfig, sft=SFTConfig, mlflow=MlflowConfig)
     typer.echo(f"{params}: every section is valid")

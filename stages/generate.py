@@ -1,5 +1,6 @@
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -8,6 +9,9 @@ from llm.configs.evaluate import MAX_NEW_TOKENS, EvaluateConfig, check_sampling
 from llm.errors import InputError
 from stages.cli import stage
 from stages.params import load_params
+
+if TYPE_CHECKING:
+    from llm.chatbot import Sampling
 
 
 def sampling_defaults(params: Path | None) -> EvaluateConfig:
@@ -22,6 +26,31 @@ def sampling_defaults(params: Path | None) -> EvaluateConfig:
 def flag(param: str) -> str:
     """The command-line flag that sets a sampling param: top_p is --top-p."""
     return "--" + param.replace("_", "-")
+
+
+def resolve_sampling(params: Path | None, max_new_tokens: int | None, temperature: float | None, top_k: int | None,
+                     top_p: float | None, seed: int | None) -> "Sampling":
+    """The sampling flags of generate and chat, each checked as its param is (an error names the flag), those
+    not given from the evaluate section of the params file."""
+    from llm.chatbot import Sampling
+
+    defaults = sampling_defaults(params)
+    sampling = Sampling(max_new_tokens=defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                        temperature=defaults.temperature if temperature is None else temperature,
+                        top_k=defaults.top_k if top_k is None else top_k,
+                        top_p=defaults.top_p if top_p is None else top_p, seed=seed)
+    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, key=flag)
+    check_field(EvaluateConfig, "max_new_tokens", sampling.max_new_tokens, flag("max_new_tokens"))
+    if seed is not None:
+        check_field(EvaluateConfig, "seed", seed, flag("seed"))
+    return sampling
+
+
+def check_utf8(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes of the command line that are not UTF-8 (Python escapes them)
+        raise InputError(f"{name}: not valid UTF-8 (character {err.start})") from None
 
 
 @stage
@@ -46,23 +75,13 @@ def generate(
     from llm.generate import prompt_ids, stream_text
     from llm.model_io import load_model_dir
 
-    defaults = sampling_defaults(params)
-    max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
-    temperature = defaults.temperature if temperature is None else temperature
-    top_k = defaults.top_k if top_k is None else top_k
-    top_p = defaults.top_p if top_p is None else top_p
-    check_sampling(temperature, top_k, top_p, key=flag)
-    check_field(EvaluateConfig, "max_new_tokens", max_new_tokens, flag("max_new_tokens"))
-    if seed is not None:
-        check_field(EvaluateConfig, "seed", seed, flag("seed"))
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:  # bytes of the command line that are not UTF-8 (Python escapes them)
-        raise InputError(f"--prompt: not valid UTF-8 (character {err.start})") from None
+    sampling = resolve_sampling(params, max_new_tokens, temperature, top_k, top_p, seed)
+    check_utf8("--prompt", prompt)
     model, tokenizer = load_model_dir(model_dir, default_device())
     eot_id = tokenizer.token_to_id(EOT)
-    ids = generate_ids(model, prompt_ids(tokenizer, prompt, eot_id), max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, eot_id=eot_id, use_cache=not no_cache)
+    ids = generate_ids(model, prompt_ids(tokenizer, prompt, eot_id), sampling.max_new_tokens,
+                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                       seed=sampling.seed, eot_id=eot_id, use_cache=not no_cache)
     for piece in stream_text(tokenizer, ids):
         sys.stdout.write(piece)
         sys.stdout.flush()

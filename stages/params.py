@@ -15,7 +15,7 @@ import yaml
 from llm.config import from_mapping, shown
 from llm.errors import ConfigError, InputError, first_line
 
-SECTIONS = ("data", "clean", "tokenizer", "tokenize", "model", "train", "evaluate", "mlflow")
+SECTIONS = ("data", "clean", "tokenizer", "tokenize", "model", "train", "evaluate", "sft", "mlflow")
 # The default file is 5 KB and ~200 YAML nodes. Past these it is not a params file but a hostile one: an alias
 # "billion laughs" of 2 KB expands to 10**9 values, and a long file takes PyYAML's pure-Python parser minutes.
 MAX_PARAMS_BYTES = 1 << 20

@@ -92,6 +92,7 @@ def test_the_closure_follows_imports_through_the_library():
 # Options whose default path is deliberately no dep or out of their stage in dvc.yaml.
 NOT_IN_PIPELINE = {
     ("fetch", "downloads"): "a download cache: DVC would delete an out before rerunning fetch",
+    ("fetch-sft", "downloads"): "the same download cache",
 }
 
 
