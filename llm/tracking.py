@@ -1,16 +1,21 @@
 """MLflow: one run per training, which evaluation and the guide later add to; the runs of an experiment, listed. Only
 this module imports mlflow.
 
-A failing tracker never stops a stage nor changes its outputs. Every stage logs through a TrackedRun, which keeps what
-the tracker did not take, retries it, and at the end says in one line what could not be logged."""
+No state of the tracker (down, locked, corrupt, slow) stops a stage, stalls it for long or changes its outputs. Every
+stage logs through a TrackedRun, which keeps what the tracker did not take, retries it, and at the end says in one line
+what could not be logged; every MLflow call runs on a TrackerThread, which a stage waits for only to find or open its
+run and at its end, and then at most TRACKER_WAIT_S for an answer."""
 
 import dataclasses
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from llm.configs.mlflow import MlflowConfig
 from llm.errors import InputError, first_line
@@ -20,6 +25,18 @@ log = logging.getLogger(__name__)
 
 # In a trained model's folder: which run trained it, so evaluation adds to that run.
 MODEL_RUN_FILE = "mlflow_run.json"
+
+# The longest a stage waits for one answer from the tracker: when it looks up or opens its run, and when it hands
+# over what is left at the end. MLflow's own waits are longer (20 s on a locked SQLite database, per call), and a
+# server may never answer; every MLflow call runs on a TrackerThread, so no other wait reaches a stage.
+TRACKER_WAIT_S = 10.0
+# An artifact upload may take longer than one answer: a large model to a remote server. A server that stops
+# answering during one is cut sooner, by MLflow's HTTP timeout (TRACKER_WAIT_S without a byte).
+UPLOAD_WAIT_S = 600.0
+# What a stage keeps for a tracker that does not take it: beyond this, metric values are dropped (and counted).
+MAX_PENDING_METRICS = 100_000
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +101,90 @@ def _below_warning(record: logging.LogRecord) -> bool:
 def _import_mlflow():
     # Fail fast rather than retry for minutes against an unreachable server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(TRACKER_WAIT_S)))
     import mlflow
 
-    # MLflow's SQL store logs a database error (locked, read-only, missing tables) with its whole traceback and
-    # then raises it; the raised error reaches us and is reported in one line, so the traceback would only
-    # flood the terminal.
+    # MLflow logs a tracker's failure itself, often with its whole traceback (the SQL store before it raises a
+    # database error, the system metrics thread, the engine's retries on a corrupt database), and then raises it
+    # or goes on: every failure that matters to a stage reaches us and is reported in one line, so its warnings
+    # and errors would only flood the terminal. Its INFO lines stay. The filter sits on the SQL store's logger
+    # (its records never reach any handler) and on the handler MLflow gives its loggers (the terminal).
     store_log = logging.getLogger("mlflow.store.db.utils")
     if _below_warning not in store_log.filters:
         store_log.addFilter(_below_warning)
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    for handler in logging.getLogger("mlflow").handlers:
+        mlflows = getattr(handler, "stream", None) is MLFLOW_LOGGING_STREAM  # not a handler someone else put there
+        if mlflows and _below_warning not in handler.filters:
+            handler.addFilter(_below_warning)
     return mlflow
+
+
+class TrackerThread:
+    """The one thread on which a stage talks to MLflow. A daemon, so a tracker that never answers never keeps the
+    process; the stage hands it calls and waits for an answer at most TRACKER_WAIT_S (`call`), or not at all
+    (`submit`). MLflow's run-local state (the active run, its system metrics monitor) lives on this thread."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.due = time.monotonic()  # when the answer the thread waits for is due (the stage gives up after it)
+        self.idle = True  # waiting for a task: nothing of the tracker's to wait for
+        self.thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            self.expect(TRACKER_WAIT_S)
+            self.idle = False
+            task()
+            self.idle = True
+
+    def expect(self, seconds: float) -> None:
+        """The tracker's next answer is due within `seconds` (after each answer, with a result or an error,
+        TRACKER_WAIT_S: the stage's wait for it starts again)."""
+        self.due = time.monotonic() + seconds
+
+    def submit(self, task: Callable[[], None]) -> threading.Event:
+        """Run `task` (which must not raise) on the thread; the event is set once it has run."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                task()
+            finally:
+                done.set()
+
+        self.tasks.put(run)
+        return done
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn's result, computed on the thread; what it raises; or TimeoutError when the tracker has not answered
+        when it is due (fn goes on running, and its result is dropped)."""
+        box: dict[str, Any] = {}
+
+        def task() -> None:
+            try:
+                box["value"] = fn()
+            except Exception as err:
+                box["error"] = err
+
+        if not self.wait(self.submit(task)):
+            raise TimeoutError(f"no answer in {TRACKER_WAIT_S:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def wait(self, done: threading.Event) -> bool:
+        """Wait for `done` while the tracker keeps answering: False once an answer is overdue (`expect`)."""
+        while not done.wait(0.05):
+            if not self.idle and time.monotonic() > self.due:
+                return False
+        return True
+
+    def close(self) -> None:
+        """The thread ends after the tasks it holds (a daemon still, should one of them never return)."""
+        self.tasks.put(None)
 
 
 def metric_batch(metrics: dict[str, float], step: int) -> list:
@@ -113,45 +204,88 @@ def send_artifact(client: Any, run_id: str, path: Path, artifact_path: str | Non
 
 
 class Backlog:
-    """What a stage sends to its MLflow run, kept until the tracker takes it: a tracking server (or database) that
-    fails mid-stage never stops the stage. Failed sends are retried with a growing pause (so a dead server costs a
-    log row no time); whatever is still not logged at the end is reported in one line."""
+    """What a stage sends to its MLflow run, kept until the tracker takes it and sent on the stage's TrackerThread:
+    adding to it never waits on the tracker, so a tracking server (or database) that is down, locked, corrupt or
+    slow costs the stage no time and changes none of its outputs. Failed sends are retried, with a growing pause,
+    when more arrives; `close` makes a last try, waits for the tracker only while it answers, and reports in one
+    line whatever is still not logged."""
 
-    def __init__(self, client: Any, run_id: str, uri: str, job: Job) -> None:
-        self.client, self.run_id, self.uri, self.job = client, run_id, uri, job
+    def __init__(self, thread: TrackerThread, client: Any, run_id: str, uri: str, job: Job) -> None:
+        self.thread, self.client, self.run_id, self.uri, self.job = thread, client, run_id, uri, job
+        self.lock = threading.Lock()  # the stage adds, the thread sends
         self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
         self.artifacts: list[tuple[Path, str | None]] = []
-        self.end_status: str | None = None  # set when ending the run failed
+        self.dropped = 0  # metric values beyond MAX_PENDING_METRICS, never sent
+        self.end_status: str | None = None  # the status the run is to end with, until the tracker took it
         self.failures, self.retry_at, self.last_error = 0, 0.0, ""
+        self.send_queued = False
+        self.abandoned = False  # the stage stopped waiting: the thread sends nothing more and says nothing more
 
     @property
     def pending(self) -> bool:
-        return bool(self.metrics or self.artifacts or self.end_status)
+        with self.lock:
+            return bool(self.metrics or self.artifacts or self.end_status or self.dropped)
 
     def add_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics += metric_batch(metrics, step)
+        batch = metric_batch(metrics, step)
+        with self.lock:
+            kept = batch[:max(0, MAX_PENDING_METRICS - len(self.metrics))]
+            self.metrics += kept
+            self.dropped += len(batch) - len(kept)
+        self._send_soon()
 
     def add_artifact(self, path: Path, artifact_path: str | None) -> None:
-        self.artifacts.append((path, artifact_path))
+        with self.lock:
+            self.artifacts.append((path, artifact_path))
+        self._send_soon()
 
-    def flush(self, force: bool = False) -> None:
+    def _send_soon(self) -> None:
+        with self.lock:
+            if self.send_queued:
+                return
+            self.send_queued = True
+        self.thread.submit(self._send)
+
+    def _send(self) -> None:
+        with self.lock:
+            self.send_queued = False
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """On the thread: send what is pending, unless a failure's pause is not over (`force`: regardless).
+        True when everything was taken."""
         if not force and time.monotonic() < self.retry_at:
-            return
+            return False
         try:
-            while self.metrics:
-                self.client.log_batch(self.run_id, metrics=self.metrics[:1000])
-                del self.metrics[:1000]
-            while self.artifacts:
-                send_artifact(self.client, self.run_id, *self.artifacts[0])
-                self.artifacts.pop(0)
+            while batch := self._next(lambda: self.metrics[:1000]):
+                self.client.log_batch(self.run_id, metrics=batch)
+                self.thread.expect(TRACKER_WAIT_S)
+                with self.lock:
+                    del self.metrics[:len(batch)]
+            while artifact := self._next(lambda: self.artifacts[0] if self.artifacts else None):
+                self.thread.expect(UPLOAD_WAIT_S)
+                send_artifact(self.client, self.run_id, *artifact)
+                self.thread.expect(TRACKER_WAIT_S)
+                with self.lock:
+                    self.artifacts.pop(0)
         except Exception as err:  # connection refused, timeouts, server errors, a locked database: all mean "later"
+            self.thread.expect(TRACKER_WAIT_S)
             self.note_failure(err)
-            return
+            return False
+        if self.abandoned:
+            return False
         if self.failures:
             log.info("MLflow at %s answers again: the backlog is logged", self.uri)
             self.failures = 0
+        return True
+
+    def _next(self, take: Callable[[], Any]) -> Any:
+        with self.lock:
+            return None if self.abandoned else take()
 
     def note_failure(self, err: Exception) -> None:
+        if self.abandoned:
+            return
         self.last_error = first_line(err)
         if not self.failures:
             log.warning("MLflow at %s failed (%s): the %s goes on; what is not logged is kept and retried",
@@ -159,88 +293,117 @@ class Backlog:
         self.failures += 1
         self.retry_at = time.monotonic() + min(60.0, 2.0 ** self.failures)
 
+    def close(self, status: str, end: Callable[[str], None] | None = None) -> bool:
+        """From the stage: a last try at what is pending and at ending the run with `status` (`end`), on the thread;
+        waited for while the tracker answers (at most TRACKER_WAIT_S for an answer, UPLOAD_WAIT_S for an upload).
+        Then one line for whatever was not logged. True when everything was."""
+        if end is not None:
+            self.end_status = status
+
+        def last_try() -> None:
+            self.flush(force=True)
+            if end is None or self.abandoned:  # the stage has said the run was not ended, and goes its way
+                return
+            try:
+                end(status)
+                self.end_status = None
+            except Exception as err:
+                self.note_failure(err)
+            self.thread.expect(TRACKER_WAIT_S)
+
+        done = self.thread.submit(last_try)
+        self.thread.close()
+        if not self.thread.wait(done):
+            with self.lock:
+                self.abandoned = True
+                self.last_error = f"no answer in {TRACKER_WAIT_S:g} s"
+        if not self.pending:
+            return True
+        self.report(status)
+        return False
+
     def report(self, status: str) -> None:
-        if self.pending:
-            end = f", nor its end ({self.end_status})" if self.end_status else ""
-            outputs = f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else ""
-            log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
-                      self.uri, len(self.metrics), len(self.artifacts), self.run_id, end, self.last_error, outputs)
+        with self.lock:
+            metrics, artifacts = len(self.metrics) + self.dropped, len(self.artifacts)
+        end = f", nor its end ({self.end_status})" if self.end_status else ""
+        outputs = f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else ""
+        log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
+                  self.uri, metrics, artifacts, self.run_id, end, self.last_error, outputs)
 
 
 class ExistingRun:
     """Adds metrics and artifacts to a run that exists (the training's, for evaluation and the guide), leaving its
-    status and end time alone; through a Backlog, so a tracker that fails after the run was found never stops the
-    stage: what it did not take is reported by `finish`."""
+    status and end time alone; through a Backlog, so a tracker that fails after the run was found never stops nor
+    stalls the stage: what it did not take is reported by `finish`."""
 
-    def __init__(self, client: Any, run_id: str, uri: str, job: Job) -> None:
+    def __init__(self, thread: TrackerThread, client: Any, run_id: str, uri: str, job: Job) -> None:
         self.run_id, self.uri, self.job = run_id, uri, job
-        self.backlog = Backlog(client, run_id, uri, job)
+        self.backlog = Backlog(thread, client, run_id, uri, job)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.backlog.add_metrics(metrics, step)
-        self.backlog.flush()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.backlog.add_artifact(Path(path), artifact_path)
-        self.backlog.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
         """One last try at the backlog, then a report of anything not logged."""
-        self.backlog.flush(force=True)
-        if self.backlog.pending:
-            self.backlog.report(status)
-        else:
+        if self.backlog.close(status):
             log.info("logged the %s to MLflow run %s at %s", self.job.name, self.run_id, self.uri)
 
 
 class MlflowRun(ExistingRun):
-    """The run of a training: opened at construction (raising whatever MLflow raises when the server cannot be
-    used: the caller, start_training_run, then trains untracked), logged to as an ExistingRun, ended by `finish`.
+    """The run of a training: opened at construction on `thread` (raising whatever MLflow raises when the server
+    cannot be used, or TimeoutError when it does not answer: the caller, start_training_run, then trains untracked),
+    logged to as an ExistingRun, ended by `finish`.
 
     With `resume_run_id` (a training resumed from a checkpoint), the run that training started is reopened
     if the server still has it, so an interrupted and resumed training stays one run."""
 
-    def __init__(self, cfg: MlflowConfig, root: Path, params: dict[str, Any], tags: dict[str, str],
-                 run_name: str | None = None, resume_run_id: str | None = None) -> None:
-        self.mlflow = mlflow = _import_mlflow()
-        self.uri = resolve_tracking_uri(cfg.tracking_uri, root)
-        mlflow.set_tracking_uri(self.uri)
-        if self.uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.experiment) is None:
+    def __init__(self, thread: TrackerThread, cfg: MlflowConfig, root: Path, params: dict[str, Any],
+                 tags: dict[str, str], run_name: str | None = None, resume_run_id: str | None = None) -> None:
+        self.mlflow = _import_mlflow()  # here, not on the thread: importing is no wait for the tracker
+        uri = resolve_tracking_uri(cfg.tracking_uri, root)
+        params = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        client, run_id, self.resumed = _ask(thread, uri, lambda: self._open(uri, cfg, root, params, tags, run_name,
+                                                                             resume_run_id))
+        super().__init__(thread, client, run_id, uri, TRAINING)
+
+    def _open(self, uri: str, cfg: MlflowConfig, root: Path, params: dict[str, str], tags: dict[str, str],
+              run_name: str | None, resume_run_id: str | None) -> tuple[Any, str, bool]:
+        """On the thread (MLflow's active run is the thread's): (client, run id, whether the run was reopened)."""
+        mlflow = self.mlflow
+        mlflow.set_tracking_uri(uri)
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.experiment) is None:
             # Artifacts beside the database, not in the working directory of the first run (which may be a
             # temporary DVC experiment folder).
             mlflow.create_experiment(cfg.experiment, artifact_location=(Path(root) / "mlruns").resolve().as_uri())
         mlflow.set_experiment(cfg.experiment)
-        params = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        previous = self._find_run(resume_run_id) if resume_run_id else None
+        client = mlflow.MlflowClient(uri)
+        previous = self._find_run(client, uri, resume_run_id) if resume_run_id else None
         if previous is None:
-            self.run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
             mlflow.log_params(params)
         else:
-            self.run = mlflow.start_run(run_id=resume_run_id, tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(run_id=resume_run_id, tags=tags, log_system_metrics=True)
             # A param cannot change value in MLflow; those the resumed run may change (logging, compile,
             # process count) are recorded as tags instead.
             logged = previous.data.params
             mlflow.log_params({k: v for k, v in params.items() if k not in logged})
             mlflow.set_tags({f"resumed.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
-        self.resumed = previous is not None
-        super().__init__(mlflow.MlflowClient(self.uri), self.run.info.run_id, self.uri, TRAINING)
+        return client, run.info.run_id, previous is not None
 
-    def _find_run(self, run_id: str):
+    @staticmethod
+    def _find_run(client: Any, uri: str, run_id: str):
         try:
-            return self.mlflow.MlflowClient(self.uri).get_run(run_id)
+            return client.get_run(run_id)
         except Exception:  # deleted, or another database: start a new run
-            log.warning("MLflow run %s of the checkpoint is not at %s: starting a new run", run_id, self.uri)
+            log.warning("MLflow run %s of the checkpoint is not at %s: starting a new run", run_id, uri)
             return None
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`: one last try at the backlog, then a report of anything not logged."""
-        self.backlog.flush(force=True)
-        try:
-            self.mlflow.end_run(status=status)
-        except Exception as err:
-            self.backlog.note_failure(err)
-            self.backlog.end_status = status
-        self.backlog.report(status)
+        self.backlog.close(status, end=lambda ended: self.mlflow.end_run(status=ended))
 
 
 class UntrackedRun:
@@ -268,24 +431,57 @@ class UntrackedRun:
 
 
 def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, world_size: int,
-                       resume_run_id: str | None = None) -> MlflowRun | UntrackedRun:
-    """The MLflow run of a training: every param, the git commit, the device; named after the DVC experiment
-    when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened. A
+                       resume_run_id: str | None = None,
+                       tags: dict[str, str] | None = None) -> MlflowRun | UntrackedRun:
+    """The MLflow run of a training: every param, the git commit, the device and `tags`; named after the DVC
+    experiment when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened. A
     tracking server that cannot be used gives an UntrackedRun, with a warning: training goes on."""
     root = project_root()
-    tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size)}
+    tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size), **(tags or {})}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    _UNANSWERED.clear()
+    thread = TrackerThread()
     try:
-        run = MlflowRun(cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
+        run = MlflowRun(thread, cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
                         run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
-    except Exception as err:  # a refused connection, a bad database, an unknown scheme: all "not usable"
+    except Exception as err:  # a refused connection, a bad database, an unknown scheme, no answer: "not usable"
+        thread.submit(_end_late_run)
+        thread.close()
         uri = resolve_tracking_uri(cfg.tracking_uri, root)
         log.warning("MLflow at %s is not usable (%s): training goes on without tracking", uri, first_line(err))
         return UntrackedRun(uri, f"MLflow at {uri} was not usable when training started ({first_line(err)})")
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
+
+
+def _end_late_run() -> None:
+    """On the thread of a run that did not open in time: a run that opens after all is ended, not left running."""
+    import mlflow
+
+    try:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="FAILED")
+    except Exception:  # the tracker that did not answer in time: nothing more to do for a run nobody logs to
+        pass
+
+
+# Tracking URIs that did not answer within TRACKER_WAIT_S in this stage: its later look-ups give up at once, so a
+# stage waits for a tracker that does not answer once, not once per look-up (the guide looks up the model's run,
+# then lists the experiment's runs). A stage's first look-up (start_training_run, run_of_model) clears it.
+_UNANSWERED: set[str] = set()
+
+
+def _ask(thread: TrackerThread, uri: str, fn: Callable[[], T]) -> T:
+    """fn's result, asked of the tracker at `uri` on `thread` (TrackerThread.call)."""
+    if uri in _UNANSWERED:
+        raise TimeoutError(f"no answer in {TRACKER_WAIT_S:g} s, earlier in this stage")
+    try:
+        return thread.call(fn)
+    except TimeoutError:
+        _UNANSWERED.add(uri)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,14 +495,23 @@ class RunSummary:
 
 def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSummary]:
     """The `limit` most recently started runs of an experiment (none if it does not exist); raises when the
-    tracking server cannot be used."""
-    client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    runs = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
-    return [RunSummary(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
-            for r in runs]
+    tracking server cannot be used or does not answer within TRACKER_WAIT_S."""
+    mlflow = _import_mlflow()
+
+    def listed() -> list[RunSummary]:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
+        return [RunSummary(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
+                for r in runs]
+
+    thread = TrackerThread()
+    try:
+        return _ask(thread, tracking_uri, listed)
+    finally:
+        thread.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +544,9 @@ def run_of_model(model_dir: Path, cfg: MlflowConfig, job: Job) -> TrackedRun:
     """The MLflow run that trained the model in `model_dir`, for `job` to add to; looked up at params' tracking URI
     only (a model folder from elsewhere never makes us contact the server it names). An UntrackedRun, with a
     warning, when the folder names no run or the run cannot be reached (not there, a server down, a locked or
-    corrupt database): the stage writes its outputs all the same, and its end says what was not logged."""
+    corrupt database, or no answer within TRACKER_WAIT_S): the stage writes its outputs all the same, and its end
+    says what was not logged."""
+    _UNANSWERED.clear()
     path = Path(model_dir) / MODEL_RUN_FILE
     uri = resolve_tracking_uri(cfg.tracking_uri, project_root())
     trained = read_model_run(model_dir)
@@ -350,12 +557,19 @@ def run_of_model(model_dir: Path, cfg: MlflowConfig, job: Job) -> TrackedRun:
     if trained.tracking_uri != uri:
         log.warning("%s names a run at %s; the %s logs to mlflow.tracking_uri (%s) only", path,
                     trained.tracking_uri, job.name, uri)
-    try:
-        client = _import_mlflow().MlflowClient(uri)
+    mlflow, thread = _import_mlflow(), TrackerThread()
+
+    def found() -> Any:
+        client = mlflow.MlflowClient(uri)
         client.get_run(trained.run_id)
-    except Exception as err:  # connection errors, a missing run, a bad database: all mean "cannot log there"
+        return client
+
+    try:
+        client = _ask(thread, uri, found)
+    except Exception as err:  # connection errors, a missing run, a bad database, no answer: "cannot log there"
+        thread.close()
         return _untracked(uri, f"MLflow run {trained.run_id} at {uri}: not reachable ({first_line(err)})", job)
-    return ExistingRun(client, trained.run_id, uri, job)
+    return ExistingRun(thread, client, trained.run_id, uri, job)
 
 
 def _untracked(uri: str, reason: str, job: Job) -> UntrackedRun:

@@ -3,9 +3,14 @@ stage nor changes its outputs: what was not logged is reported at the end, in on
 And a run that cannot be looked up (a corrupt database, a server down) means an untracked stage, not a failed one.
 In process: the evaluate stage through typer's CliRunner, the tracker's failures made real or monkeypatched in."""
 
+import contextlib
 import json
 import logging
+import re
 import shutil
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,7 @@ from llm.configs.mlflow import MlflowConfig
 from llm.fileio import sha256_file
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, token_dtype, write_meta
 from llm.tokenizer import load_tokenizer
-from llm.tracking import MODEL_RUN_FILE, Job, UntrackedRun, run_of_model
+from llm.tracking import MODEL_RUN_FILE, ExistingRun, Job, TrackerThread, UntrackedRun, run_of_model
 from stages.__main__ import app
 from tests.conftest import make_model_dir, read_json, write_params
 
@@ -163,3 +168,152 @@ def test_a_run_that_cannot_be_looked_up_gives_an_untracked_stage(project, caplog
     assert any("not reachable" in m and "the evaluation is not logged to MLflow" in m for m in messages)
     assert "the evaluation was not tracked (1 metric values, 0 artifacts not logged)" in messages[-1]
     assert not [r for r in mlflow_records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+@pytest.fixture
+def quick_tracker(monkeypatch):
+    """The stage waits a second, not TRACKER_WAIT_S, for a tracker that does not answer (MLflow itself waits 20 s
+    per call on a locked SQLite database): what is tested is that the wait is bounded, not its length."""
+    import llm.tracking
+
+    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+
+
+@contextlib.contextmanager
+def locked(db: Path):
+    """An exclusive lock on the SQLite database, held by another connection (as another process's would be)."""
+    connection = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    connection.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        connection.rollback()
+        connection.close()
+
+
+def mlflow_noise(output: str) -> list[str]:
+    """MLflow's own warnings, errors and tracebacks in a stage's output."""
+    return [line for line in output.splitlines()
+            if "Traceback" in line or re.search(r"\b(WARNING|ERROR|CRITICAL) (mlflow|alembic|sqlalchemy)", line)]
+
+
+def same_outputs(a: tuple[Path, Path], b: tuple[Path, Path]) -> None:
+    (metrics_a, reports_a), (metrics_b, reports_b) = a, b
+    assert metrics_a.read_bytes() == metrics_b.read_bytes()
+    files = sorted(p.relative_to(reports_a) for p in reports_a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(reports_b) for p in reports_b.rglob("*") if p.is_file())
+    for name in files:
+        assert (reports_a / name).read_bytes() == (reports_b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("when", ["from the start", "after the run was found"])
+def test_a_locked_database_neither_stops_nor_stalls_evaluate_nor_changes_its_outputs(project, monkeypatch,
+                                                                                    quick_tracker, when):
+    """A lock held by another process (a `dvc exp run` beside this one, the MLflow UI writing) for as long as the
+    stage runs: the stage waits at most TRACKER_WAIT_S for the tracker, once, writes the outputs an untracked
+    evaluation writes, and says in one warning and one line at the end what was not logged."""
+    import llm.evaluate
+
+    untracked = write_params(project["root"] / "untracked.yaml",
+                             evaluate={"prompts": ["But soft"], "max_new_tokens": 4},
+                             mlflow={"tracking_uri": "http://127.0.0.1:9", "experiment": "eval"})
+    baseline, *expected = evaluate({**project, "params": untracked}, "untracked")
+    assert baseline.exit_code == 0, baseline.output
+
+    lock = locked(project["db"])
+    if when == "from the start":
+        lock.__enter__()
+    else:
+        def found_then_locked(*args):
+            run = run_of_model(*args)
+            assert run.run_id == project["run_id"]
+            lock.__enter__()
+            return run
+
+        monkeypatch.setattr(llm.evaluate, "run_of_model", found_then_locked)
+    try:
+        start = time.monotonic()
+        result, *outputs = evaluate(project, "locked")
+        elapsed = time.monotonic() - start
+    finally:
+        lock.__exit__(None, None, None)
+
+    assert result.exit_code == 0, result.output
+    assert elapsed < 10, "not MLflow's 20 s per call on a locked database"
+    same_outputs(outputs, expected)
+    lines = result.stderr.strip().splitlines()
+    *warnings, report = [line for line in lines if "MLflow" in line]
+    assert report == lines[-1], "reported at the end"
+    if when == "from the start":
+        [warning] = warnings
+        assert "not reachable (no answer in 1 s)" in warning and "the evaluation is not logged to MLflow" in warning
+        assert "the evaluation was not tracked (5 metric values, 4 artifacts not logged)" in report
+    else:  # the tracker never answered: the one line is the report
+        assert not warnings
+        assert f"5 metric values and 4 artifacts of run {project['run_id']} could not be logged" in report
+        assert "(no answer in 1 s)" in report
+    assert not mlflow_noise(result.output)
+
+
+def test_a_corrupt_database_neither_stops_evaluate_nor_changes_its_outputs(project, mlflow_records):
+    tracked, *expected = evaluate(project, "tracked")
+    assert tracked.exit_code == 0, tracked.output
+    project["db"].write_bytes(b"not a database" * 1000)
+
+    result, *outputs = evaluate(project, "corrupt")
+
+    assert result.exit_code == 0, result.output
+    same_outputs(outputs, expected)
+    lines = result.stderr.strip().splitlines()
+    warning, report = [line for line in lines if "MLflow" in line]
+    assert "not reachable ((sqlite3.DatabaseError) file is not a database)" in warning
+    assert "the evaluation is not logged to MLflow" in warning
+    assert "the evaluation was not tracked" in report and report == lines[-1]
+    assert not mlflow_noise(result.output)
+    assert not [r for r in mlflow_records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+class HangingTracker:
+    """A client whose every call hangs until released: a server that accepts and never answers, a locked
+    database."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def log_batch(self, run_id, metrics):
+        self.calls += 1
+        self.release.wait(30)
+
+    log_artifact = log_artifacts = log_batch
+
+
+def test_logging_never_waits_for_the_tracker_and_the_end_waits_a_bounded_time(quick_tracker, caplog, monkeypatch):
+    """What the training loop calls (log_metrics) returns at once whatever the tracker does, so no tracker time
+    is ever counted in tokens/s; the stage's end waits TRACKER_WAIT_S for an answer, not longer; what a tracker
+    that does not answer would be given past MAX_PENDING_METRICS is dropped, and counted."""
+    import llm.tracking
+
+    monkeypatch.setattr(llm.tracking, "MAX_PENDING_METRICS", 100)
+    caplog.set_level(logging.INFO)
+    import mlflow.entities  # noqa: F401  (imported, as a tracked stage has it, before the timing starts)
+
+    tracker = HangingTracker()
+    run = ExistingRun(TrackerThread(), tracker, "run-1", "http://tracker", EVALUATION)
+    try:
+        start = time.monotonic()
+        for step in range(1000):
+            run.log_metrics({"train_loss": 1.0}, step=step)
+        logging_took = time.monotonic() - start
+        start = time.monotonic()
+        run.finish()
+        finishing_took = time.monotonic() - start
+    finally:
+        tracker.release.set()
+
+    assert logging_took < 0.5, "a thousand log rows, as fast as appending to a list"
+    assert tracker.calls >= 1, "the tracker was asked"
+    assert 1.0 <= finishing_took < 3.0
+    assert len(run.backlog.metrics) <= 100
+    [report] = [r.getMessage() for r in caplog.records if "could not be logged" in r.getMessage()]
+    assert "1000 metric values and 0 artifacts of run run-1 could not be logged (no answer in 1 s)" in report

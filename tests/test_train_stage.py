@@ -2,7 +2,9 @@
 training's params, metrics and artifacts, to which evaluation adds its own."""
 
 import math
+import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +154,129 @@ def test_an_empty_meta_json_is_one_line_and_exit_2(workdir, tmp_path):
     assert result.returncode == 2
     assert "meta.json" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "final").exists()
+
+
+TIMING = {"tokens_per_sec", "mfu", "peak_flops", "peak_flops_source"}  # measured, so they differ between any two runs
+
+
+def without_timing(csv: str) -> list[list[str]]:
+    rows = [line.split(",") for line in csv.splitlines()]
+    kept = [i for i, name in enumerate(rows[0]) if name not in TIMING]
+    return [[row[i] for i in kept] for row in rows]
+
+
+@pytest.mark.parametrize("when", ["from the start", "after the run opened"])
+def test_a_locked_tracker_neither_stalls_training_nor_changes_its_outputs(workdir, trained, tmp_path, monkeypatch,
+                                                                         empty_mlflow_db, when):
+    """An exclusive lock on mlflow.db held by another connection for as long as the training runs (another
+    process writing, a `dvc exp run` beside it): MLflow waits 20 s per call on it, yet the training takes no
+    longer than TRACKER_WAIT_S more than it would untracked (every MLflow call is on a thread of its own, which
+    the loop never waits on), its outputs are those of the tracked training, and the end says what was not
+    logged, in one line besides at most one warning, without MLflow's tracebacks."""
+    import llm.tracking
+    import llm.training_run
+    from tests.test_tracking import locked, mlflow_noise
+
+    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_mlflow_db, db)
+    params = write_params(tmp_path / "params.yaml", **{**TINY, "mlflow": {"tracking_uri": f"sqlite:///{db}",
+                                                                         "experiment": "locked"}})
+    lock = locked(db)
+    if when == "from the start":
+        lock.__enter__()
+    else:
+        start_training_run = llm.training_run.start_training_run
+
+        def opened_then_locked(*args):
+            run = start_training_run(*args)
+            assert run.run_id is not None
+            lock.__enter__()
+            return run
+
+        monkeypatch.setattr(llm.training_run, "start_training_run", opened_then_locked)
+    out = {name: tmp_path / name for name in ("ckpt", "final", "train.json", "train.csv", "attention.safetensors")}
+    try:
+        start = time.monotonic()
+        result = stage(workdir, "train", "--params", params, "--checkpoints", out["ckpt"], "--out", out["final"],
+                       "--metrics", out["train.json"], "--plots", out["train.csv"], "--attention",
+                       out["attention.safetensors"])
+        elapsed = time.monotonic() - start
+    finally:
+        lock.__exit__(None, None, None)
+    print(f"{when}: {elapsed:.1f} s")
+
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 20, "not one of MLflow's 20 s waits on a locked database"
+    metrics, tracked = read_json(out["train.json"]), read_json(workdir / "metrics/train.json")
+    ignored = TIMING | {"mlflow_run_id", "resumed_from_step"}  # the tracked training may have been rerun
+    assert {k: v for k, v in metrics.items() if k not in ignored} == \
+        {k: v for k, v in tracked.items() if k not in ignored}
+    for name, tracked_path in (("final", "models/final/model.safetensors"), ("attention.safetensors",
+                                                                            "plots/attention.safetensors")):
+        path = out[name] / "model.safetensors" if name == "final" else out[name]
+        assert path.read_bytes() == (workdir / tracked_path).read_bytes(), name
+    assert without_timing(out["train.csv"].read_text()) == without_timing((workdir / "plots/train.csv").read_text())
+
+    lines = result.stderr.strip().splitlines()
+    *warnings, report = [line for line in lines if line.startswith("MLflow at")]
+    assert report == lines[-2], "said at the end, before the summary"
+    if when == "from the start":
+        [warning] = warnings
+        assert "is not usable (no answer in 1 s): training goes on without tracking" in warning
+        assert metrics["mlflow_run_id"] is None and "the training was not tracked" in report
+    else:  # the tracker never answered after the run opened: the one line is the report
+        assert not warnings
+        assert metrics["mlflow_run_id"] is not None
+        assert "metric values and 4 artifacts of run" in report and "nor its end (FINISHED)" in report
+        assert "(no answer in 1 s)" in report
+    assert not mlflow_noise(result.stderr)
+
+
+def test_a_locked_or_corrupt_tracker_neither_stops_nor_stalls_the_guide(workdir, trained, tmp_path, monkeypatch):
+    """The guide with the training's run tracked, its database corrupt or locked by another connection for as long
+    as the stage runs: exit 0, the whole guide (its experiments chapter says the runs could not be listed; its
+    figures those of a guide built untracked), a warning for the run it could not add to and one for the runs it
+    could not list, no MLflow traceback, and one wait of TRACKER_WAIT_S, not MLflow's 20 s per call."""
+    import llm.tracking
+    from tests.test_tracking import locked, mlflow_noise
+
+    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+    if not (workdir / "metrics/eval.json").is_file():
+        assert stage(workdir, "evaluate").returncode == 0
+    db = workdir / "mlflow.db"
+    saved = db.read_bytes()
+    try:
+        db.write_bytes(b"not a database" * 1000)
+        start = time.monotonic()
+        corrupt = stage(workdir, "guide", "--out", tmp_path / "corrupt")
+        untracked_elapsed = time.monotonic() - start
+        db.write_bytes(saved)
+        with locked(db):
+            start = time.monotonic()
+            result = stage(workdir, "guide", "--out", tmp_path / "locked")
+            elapsed = time.monotonic() - start
+    finally:
+        db.write_bytes(saved)
+
+    for built, answer in ((corrupt, r"\(sqlite3.DatabaseError\) file is not a database"),
+                          (result, r"no answer in 1 s")):
+        assert built.returncode == 0, built.stderr
+        lines = built.stderr.strip().splitlines()
+        found, listed, report = [line for line in lines if "MLflow" in line]
+        assert re.search(f"not reachable \\({answer}\\): the guide is not logged to MLflow", found)
+        assert re.search(f"is not usable \\({answer}.*\\): the guide lists no runs", listed)
+        assert "the guide was not tracked (0 metric values, 1 artifacts not logged)" in report
+        assert report == lines[-1]
+        assert not mlflow_noise(built.stderr)
+    assert elapsed < untracked_elapsed + 10, "one short wait, not MLflow's 20 s per call on a locked database"
+
+    def files(folder):
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+    assert files(tmp_path / "locked") == files(tmp_path / "corrupt")
+    for name in ("corrupt", "locked"):  # the page's timings are measured as it is built: its words differ
+        assert "The runs could not be listed: MLflow at " in (tmp_path / name / "index.html").read_text()
+    for name in files(tmp_path / "locked"):
+        if name.suffix in (".png", ".gif"):
+            assert (tmp_path / "locked" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes(), name
