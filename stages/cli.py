@@ -46,11 +46,13 @@ def command_line(ctx: typer.Context) -> list[str]:
     """The command being run, as a new process would run it: `python -m stages NAME` with every option's value
     (the defaults made explicit), read from the command's own option list, so none is listed twice."""
     options = []
-    for param in ctx.command.params:
+    for param in ctx.command.params:  # typer's own copy of click: its classes are not click's, ask the kind
         value = ctx.params[param.name]
-        if isinstance(param, click.Option) and param.is_flag:
+        if param.param_type_name != "option" or value is None:
+            continue
+        if getattr(param, "is_flag", False):
             options.append(param.opts[0] if value else param.secondary_opts[0])
-        elif isinstance(param, click.Option) and value is not None:
+        else:
             options += [param.opts[0], str(value)]
     return [sys.executable, "-m", "stages", ctx.info_name, *options]
 

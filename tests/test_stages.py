@@ -100,3 +100,22 @@ def test_data_stages_end_to_end_on_a_local_corpus(tmp_path):
     meta = read_json(tmp_path / "data/tokens/meta.json")
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 30
     assert (tmp_path / "models/tokenizer/tokenizer.json").is_file()
+
+
+def test_the_launcher_relaunches_train_with_every_option_the_user_gave(tmp_path, monkeypatch):
+    """With train.nproc_per_node > 1 the stage starts workers running itself: each must get the params file and
+    every path the user gave (not the defaults), read from the command's own options."""
+    import llm.launch
+    import llm.training_run
+
+    launched = []
+    monkeypatch.setattr(llm.training_run, "read_inputs", lambda *args: None)
+    monkeypatch.setattr(llm.launch, "launch_workers", lambda n, command, restarts: launched.append(command) or (0, ""))
+    params = write_params(tmp_path / "mine.yaml", train={"nproc_per_node": 2})
+    result = stage(tmp_path, "train", "--params", params, "--tokens", "t", "--out", "o", "--metrics", "m.json")
+    assert result.returncode == 0, result.stderr
+    [command] = launched
+    assert command[1:4] == ["-m", "stages", "train"]
+    given = dict(zip(command[4::2], command[5::2], strict=True))
+    assert given["--params"] == str(params) and given["--tokens"] == "t" and given["--out"] == "o"
+    assert given["--metrics"] == "m.json" and given["--checkpoints"] == "models/checkpoints", "defaults made explicit"
