@@ -17,10 +17,11 @@ others only training conversations, so no held-out play's text is in training. T
     who_said         which character says "<a line of the passage>" (the line occurs once in it)
     speech_count     how many speeches the passage holds (2, 3, 4 or 5)
   knowledge from pretraining, nothing of the answer in the prompt; "well-known" lines are approximated by a
-  fixed rule (well_known_lines): the first line of a speech by one of the play's three most frequent speakers,
-  of 6 to 14 words, found once in the play:
+  fixed rule (well_known_lines): the first line of a speech by one of the play's four most frequent speakers,
+  of 6 to 14 words, found once in all the plays:
     play_of_line     which play the line comes from (the play's title, its document's first line)
-    speaker_of_line  who speaks the line, in the named play
+    speaker_of_line  who speaks the line, in the named play (the candidates: those four speakers, so that the
+                     answer is not told apart by being a main speaker)
   writing:
     verse_in_voice   write N (2-4) lines of verse in the voice of NAME from a play; the answer is a speech in the
                      play's own format: the heading "NAME." then N lines (a real speech's first N verse lines).
@@ -59,8 +60,8 @@ SECTION_WORDS = frozenset({"ACT", "SCENE", "PROLOGUE", "EPILOGUE", "INDUCTION"})
 # A passage: consecutive speeches, each short, so that it fits a 256-token context with the question.
 MIN_SPEECHES, MAX_SPEECHES = 2, 5
 MAX_SPEECH_LINES, MAX_SPEECH_CHARS, MAX_PASSAGE_CHARS = 4, 200, 560
-MAIN_SPEAKERS = 3  # well-known lines and writing prompts come from a play's most frequent speakers
-SPEAKER_POOL = 8  # speaker_of_line's other candidates come from the play's most frequent speakers
+MAIN_SPEAKERS = 4  # well-known lines, their candidates and writing prompts come from a play's most frequent speakers
+SPEAKER_POOL = 8  # other candidates, beyond those a passage or the main speakers give, come from these
 WELL_KNOWN_WORDS = (6, 14)
 MIN_QUOTED_WORDS = 3  # who_said quotes a line of at least this many words
 VERSE_LINES = (2, 4)  # verse_in_voice asks for this many lines, at least and at most
@@ -211,7 +212,7 @@ def is_heldout(doc_id: str, cfg: SFTConfig) -> bool:
 class _PlayTasks:
     """What one play offers each task: passages by length, well-known lines, verse speeches by speaker."""
 
-    def __init__(self, play: Play) -> None:
+    def __init__(self, play: Play, corpus_lines: Counter) -> None:
         self.play = play
         speeches = play.speeches
         ranked = play.speakers_by_count()
@@ -230,7 +231,7 @@ class _PlayTasks:
                     break
                 if length >= MIN_SPEECHES:
                     self.windows[length].append(start)
-        self.well_known = well_known_lines(play, self.main_speakers)
+        self.well_known = well_known_lines(play, self.main_speakers, corpus_lines)
         self.verse: dict[str, list[tuple[str, ...]]] = {name: [] for name in self.main_speakers}
         for speech in speeches:
             if speech.speaker in self.verse:
@@ -251,10 +252,15 @@ def _is_verse(line: str) -> bool:
     return line[:1].isupper() and len(line) <= MAX_VERSE_LINE_CHARS and len(line.split()) >= MIN_QUOTED_WORDS
 
 
-def well_known_lines(play: Play, main_speakers: list[str]) -> list[tuple[str, str]]:
+def line_counts(plays: Iterable[Play]) -> Counter:
+    """How often each line occurs in all the plays' speeches."""
+    return Counter(line for play in plays for speech in play.speeches for line in speech.lines)
+
+
+def well_known_lines(play: Play, main_speakers: list[str], occurrences: Counter) -> list[tuple[str, str]]:
     """(speaker, line) pairs standing in for a play's well-known lines: the first line of a speech by one of its
-    main speakers, WELL_KNOWN_WORDS words long, that occurs once in the play."""
-    occurrences = Counter(line for speech in play.speeches for line in speech.lines)
+    main speakers, WELL_KNOWN_WORDS words long, that occurs once in all the plays (`occurrences`: line_counts),
+    so that its play and speaker are one."""
     low, high = WELL_KNOWN_WORDS
     return [(speech.speaker, speech.lines[0]) for speech in play.speeches
             if speech.speaker in main_speakers and low <= len(speech.lines[0].split()) <= high
@@ -316,7 +322,7 @@ def _knowledge_item(task: str, tasks: _PlayTasks, titles: list[str], k: int, rng
     if task == "play_of_line":
         return _Item(_template(task, rng, line=line), title, _choices(title, (), titles, k, rng))
     return _Item(_template(task, rng, line=line, title=title), speaker,
-                 _choices(speaker, (), tasks.speaker_pool, k, rng))
+                 _choices(speaker, tasks.main_speakers, tasks.speaker_pool, k, rng))
 
 
 def _writing_item(task: str, tasks: _PlayTasks, rng: random.Random) -> _Item | None:
@@ -401,8 +407,9 @@ def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
     be answered from pretraining. A pure function of its arguments."""
     train_plays, heldout_plays, counts = load_plays(documents, cfg)
     titles = sorted({play.title for play in train_plays + heldout_plays})
-    train_tasks = [_PlayTasks(play) for play in train_plays]
-    heldout_tasks = [_PlayTasks(play) for play in heldout_plays]
+    corpus_lines = line_counts(train_plays + heldout_plays)
+    train_tasks = [_PlayTasks(play, corpus_lines) for play in train_plays]
+    heldout_tasks = [_PlayTasks(play, corpus_lines) for play in heldout_plays]
     known_tasks = [tasks for tasks in heldout_tasks if pretrained(tasks.play.doc_id)]
     counts["heldout_plays_pretrained"] = len(known_tasks)
 

@@ -212,8 +212,10 @@ def test_every_answer_is_right_by_construction(corpus) -> None:
                 text, speakers = plays[holders[0]]
                 if task == "play_of_line":
                     assert titles[q.answer] == holders[0] and q.answer not in prompt
+                    assert set(q.candidates) <= set(titles)
                 else:
                     assert text.split("\n")[0] in prompt and q.answer not in prompt
+                    assert set(q.candidates) <= set(speakers)
                     heading = text[:text.index(quoted)].rstrip("\n").rsplit("\n\n", 1)[1].split("\n")[0]
                     assert heading.removesuffix(".") == q.answer
             else:
