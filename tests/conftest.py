@@ -102,12 +102,14 @@ def run_stage_process(cwd: Path, *args: object, env: dict[str, str] | None = Non
                           env=stage_env(env))
 
 
-def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None,
+              stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m stages ARGS` run in this process, with what run_stage_process would give: the exit code,
     stdout, stderr (a traceback there for an uncaught exception, warnings shown as Python shows them by
     default), in `cwd` and the same bare environment. The process-wide state a command changes is put back
     after it: the environment, working directory, root logger, SIGINT/SIGTERM handlers, torch's thread
-    count, and MLflow's tracking URI and active run (ended, as MLflow's exit hook would end it)."""
+    count, and MLflow's tracking URI and active run (ended, as MLflow's exit hook would end it). `stdin` is
+    what the command reads on its standard input."""
     from typer.testing import CliRunner
 
     import stages.__main__  # noqa: F401  (registers every command)
@@ -124,7 +126,7 @@ def run_stage(cwd: Path, *args: object, env: dict[str, str] | None = None) -> su
     try:
         with warnings.catch_warnings():
             interpreter_warnings()
-            result = CliRunner().invoke(app, argv, prog_name="python -m stages")
+            result = CliRunner().invoke(app, argv, prog_name="python -m stages", input=stdin)
     finally:
         end_mlflow_state()
         os.chdir(saved_cwd)
