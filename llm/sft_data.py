@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 
 from tokenizers import Tokenizer
 
+from llm import chat
 from llm.chat import ChatTokens, Conversation, Message, encode_conversation
 from llm.configs.sft import SFTConfig
 from llm.errors import ConfigError
@@ -392,8 +393,8 @@ def load_plays(documents: Iterable[tuple[str, str]], cfg: SFTConfig) -> tuple[li
 
 
 def fits_context(tokenizer: Tokenizer, tokens: ChatTokens, block_size: int) -> Callable[[Conversation], bool]:
-    """Whether a conversation fits the context: block_size + 1 tokens (training's too_long rule, llm/chat.py)."""
-    return lambda conversation: len(encode_conversation(tokenizer, tokens, conversation).ids) <= block_size + 1
+    """Whether a conversation fits the context, by training's too_long rule (llm.chat.fits_context)."""
+    return lambda conversation: chat.fits_context(encode_conversation(tokenizer, tokens, conversation), block_size)
 
 
 def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
