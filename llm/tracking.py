@@ -28,8 +28,9 @@ MODEL_RUN_FILE = "mlflow_run.json"
 
 # The longest a stage waits for one answer from the tracker: when it looks up or opens its run, and when it hands
 # over what is left at the end. MLflow's own waits are longer (20 s on a locked SQLite database, per call), and a
-# server may never answer; every MLflow call runs on a TrackerThread, so no other wait reaches a stage.
-TRACKER_WAIT_S = 10.0
+# server may never answer; every MLflow call runs on a TrackerThread, so no other wait reaches a stage. 30 s: a new
+# SQLite database's migrations (the first run of a project) took over 10 s on a busy 2-core machine.
+TRACKER_WAIT_S = 30.0
 # An artifact upload may take longer than one answer: a large model to a remote server. A server that stops
 # answering during one is cut sooner, by MLflow's HTTP timeout (TRACKER_WAIT_S without a byte).
 UPLOAD_WAIT_S = 600.0
@@ -440,7 +441,7 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
     tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size), **(tags or {})}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    _UNANSWERED.clear()
+    _UNUSABLE.clear()
     thread = TrackerThread()
     try:
         run = MlflowRun(thread, cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
@@ -467,20 +468,26 @@ def _end_late_run() -> None:
         pass
 
 
-# Tracking URIs that did not answer within TRACKER_WAIT_S in this stage: its later look-ups give up at once, so a
-# stage waits for a tracker that does not answer once, not once per look-up (the guide looks up the model's run,
-# then lists the experiment's runs). A stage's first look-up (start_training_run, run_of_model) clears it.
-_UNANSWERED: set[str] = set()
+class TrackerUnusable(Exception):
+    """The tracker failed earlier in this stage (_ask)."""
+
+
+# Tracking URIs whose store failed in this stage (no answer within TRACKER_WAIT_S, a locked or corrupt database, a
+# server down), with why: its later look-ups give up at once, so a stage waits for a tracker that does not answer
+# once, not once per look-up (the guide looks up the model's run, then lists the experiment's runs). A run that is
+# not there is no failure of the store. A stage's first look-up (start_training_run, run_of_model) clears it.
+_UNUSABLE: dict[str, str] = {}
 
 
 def _ask(thread: TrackerThread, uri: str, fn: Callable[[], T]) -> T:
     """fn's result, asked of the tracker at `uri` on `thread` (TrackerThread.call)."""
-    if uri in _UNANSWERED:
-        raise TimeoutError(f"no answer in {TRACKER_WAIT_S:g} s, earlier in this stage")
+    if uri in _UNUSABLE:
+        raise TrackerUnusable(f"{_UNUSABLE[uri]}, earlier in this stage")
     try:
         return thread.call(fn)
-    except TimeoutError:
-        _UNANSWERED.add(uri)
+    except Exception as err:
+        if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":  # MlflowException's code for "not there"
+            _UNUSABLE[uri] = first_line(err)
         raise
 
 
@@ -546,7 +553,7 @@ def run_of_model(model_dir: Path, cfg: MlflowConfig, job: Job) -> TrackedRun:
     warning, when the folder names no run or the run cannot be reached (not there, a server down, a locked or
     corrupt database, or no answer within TRACKER_WAIT_S): the stage writes its outputs all the same, and its end
     says what was not logged."""
-    _UNANSWERED.clear()
+    _UNUSABLE.clear()
     path = Path(model_dir) / MODEL_RUN_FILE
     uri = resolve_tracking_uri(cfg.tracking_uri, project_root())
     trained = read_model_run(model_dir)
