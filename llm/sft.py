@@ -31,15 +31,15 @@ from llm.documents import iter_documents
 from llm.errors import InputError, Interrupted
 from llm.fileio import sha256_file, write_json_atomic
 from llm.history import HistoryRow, write_history_csv
-from llm.model import GPT, IGNORE, tied_aliases
+from llm.model import GPT, IGNORE, GPTConfig, tied_aliases
 from llm.model_io import load_model_dir, save_model_dir
 from llm.progress import TrainProgress
 from llm.sft_data import SFTSet, build_sft_set
 from llm.signals import StopSignals
 from llm.split import is_val
 from llm.tasks import TaskScore, score_tasks
-from llm.tracking import MODEL_RUN_FILE, model_run_record, read_model_run, start_training_run
-from llm.train import Trainer, TrainingData, code_sha256
+from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, read_model_run, start_training_run
+from llm.train import Trainer, TrainingData, TrainResult, code_sha256
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,16 @@ def tuning_data(cfg: SFTConfig, documents: list[tuple[str, str]], tokenizer: Tok
     return TuningData(sft_set, train, val, dict(sorted(dropped.items())), [str(f) for f in files])
 
 
+def read_tuning_data(cfg: SFTConfig, data_cfg: DataConfig, clean: Path, tokenizer: Tokenizer, tokens: ChatTokens,
+                     block_size: int, conversations_dir: Path | None) -> TuningData:
+    """tuning_data from the cleaned corpus at `clean` (data/clean/), knowing which documents the base model trained
+    on: those in the train split of data.*. The sft stage and the guide read the same set by this one call."""
+    def pretrained(doc_id: str) -> bool:
+        return not is_val(doc_id, data_cfg.seed, data_cfg.val_fraction)
+
+    return tuning_data(cfg, list(iter_documents(clean)), tokenizer, tokens, block_size, pretrained, conversations_dir)
+
+
 def training_data(data: TuningData, block_size: int, pad_id: int, base_sha256: str) -> TrainingData:
     """The Trainer's data: packed conversation rows, identified by their tokens, the base weights and this code."""
     digest = hashlib.sha256()
@@ -163,34 +173,12 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
     tokens = ChatTokens.from_tokenizer(tokenizer, paths.base / "tokenizer.json")
     block_size = base.config.block_size
 
-    def pretrained(doc_id: str) -> bool:  # the base model trained on it: in the train split of data.*
-        return not is_val(doc_id, data_cfg.seed, data_cfg.val_fraction)
-
-    data = tuning_data(cfg, list(iter_documents(paths.clean)), tokenizer, tokens, block_size, pretrained,
-                       paths.conversations)
+    data = read_tuning_data(cfg, data_cfg, paths.clean, tokenizer, tokens, block_size, paths.conversations)
     log.info("sft: %d training conversations (%s dropped), %d held-out questions", len(data.train),
              sum(data.dropped.values()), len(data.val))
-    base_weights = {name: t.detach().clone() for name, t in base.state_dict().items()}
-    base_sha = sha256_file(paths.base / "model.safetensors")
     with StopSignals() as stop:
         runtime = Runtime(device=default_device())
-        trainer = Trainer(base.config, cfg.training(), training_data(data, block_size, tokens.eot, base_sha),
-                          paths.checkpoints, runtime, initial_weights=base_weights)
-        progress, tracker_run_id = trainer.resume()
-        base_run = read_model_run(paths.base)
-        run = start_training_run(mlflow_cfg, params, runtime.device.type, 1, tracker_run_id,
-                                 tags={"stage": "sft", "base_run_id": base_run.run_id if base_run else "none"})
-        try:
-            with TrainProgress(cfg.max_steps) as bar:
-                def on_log(row: HistoryRow) -> None:
-                    bar.update(row)
-                    run.log_metrics({f"sft_{k}": v for k, v in row.to_dict().items() if k != "step" and v is not None},
-                                    step=row.step)
-
-                result = trainer.fit(progress, on_log=on_log, stop=stop, tracker_run_id=run.run_id)
-        except BaseException as err:
-            run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
-            raise
+        result, run = tune(base, cfg, data, tokens.eot, paths, mlflow_cfg, params, runtime, stop)
         tuned = GPT(base.config)
         tuned.load_state_dict({**result.weights, **{a: result.weights[n] for a, n in tied_aliases(tuned).items()}})
         base_scores = score_tasks(base.to(runtime.device), tokenizer, tokens, data.sft_set.questions,
@@ -199,7 +187,40 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
     metrics = {"tasks": score_table(base_scores, tuned_scores), **result.metrics,
                "train_conversations": len(data.train), "dropped": data.dropped, "counts": data.sft_set.counts,
                "base_model": str(paths.base), "mlflow_run_id": run.run_id}
-    save_model_dir(paths.out, base.config, result.weights, paths.base / "tokenizer.json",
+    write_sft_outputs(metrics, result, base.config, run, paths)
+    return metrics
+
+
+def tune(base: GPT, cfg: SFTConfig, data: TuningData, pad_id: int, paths: SFTPaths, mlflow_cfg: MlflowConfig,
+         params: dict[str, Any], runtime: Runtime, stop: StopSignals) -> tuple[TrainResult, TrackedRun]:
+    """The tuning: the Trainer resumed (or started from the base weights) and run, logged to an MLflow run tagged
+    with the base model's run."""
+    block_size = base.config.block_size
+    base_weights = {name: t.detach().clone() for name, t in base.state_dict().items()}
+    data_for_trainer = training_data(data, block_size, pad_id, sha256_file(paths.base / "model.safetensors"))
+    trainer = Trainer(base.config, cfg.training(), data_for_trainer, paths.checkpoints, runtime,
+                      initial_weights=base_weights)
+    progress, tracker_run_id = trainer.resume()
+    base_run = read_model_run(paths.base)
+    run = start_training_run(mlflow_cfg, params, runtime.device.type, 1, tracker_run_id,
+                             tags={"stage": "sft", "base_run_id": base_run.run_id if base_run else "none"})
+    try:
+        with TrainProgress(cfg.max_steps) as bar:
+            def on_log(row: HistoryRow) -> None:
+                bar.update(row)
+                run.log_metrics({f"sft_{k}": v for k, v in row.to_dict().items() if k != "step" and v is not None},
+                                step=row.step)
+
+            return trainer.fit(progress, on_log=on_log, stop=stop, tracker_run_id=run.run_id), run
+    except BaseException as err:
+        run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def write_sft_outputs(metrics: dict[str, Any], result: TrainResult, model_cfg: GPTConfig, run: TrackedRun,
+                      paths: SFTPaths) -> None:
+    """models/sft/, metrics/sft.json, plots/sft.csv, then the tracker (which never raises)."""
+    save_model_dir(paths.out, model_cfg, result.weights, paths.base / "tokenizer.json",
                    extra={MODEL_RUN_FILE: model_run_record(run)})
     write_json_atomic(paths.metrics, metrics)
     write_history_csv(paths.plots, result.history)
@@ -212,4 +233,3 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
     for task, score in metrics["tasks"].items():
         log.info("sft: %-24s n=%3d chance %.2f  base %.2f  tuned %.2f", task, score["n"], score["chance"],
                  score["base_accuracy"] or 0.0, score["sft_accuracy"])
-    return metrics
