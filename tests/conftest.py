@@ -46,8 +46,12 @@ SAMPLE_TEXTS = [
 
 
 @functools.cache
-def _sample_tokenizer_json(vocab_size: int) -> str:
-    cfg = TokenizerConfig(vocab_size=vocab_size, min_frequency=1)
+def _sample_tokenizer_json(vocab_size: int, chat: bool = False) -> str:
+    """The tokenizer trained on SAMPLE_TEXTS; with `chat`, the chat tokens (llm/chat.py) after <|endoftext|>."""
+    from llm.chat import CHAT_TOKENS
+    from llm.config import EOT
+
+    cfg = TokenizerConfig(vocab_size=vocab_size, min_frequency=1, special_tokens=(EOT, *(CHAT_TOKENS if chat else ())))
     return train_tokenizer(SAMPLE_TEXTS * 3, cfg).to_str()
 
 
@@ -58,20 +62,11 @@ def sample_tokenizer_path(tmp_path: Path) -> Path:
     return path
 
 
-@functools.cache
-def _chat_tokenizer_json(vocab_size: int) -> str:
-    from llm.chat import CHAT_TOKENS
-    from llm.config import EOT
-
-    cfg = TokenizerConfig(vocab_size=vocab_size, min_frequency=1, special_tokens=(EOT, *CHAT_TOKENS))
-    return train_tokenizer(SAMPLE_TEXTS * 3, cfg).to_str()
-
-
 @pytest.fixture
 def chat_tokenizer_path(tmp_path: Path) -> Path:
-    """The sample tokenizer with the chat tokens (llm/chat.py) among its special tokens, after <|endoftext|>."""
+    """The sample tokenizer with the chat tokens among its special tokens."""
     path = tmp_path / "chat_tokenizer.json"
-    path.write_text(_chat_tokenizer_json(400))
+    path.write_text(_sample_tokenizer_json(400, chat=True))
     return path
 
 
