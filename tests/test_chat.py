@@ -32,7 +32,7 @@ from llm.config import EOT
 from llm.errors import InputError
 from llm.special_tokens import NEUTRALISER
 from llm.tokenizer import load_tokenizer, tokenizer_from_str
-from tests.conftest import _chat_tokenizer_json
+from tests.conftest import _sample_tokenizer_json
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ CONTENT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12)), 
 @functools.cache
 def cached_chat():
     """(tokenizer, its ChatTokens) for hypothesis, which runs a test many times per fixture."""
-    tokenizer = tokenizer_from_str(_chat_tokenizer_json(400))
+    tokenizer = tokenizer_from_str(_sample_tokenizer_json(400, chat=True))
     return tokenizer, ChatTokens.from_tokenizer(tokenizer, "chat_tokenizer.json")
 
 
