@@ -3,6 +3,7 @@ that is the model's (recomputed here independently), a page that loads whole in 
 a page per chapter, the folder logged to the training's MLflow run."""
 
 import functools
+import html
 import http.server
 import math
 import re
@@ -18,30 +19,63 @@ from PIL import Image
 
 import llm.model
 from llm.attention import probe_ids, read_record
+from llm.chat import ChatTokens, Conversation, Message, encode_conversation, encode_prompt
+from llm.configs.data import DataConfig
+from llm.configs.sft import SFTConfig
+from llm.documents import DocumentShardWriter
 from llm.evaluate import token_byte_lengths
+from llm.generate import generate
 from llm.guide.model_chapters import attention_steps
+from llm.history import read_history_csv
 from llm.model import initial_model
 from llm.model_io import load_model_dir
+from llm.sft import read_tuning_data
 from llm.shards import open_shard, read_meta
+from llm.tasks import MAX_ANSWER_TOKENS
 from tests.conftest import TINY_MODEL, TINY_TRAIN, make_model_dir, only_mlflow_run, read_json, run_stage
+from tests.test_sft import play_text
 
 pytestmark = pytest.mark.slow
 
 CHAPTERS = ["The corpus", "The tokenizer", "Token shards", "The model", "Attention, step by step",
-            "Attention over training", "Training", "Generation", "Your experiments"]
+            "Attention over training", "Training", "Generation", "Instruction tuning", "Your experiments"]
+
+# The tuning of tests/test_sft.py's stage test: seconds on invented plays.
+TINY_SFT = {"train_conversations": 60, "questions_per_task": 3, "shots": 1, "max_steps": 4, "batch_size": 2,
+            "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "log_interval": 2, "checkpoint_interval": 2,
+            "dtype": "float32"}
+
+
+def write_plays(folder: Path) -> Path:
+    """A cleaned corpus (data/clean's format) of invented plays, for the built-in conversations: the tiny
+    project's own corpus has no speeches to ask about."""
+    folder.mkdir()
+    writer = DocumentShardWriter(folder, shard_bytes=1 << 20)
+    for i in range(8):
+        text = play_text(i)
+        writer.add(f"play{i}.txt", f"play{i}.txt", text, len(text.encode()))
+    writer.close()
+    return folder
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, data_project):
-    """A tiny project trained (12 steps, an evaluation every 6), evaluated, and its guide built."""
+    """A tiny project trained (12 steps, an evaluation every 6), evaluated, instruction-tuned (4 steps, on
+    conversations about invented plays, tracked in an experiment of its own) and its guide built. The context is
+    256 tokens, so that the conversations fit."""
     work = tmp_path_factory.mktemp("guide")
     data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "guide"},
-                 model=TINY_MODEL, train=TINY_TRAIN)
-    for command in ("train", "evaluate", "guide"):
+                 model={**TINY_MODEL, "block_size": 256}, train=TINY_TRAIN, sft=TINY_SFT)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    (work / "sft_params.yaml").write_text(yaml.safe_dump({**params, "mlflow": {**params["mlflow"],
+                                                                               "experiment": "guide-sft"}}))
+    plays = write_plays(work / "plays")
+    for command in (("train",), ("evaluate",), ("sft", "--params", "sft_params.yaml", "--clean", plays),
+                    ("guide", "--clean", plays)):
         start = time.monotonic()
-        result = run_stage(work, command, env={"HOME": str(work)})
+        result = run_stage(work, *command, env={"HOME": str(work)})
         assert result.returncode == 0, result.stderr[-3000:]
-        print(f"{command}: {time.monotonic() - start:.1f} s")
+        print(f"{command[0]}: {time.monotonic() - start:.1f} s")
     return work
 
 
@@ -62,7 +96,7 @@ def test_every_chapter_and_figure_is_there(project):
     images = re.findall(r'<img src="([^"]+)"', html)
     expected = {"corpus_files", "token_lengths", "memmap", "weight_std", "attention_qkv", "attention_scores",
                 "attention_output", "attention_heads", "attention_grid", "attention_curves", "training", "next_token",
-                "runs"}
+                "sft_loss", "sft_accuracy", "runs"}
     assert sorted(images) == sorted([*(f"figures/{name}.png" for name in expected), "attention_evolution.gif"])
     for src in images:
         with Image.open(guide / src) as image:
@@ -210,4 +244,99 @@ def test_a_missing_input_is_one_line_and_exit_2_and_nothing_is_written(project, 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: {tmp_path / 'absent.safetensors'}: not found; run the train stage first"
+    assert not (tmp_path / "guide").exists()
+
+
+# --- the instruction-tuning chapter ---------------------------------------------------------------------------
+
+def sft_section(html: str) -> str:
+    start = html.index('<section id="sft">')
+    return html[start:html.index("</section>", start)]
+
+
+def heldout_questions(project: Path) -> tuple:
+    """The tokenizer, its chat tokens and the held-out questions, generated here as the sft stage generates them."""
+    from stages.params import load_params
+
+    cfg = load_params(project / "params.yaml", sft=SFTConfig, data=DataConfig)
+    model, tokenizer = load_model_dir(project / "models/sft")
+    tokens = ChatTokens.from_tokenizer(tokenizer, project / "models/sft/tokenizer.json")
+    data = read_tuning_data(cfg.sft, cfg.data, project / "plays", tokenizer, tokens, model.config.block_size, None)
+    return model, tokenizer, tokens, data.sft_set.questions
+
+
+def percent(value: float | None) -> str:
+    return "not scored" if value is None else f"{100 * value:.1f} %"
+
+
+def test_the_sft_chapter_shows_the_tunings_numbers(project):
+    words = html.unescape(text_of(sft_section(page(project))))
+    metrics = read_json(project / "metrics/sft.json")
+    assert metrics["tasks"], "the tiny tuning scored some task"
+    for task, score in metrics["tasks"].items():
+        row = " ".join([f"{score['n']:,}", *(percent(score[k]) for k in ("chance", "base_accuracy", "sft_accuracy"))])
+        assert re.search(rf"{task} (reading|knowledge|writing|other) {re.escape(row)}", words), task
+    compared = [s for s in metrics["tasks"].values() if s["base_accuracy"] is not None]
+    better = sum(s["sft_accuracy"] > s["base_accuracy"] for s in compared)
+    assert f"beats the base model on {better} of the {len(compared)} tasks" in words
+    history = read_history_csv(project / "plots/sft.csv")
+    base_steps = read_json(project / "metrics/train.json")["steps"]
+    assert f"The tuning ran {metrics['steps']:,} steps after pretraining's {base_steps:,}" in words
+    assert f"from {history[0].train_loss:.3f} to {history[-1].train_loss:.3f} nats per trained token" in words
+
+
+SPAN = re.compile(r'<span class="tok(?: control)?( trained| masked)" style="[^"]*" title="id (\d+)">')
+
+
+def test_the_trained_and_masked_tokens_drawn_are_the_loss_mask(project):
+    spans = SPAN.findall(sft_section(page(project)))
+    ids, trained = [int(i) for _, i in spans], [kind == " trained" for kind, _ in spans]
+    _, tokenizer, tokens, questions = heldout_questions(project)
+    shown = [q for task in questions.values() for q in task
+             if encode_conversation(tokenizer, tokens, Conversation((*q.messages, Message("assistant", q.answer)))).ids
+             == ids]
+    assert shown, "the conversation drawn is a held-out question with its answer"
+    encoded = encode_conversation(tokenizer, tokens, Conversation((*shown[0].messages,
+                                                                   Message("assistant", shown[0].answer))))
+    assert trained == encoded.trained
+    # Trained: the answer's tokens and the <|end|> closing it, nothing before.
+    first = trained.index(True)
+    assert all(trained[first:]) and ids[first - 1] == tokens.assistant
+    assert ids[first:] == [*tokenizer.encode(shown[0].answer, add_special_tokens=False).ids, tokens.end]
+    assert f"{len(ids)} tokens, of which {sum(trained)} green ones are trained" in text_of(sft_section(page(project)))
+
+
+def test_the_sample_conversations_are_the_tuned_models_greedy_answers(project):
+    section = html.unescape(sft_section(page(project)))
+    model, tokenizer, tokens, questions = heldout_questions(project)
+    shown = [task_questions[0] for task_questions in questions.values() if task_questions]
+    assert shown
+    for question in shown:
+        prompt = encode_prompt(tokenizer, tokens, question.messages)
+        budget = min(MAX_ANSWER_TOKENS, model.config.block_size + 1 - len(prompt))
+        written = [t for t in generate(model, prompt, budget, temperature=0.0, eot_id=tokens.end) if t != tokens.end]
+        reply = tokenizer.decode(written, skip_special_tokens=True)
+        assert "user: " + question.messages[-1].content in section
+        assert f"tuned model (greedy): {reply}" in section, question.task
+        assert question.answer in section
+
+
+def test_without_the_sft_outputs_the_chapter_says_how_to_make_them(project, tmp_path):
+    result = run_stage(project, "guide", "--clean", project / "plays", "--sft-metrics", tmp_path / "absent.json",
+                       "--out", tmp_path / "guide", env={"HOME": str(project)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = (tmp_path / "guide/index.html").read_text()
+    words = text_of(sft_section(written))
+    assert f"{tmp_path / 'absent.json'} is not there" in words and "dvc repro sft" in words
+    assert not list((tmp_path / "guide/figures").glob("sft_*")), "no tuning, no tuning figures"
+    titles = re.findall(r'<section id="[^"]+"><h2>\d+\. ([^<]+)</h2>', written)
+    assert [t.replace("&#x27;", "'") for t in titles] == CHAPTERS
+
+
+def test_sft_metrics_without_the_tuned_model_is_one_line_and_exit_2(project, tmp_path):
+    result = run_stage(project, "guide", "--clean", project / "plays", "--sft-model", tmp_path / "absent",
+                       "--out", tmp_path / "guide")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'absent'}: not found; run the sft stage first"
     assert not (tmp_path / "guide").exists()

@@ -11,6 +11,7 @@ from llm.guide.document import Chapter, write_html, write_pdf
 from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
 from llm.guide.model_chapters import attention_chapter, evolution_chapter, model_chapter
 from llm.guide.run_chapters import experiments_chapter, generation_chapter, training_chapter
+from llm.guide.sft_chapter import sft_chapter
 from llm.tracking import Job, run_of_model
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,10 @@ TITLE = "How your language model was made"
 
 
 def chapters(run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
-    """The nine chapters, in the pipeline's order; each writes its figures into `figure_dir`."""
+    """The ten chapters, in the pipeline's order; each writes its figures into `figure_dir`."""
     made = []
     for build in (corpus, tokenizer_chapter, shards_chapter, model_chapter, attention_chapter, evolution_chapter,
-                  training_chapter, generation_chapter):
+                  training_chapter, generation_chapter, sft_chapter):
         start = time.perf_counter()
         made.append(build(run, figure_dir))
         log.info("chapter %d, %s: %.1f s", len(made), made[-1].title, time.perf_counter() - start)

@@ -39,6 +39,14 @@ class Tokens:
 
     spans: list[tuple[str, int]]
     control: frozenset[int] = frozenset()
+    # A conversation's loss mask (llm.chat.EncodedConversation.trained), one per span: each token is coloured as
+    # trained or masked instead of by turns of the palette; None: no mask to show.
+    trained: tuple[bool, ...] | None = None
+
+    def colour(self, index: int) -> str:
+        if self.trained is not None:
+            return TRAINED_COLOUR if self.trained[index] else MASKED_COLOUR
+        return SPAN_COLOURS[index % len(SPAN_COLOURS)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +72,7 @@ def visible(text: str) -> str:
 
 
 SPAN_COLOURS = ["#fde2a7", "#c9e7f5", "#d6f0c8", "#f6cde0", "#e0d7f5", "#f9d3b8"]  # pale, readable under text
+TRAINED_COLOUR, MASKED_COLOUR = "#a8e0a0", "#e4e4e4"  # a loss mask: green where the loss counts, grey where not
 
 CSS = """
 body { font-family: DejaVu Sans, Verdana, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
@@ -111,9 +120,11 @@ def _block_html(block: Block) -> str:
         image = f'<img src="{html.escape(block.file)}" alt="{caption}">'
         return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
     if isinstance(block, Tokens):
+        masks = ["" if block.trained is None else " trained" if trained else " masked"
+                 for trained in (block.trained or [None] * len(block.spans))]
         spans = "".join(
-            f'<span class="tok{" control" if token_id in block.control else ""}" '
-            f'style="background:{SPAN_COLOURS[i % len(SPAN_COLOURS)]}" title="id {token_id}">'
+            f'<span class="tok{" control" if token_id in block.control else ""}{masks[i]}" '
+            f'style="background:{block.colour(i)}" title="id {token_id}">'
             f"{html.escape(visible(text))}<sub>{token_id}</sub></span>"
             for i, (text, token_id) in enumerate(block.spans))
         return f'<p class="tokens">{spans}</p>'
@@ -215,7 +226,7 @@ class _Pdf:
             if pdf.get_y() + 10 > pdf.page_break_trigger:
                 pdf.add_page()
             x, y = pdf.get_x(), pdf.get_y()
-            pdf.set_fill_color(*_hex(SPAN_COLOURS[i % len(SPAN_COLOURS)]))
+            pdf.set_fill_color(*_hex(block.colour(i)))
             pdf.set_draw_color(*((200, 0, 0) if token_id in block.control else (255, 255, 255)))
             pdf.cell(width, 5.5, label, border=1, fill=True, align="C")
             pdf.set_xy(x, y + 5.5)

@@ -112,3 +112,24 @@ def attention_gif(frames: list[tuple[str, np.ndarray]], labels: list[str], path:
         images.append(Image.open(io.BytesIO(buffer.getvalue())).convert("P", palette=Image.Palette.ADAPTIVE))
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=milliseconds, loop=0)
+
+
+def accuracy_bars(tasks: list[str], before: list[float | None], after: list[float], chance: list[float],
+                  path: Path) -> None:
+    """Per task (top to bottom), the accuracy before (None: not scored) and after, and the chance level as a mark
+    across each task's pair of bars."""
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.55 * len(tasks)))
+    rows = np.arange(len(tasks))[::-1]
+    ax.barh(rows + 0.2, [0.0 if b is None else b for b in before], height=0.38, color="#c0c0c0",
+            label="base model (few-shot)")
+    ax.barh(rows - 0.2, after, height=0.38, color="#4c72b0", label="tuned model (zero-shot)")
+    for row, level in zip(rows, chance, strict=True):
+        ax.plot([level, level], [row - 0.45, row + 0.45], color="#c00000", linewidth=2)
+    ax.plot([], [], color="#c00000", linewidth=2, label="chance")
+    ax.set_yticks(rows, tasks, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy on the held-out questions")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -10,10 +10,12 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from llm.attention import AttentionRecord, read_record
+from llm.chat import ChatTokens
 from llm.config import EOT
 from llm.configs.data import DataConfig
 from llm.configs.evaluate import EvaluateConfig
 from llm.configs.mlflow import MlflowConfig
+from llm.configs.sft import SFTConfig
 from llm.configs.tokenizer import TokenizerConfig
 from llm.configs.train import TrainConfig
 from llm.errors import InputError, first_line
@@ -21,6 +23,8 @@ from llm.fileio import read_utf8
 from llm.history import HistoryRow, read_history_csv
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
+from llm.sft import read_tuning_data
+from llm.sft_data import Question
 from llm.shards import TokensMeta, read_meta
 
 
@@ -37,6 +41,10 @@ class GuidePaths:
     eval_metrics: Path  # metrics/eval.json
     samples: Path  # reports/samples.md
     out: Path  # reports/guide, replaced whole
+    clean: Path  # data/clean: the held-out questions of the sft chapter are generated from it, as sft does
+    sft_model: Path  # models/sft
+    sft_metrics: Path  # metrics/sft.json; absent: the sft stage has not run, and its chapter says how to run it
+    sft_plots: Path  # plots/sft.csv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,7 @@ class GuideSettings:
     train: TrainConfig
     evaluate: EvaluateConfig
     mlflow: MlflowConfig
+    sft: SFTConfig
 
 
 @dataclasses.dataclass
@@ -68,6 +77,7 @@ class Run:
     record: AttentionRecord
     record_text: str
     samples: str  # reports/samples.md
+    sft: "SFTRun | None"  # None: the sft stage has not run (no metrics/sft.json)
 
     @property
     def eot_id(self) -> int:
@@ -111,6 +121,17 @@ EVAL_OPTIONAL = {"val_loss": "amount", "val_perplexity": "amount", "val_tokens":
                  "mlflow_run_id": "id"}
 
 
+@dataclasses.dataclass
+class SFTRun:
+    """The instruction tuning, as the sft stage left it, and the held-out questions it was scored on."""
+
+    model: GPT  # models/sft, on the CPU, in eval mode
+    tokens: ChatTokens
+    metrics: dict[str, Any]  # metrics/sft.json; its "tasks" checked by read_sft_metrics
+    history: list[HistoryRow]  # plots/sft.csv
+    questions: dict[str, list[Question]]  # by task, as the sft stage generated them (llm.sft.read_tuning_data)
+
+
 def read_json(path: Path, stage: str, fields: dict[str, str] | None = None,
               optional: dict[str, str] | None = None) -> dict[str, Any]:
     """A stage's JSON object; `fields` (name -> kind) must be there and `optional` ones, if there, of their kind.
@@ -141,6 +162,45 @@ def read_tokenizer_report(path: Path) -> dict[str, Any]:
     return report
 
 
+SFT_FIELDS = {"steps": "count"}
+SFT_TASK_FIELDS = {"n": "count", "chance": "amount", "sft_accuracy": "amount", "scoring": "text"}
+
+
+def read_sft_metrics(path: Path) -> dict[str, Any]:
+    """metrics/sft.json: its training fields, and per task of "tasks" the questions, chance, the accuracies (the
+    base model's may be null: not scored) and how it was scored."""
+    metrics = read_json(path, "sft", SFT_FIELDS)
+    tasks = metrics.get("tasks")
+    if not isinstance(tasks, dict):
+        raise InputError(f"{path}: field 'tasks' is missing or not an object; rerun the sft stage")
+    for task, score in tasks.items():
+        if not isinstance(score, dict):
+            raise InputError(f"{path}: task {task!r} is not an object; rerun the sft stage")
+        scored = {**SFT_TASK_FIELDS, **({"base_accuracy": "amount"} if score.get("base_accuracy") is not None else {})}
+        for name, kind in scored.items():
+            (holds, description) = _KINDS[kind]
+            if not holds(score.get(name)):
+                raise InputError(f"{path}: field {name!r} of task {task!r} is missing or not {description}; rerun "
+                                 "the sft stage")
+    return metrics
+
+
+def load_sft(paths: GuidePaths, settings: GuideSettings) -> SFTRun | None:
+    """The sft stage's outputs and questions; None when it has not run (no metrics/sft.json)."""
+    if not paths.sft_metrics.exists():
+        return None
+    metrics = read_sft_metrics(paths.sft_metrics)
+    for path in (paths.sft_model, paths.sft_plots):
+        if not path.exists():
+            raise InputError(f"{path}: not found; run the sft stage first")
+    model, tokenizer = load_model_dir(paths.sft_model, "cpu")
+    tokens = ChatTokens.from_tokenizer(tokenizer, paths.sft_model / "tokenizer.json")
+    data = read_tuning_data(settings.sft, settings.data, paths.clean, tokenizer, tokens, model.config.block_size,
+                            None)
+    return SFTRun(model=model.eval(), tokens=tokens, metrics=metrics, history=read_history_csv(paths.sft_plots),
+                  questions=data.sft_set.questions)
+
+
 def load_run(paths: GuidePaths, settings: GuideSettings) -> Run:
     if not paths.raw.is_dir():
         raise InputError(f"{paths.raw}: not found; run the fetch stage first")
@@ -163,4 +223,5 @@ def load_run(paths: GuidePaths, settings: GuideSettings) -> Run:
         eval_metrics=read_json(paths.eval_metrics, "evaluate", EVAL_FIELDS, EVAL_OPTIONAL),
         record=record, record_text=record_text,
         samples=read_text(paths.samples, "evaluate"),
+        sft=load_sft(paths, settings),
     )

@@ -1,4 +1,5 @@
-"""Chapters 7-9: training, generation, the experiments of the MLflow experiment."""
+"""Chapters 7, 8 and 10: training, generation, the experiments of the MLflow experiment (9, instruction tuning, is
+in sft_chapter.py)."""
 
 import logging
 import time
@@ -220,7 +221,7 @@ def generation_chapter(run: Run, figure_dir: Path) -> Chapter:
     return Chapter("generation", "Generation", blocks)
 
 
-# --- 9. your experiments -----------------------------------------------------------------------------------
+# --- 10. your experiments -----------------------------------------------------------------------------------
 
 RUNS_SHOWN = 20
 IGNORED_PARAMS = {"git_commit", "data_tokenizer_sha256"}

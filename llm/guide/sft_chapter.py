@@ -1,0 +1,206 @@
+"""Chapter 9: instruction tuning (the sft stage), from the reader's own run: which tokens of a conversation are
+trained, the tuning's loss beside pretraining's, the accuracy of each held-out task before and after, and the tuned
+model's answers to a few held-out questions. Without the sft stage's outputs it says how to make them."""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from llm.chat import CHAT_TOKENS, Conversation, EncodedConversation, Message, encode_conversation, encode_prompt
+from llm.guide import figures
+from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, literal
+from llm.guide.inputs import Run, SFTRun
+from llm.history import HistoryRow
+from llm.sft_data import Question
+from llm.tasks import MAX_ANSWER_TOKENS, GPTAnswerer, answer_question
+from llm.tokenizer import token_text
+
+SLUG, TITLE = "sft", "Instruction tuning"
+
+# What each task of llm/sft_data.py asks, by kind; a task not named here (a newer generator) is shown by name.
+TASKS = {
+    "first_speaker": ("reading", "a passage of consecutive speeches is in the prompt: which character speaks first"),
+    "next_speaker": ("reading", "who speaks right after a named character in the passage"),
+    "who_said": ("reading", "which character of the passage says a quoted line"),
+    "speech_count": ("reading", "how many speeches the passage holds"),
+    "play_of_line": ("knowledge", "which play a well-known line comes from: no passage, so the answer can only "
+                                  "come from what pretraining taught"),
+    "speaker_of_line": ("knowledge", "who speaks a well-known line of a named play, again with no passage"),
+    "verse_in_voice": ("writing", "a few lines of verse in a named character's voice, scored for their format "
+                                  "only (the heading naming the character, then exactly the lines asked for), "
+                                  "never for taste"),
+}
+
+
+def kind(task: str) -> str:
+    return TASKS.get(task, ("other", ""))[0]
+
+
+def answered_conversation(question: Question) -> Conversation:
+    """A held-out question with its right answer, as a training conversation holds one."""
+    return Conversation((*question.messages, Message("assistant", question.answer)))
+
+
+def shown_conversation(sft: SFTRun, tokenizer: Tokenizer) -> EncodedConversation | None:
+    """The shortest held-out question with its answer, encoded as training encodes it (the loss mask shown)."""
+    encoded = [encode_conversation(tokenizer, sft.tokens, answered_conversation(q))
+               for questions in sft.questions.values() for q in questions]
+    return min(encoded, key=lambda e: len(e.ids), default=None)
+
+
+def mask_blocks(run: Run, sft: SFTRun) -> list:
+    tokens = sft.tokens
+    blocks: list = [Text(
+        "Instruction tuning is the same training as pretraining: the same model predicts each next token and pays "
+        "the same cross-entropy loss. Only the text changes: conversations instead of plays, and the loss counts "
+        "only the tokens the model should learn to write, the assistant's answer and the `<|end|>` that closes it. "
+        "The user's question, the role tokens and the leading `<|endoftext|>` are still read as context but are "
+        "masked out of the loss (their target is -1, which the loss ignores), so the model learns to answer "
+        "questions, not to write them.")]
+    shown = shown_conversation(sft, run.tokenizer)
+    if shown is None:
+        return blocks + [Text("The run has no held-out question to show as a conversation.")]
+    trained = sum(shown.trained)
+    ids = ", ".join(f"`{name}` = {run.tokenizer.token_to_id(name)}" for name in CHAT_TOKENS)
+    return blocks + [
+        Text(f"A held-out question with its answer, as the stage encodes it (llm.chat.encode_conversation): "
+             f"{len(shown.ids)} tokens, of which {trained} green ones are trained and {len(shown.ids) - trained} "
+             "grey ones masked; the framed ones are control tokens."),
+        Tokens([(token_text(run.tokenizer, i), i) for i in shown.ids], tokens.control_ids, tuple(shown.trained)),
+        Text(f"The turn boundaries are special tokens ({ids}), reserved in `tokenizer.special_tokens` from the "
+             "start, as `<|endoftext|>` is: the base model's vocabulary already holds them, so it is tuned "
+             "without a new tokenizer or re-tokenized shards. No text can produce them: a `<|user|>` typed in a "
+             "message is encoded as the plain characters it is made of, so no message can forge a turn."),
+    ]
+
+
+def loss_blocks(run: Run, sft: SFTRun, figure_dir: Path) -> list:
+    base, tuned = run.history, sft.history
+    offset = base[-1].step
+
+    def lines(history: list[HistoryRow], name: str, shift: int, colour: str) -> list:
+        val = [r for r in history if r.val_loss is not None]
+        return [(f"{name}: train", [r.step + shift for r in history], [r.train_loss for r in history], f"{colour}-"),
+                (f"{name}: val", [r.step + shift for r in val], [r.val_loss for r in val], f"{colour}o--")]
+
+    figures.curves([("loss, pretraining then instruction tuning", "optimizer step", "nats per token",
+                     lines(base, "pretraining", 0, "C0") + lines(tuned, "tuning", offset, "C1"))],
+                   figure_dir / "sft_loss.png", columns=1)
+    cfg = run.settings.sft
+    return [
+        Text(f"The tuning ran {sft.metrics['steps']:,} steps after pretraining's {offset:,}, starting from the "
+             f"pretrained weights, at peak lr {cfg.lr} ({cfg.optimizer}) with {cfg.batch_size} rows of "
+             f"{run.model.config.block_size} tokens per step, each row packed with whole conversations. Its train "
+             f"loss went from {tuned[0].train_loss:.3f} to {tuned[-1].train_loss:.3f} nats per trained token; "
+             "its val loss is the loss of the held-out questions' right answers. Pretraining's loss counts every "
+             "token of the text and the tuning's only the answers', so the two curves measure different text."),
+        Figure("figures/sft_loss.png", "Loss against optimizer steps: pretraining (plots/train.csv), then the "
+                                       "instruction tuning that continued from its weights (plots/sft.csv)."),
+    ]
+
+
+def percent(value: float | None) -> str:
+    return "not scored" if value is None else f"{100 * value:.1f} %"
+
+
+def accuracy_blocks(run: Run, sft: SFTRun, figure_dir: Path) -> list:
+    tasks, shots = sft.metrics["tasks"], run.settings.sft.shots
+    names = list(tasks)
+    source = run.settings.sft.source
+    blocks: list = [Text(
+        "Each task was asked of held-out plays only (`sft.heldout_fraction` of the plays, by a hash of their id, "
+        "seeded by `sft.seed`): no built-in training conversation is about a play a question comes from"
+        + ("" if source == "builtin" else f" (this run tuned on `{literal(source)}` instead of the built-in set)")
+        + ". What each asks:")]
+    blocks += [Text(f"`{task}` ({kind(task)}): {TASKS[task][1]}.") for task in names if task in TASKS]
+    blocks.append(Text(
+        "A question with candidates is scored by choice: each candidate answer is put after the prompt and the "
+        "model's choice is the one it gives the highest probability (the summed log-likelihood of its tokens and "
+        "`<|end|>`), so chance is one over the number of candidates. The writing task is scored on the greedy "
+        f"answer's format, where chance is 0. The base model sees {shots} solved example{'' if shots == 1 else 's'} "
+        "of the task before each question (few-shot), since it has never seen a conversation; the tuned model sees "
+        "the question alone."))
+    if not names:
+        return blocks + [Text("No task had held-out questions to score.")]
+    rows = [(task, kind(task), f"{s['n']:,}", percent(s["chance"]), percent(s.get("base_accuracy")),
+             percent(s["sft_accuracy"]), s["scoring"]) for task, s in tasks.items()]
+    figures.accuracy_bars(names, [tasks[t].get("base_accuracy") for t in names],
+                          [tasks[t]["sft_accuracy"] for t in names], [tasks[t]["chance"] for t in names],
+                          figure_dir / "sft_accuracy.png")
+    return blocks + [
+        Table(("task", "kind", "questions", "chance", "base model", "tuned model", "scoring"), rows),
+        Figure("figures/sft_accuracy.png", "Accuracy on the held-out questions per task (metrics/sft.json): the "
+                                           "base model few-shot, the tuned model zero-shot; the red mark is "
+                                           "chance."),
+        Text(verdict(tasks)),
+    ]
+
+
+def verdict(tasks: dict) -> str:
+    """What the run's accuracy table says, in words."""
+    compared = {t: s for t, s in tasks.items() if s.get("base_accuracy") is not None}
+    better = [t for t, s in compared.items() if s["sft_accuracy"] > s["base_accuracy"]]
+    not_better = [t for t in compared if t not in better]
+    above = [t for t, s in tasks.items() if s["sft_accuracy"] > s["chance"]]
+    gains = [s["sft_accuracy"] - s["base_accuracy"] for s in compared.values()]
+    said = (f"The tuned model beats the base model on {len(better)} of the {len(compared)} tasks scored for both"
+            + (f", by {100 * sum(gains) / len(gains):+.1f} points on average" if gains else ""))
+    if not_better:
+        said += f"; it does not on {', '.join(f'`{t}`' for t in not_better)}"
+    said += f". It is above chance on {len(above)} of {len(tasks)} tasks."
+    best = max(tasks, key=lambda t: tasks[t]["sft_accuracy"] - tasks[t]["chance"])
+    return said + (f" Its best task against chance is `{best}`: {percent(tasks[best]['sft_accuracy'])} where "
+                   f"guessing gets {percent(tasks[best]['chance'])}.")
+
+
+def greedy_reply(answerer: GPTAnswerer, tokenizer: Tokenizer, sft: SFTRun, question: Question) -> str | None:
+    """What the tuned model writes after the question, greedily, up to its <|end|>; None when it does not fit."""
+    prompt = encode_prompt(tokenizer, sft.tokens, question.messages)
+    budget = min(MAX_ANSWER_TOKENS, answerer.block_size + 1 - len(prompt))
+    if budget < 1:
+        return None
+    ids = answerer.greedy(prompt, budget, sft.tokens.end, lambda generated: False)
+    return tokenizer.decode([i for i in ids if i != sft.tokens.end], skip_special_tokens=True)
+
+
+def sample_blocks(run: Run, sft: SFTRun) -> list:
+    answerer = GPTAnswerer(sft.model)
+    blocks: list = [Text(
+        "The first held-out question of each task with the tuned model's answer: what it writes greedily "
+        "(temperature 0) until it closes its turn, and, for a question with candidates, the candidate it scores "
+        "highest (what the table counts). `python -m stages chat` talks to the same model.")]
+    shown = [(task, questions[0]) for task, questions in sft.questions.items() if questions]
+    for task, question in shown:
+        answered = answer_question(answerer, run.tokenizer, sft.tokens, question)
+        written = greedy_reply(answerer, run.tokenizer, sft, question)
+        if answered is None or written is None:
+            continue
+        verdict_word = "right" if answered.correct else "wrong"
+        lines = [f"tuned model (greedy): {written}"]
+        if question.candidates is not None:
+            lines.append(f"its choice among {', '.join(question.candidates)}: {answered.reply} ({verdict_word})")
+        else:
+            lines.append(f"format: {'passes' if answered.correct else 'fails'}")
+        lines.append(f"{'right answer' if question.candidates is not None else 'an answer of the right format'}:"
+                     f" {question.answer}")
+        blocks += [Text(f"`{task}` ({kind(task)})"), Pre("user: " + question.messages[-1].content),
+                   Pre("\n".join(lines))]
+    return blocks
+
+
+def absent_blocks(run: Run) -> list:
+    return [Text(
+        f"Instruction tuning trains the base model further on conversations, the loss on the assistant's answers "
+        f"only, so that it answers questions instead of continuing text. This run has not been tuned yet: "
+        f"`{literal(str(run.paths.sft_metrics))}` is not there. `dvc repro sft` (or `python -m stages sft`) tunes "
+        f"`{literal(str(run.paths.model))}` into `{literal(str(run.paths.sft_model))}` and scores the held-out tasks "
+        "before and after, in a few minutes on a CPU; `dvc repro guide` then rebuilds this guide with this chapter "
+        "filled in.")]
+
+
+def sft_chapter(run: Run, figure_dir: Path) -> Chapter:
+    sft = run.sft
+    if sft is None:
+        return Chapter(SLUG, TITLE, absent_blocks(run))
+    return Chapter(SLUG, TITLE, [*mask_blocks(run, sft), *loss_blocks(run, sft, figure_dir),
+                                 *accuracy_blocks(run, sft, figure_dir), *sample_blocks(run, sft)])
