@@ -28,7 +28,7 @@ from llm.configs.mlflow import MlflowConfig
 from llm.configs.sft import SFTConfig
 from llm.distributed import Runtime, default_device
 from llm.documents import iter_documents
-from llm.errors import InputError, Interrupted
+from llm.errors import ConfigError, InputError, Interrupted
 from llm.fileio import sha256_file, write_json_atomic
 from llm.history import HistoryRow, write_history_csv
 from llm.model import GPT, IGNORE, GPTConfig, tied_aliases
@@ -109,6 +109,11 @@ def tuning_data(cfg: SFTConfig, documents: list[tuple[str, str]], tokenizer: Tok
     `conversations_dir` holds the fetched JSONL of another sft.source), encoded and cut to the context."""
     fits = llm.sft_data.fits_context(tokenizer, tokens, block_size)
     sft_set = build_sft_set(documents, cfg, fits=fits, pretrained=pretrained)
+    if conversations_dir is None and not sft_set.train:
+        raise ConfigError("sft.source", "the built-in conversations are made from plays (speeches: a 'NAME.' line, "
+                          "then the lines spoken), and data/clean holds none; point sft.source at your own "
+                          "conversations (.jsonl), or stop at `dvc repro evaluate` and build the guide with "
+                          "`python -m stages guide`")
     dropped: Counter = Counter()
     files: list[Path] = []
     conversations: list[Conversation] = sft_set.train
@@ -120,6 +125,8 @@ def tuning_data(cfg: SFTConfig, documents: list[tuple[str, str]], tokenizer: Tok
     answered = [Conversation((*q.messages, llm.chat.Message("assistant", q.answer)))
                 for questions in sft_set.questions.values() for q in questions]
     val, _ = encode_conversations(tokenizer, tokens, answered, block_size)
+    if not val:  # no held-out questions (a corpus without plays): every 20th conversation is the val set instead
+        train, val = [c for i, c in enumerate(train) if i % 20], train[::20]
     return TuningData(sft_set, train, val, dict(sorted(dropped.items())), [str(f) for f in files])
 
 

@@ -375,8 +375,8 @@ def _draw(task: str, plays: list[_PlayTasks], titles: list[str], cfg: SFTConfig,
 
 
 def load_plays(documents: Iterable[tuple[str, str]], cfg: SFTConfig) -> tuple[list[Play], list[Play], Counter]:
-    """(training plays, held-out plays, counts) of (id, text) documents; an empty side is a ConfigError naming
-    sft.heldout_fraction."""
+    """(training plays, held-out plays, counts) of (id, text) documents: both empty when no document is a play (the
+    caller decides what that means); one side empty is a ConfigError naming sft.heldout_fraction."""
     train, heldout, counts = [], [], Counter()
     for doc_id, text in documents:
         play = parse_play(doc_id, text)
@@ -385,7 +385,7 @@ def load_plays(documents: Iterable[tuple[str, str]], cfg: SFTConfig) -> tuple[li
             continue
         (heldout if is_heldout(doc_id, cfg) else train).append(play)
     counts["train_plays"], counts["heldout_plays"] = len(train), len(heldout)
-    if not train or not heldout:
+    if (train or heldout) and not (train and heldout):
         side = "held-out" if not heldout else "training"
         raise ConfigError("sft.heldout_fraction", f"no {side} plays ({len(train) + len(heldout)} plays in all); "
                           "change sft.heldout_fraction or sft.seed, or add plays")
@@ -407,6 +407,8 @@ def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
     (not in data's val split): knowledge questions are asked only of held-out plays it did, as only those can
     be answered from pretraining. A pure function of its arguments."""
     train_plays, heldout_plays, counts = load_plays(documents, cfg)
+    if not train_plays:  # no document is a play: nothing to make conversations or questions from
+        return SFTSet([], {task: [] for task in TASKS}, {task: [] for task in TASKS}, dict(sorted(counts.items())))
     titles = sorted({play.title for play in train_plays + heldout_plays})
     corpus_lines = line_counts(train_plays + heldout_plays)
     train_tasks = [_PlayTasks(play, corpus_lines) for play in train_plays]

@@ -22,7 +22,8 @@ from llm.train import Trainer, TrainingData
 from tests.conftest import make_model_dir
 
 NAMES = ["HAMLET", "OPHELIA", "POLONIUS", "LAERTES", "HORATIO", "GERTRUDE", "CLAUDIUS", "OSRIC"]
-WORDS = "the king my lord sweet night day love death heaven grief honour sword crown ghost father".split()
+WORDS = ["the", "king", "my", "lord", "sweet", "night", "day", "love", "death", "heaven", "grief", "honour",
+         "sword", "crown", "ghost", "father"]
 
 
 def play_text(index: int) -> str:
@@ -132,3 +133,48 @@ def test_the_sft_run_writes_a_model_metrics_and_a_loss_table(chat_tokenizer_path
     tuned, tokenizer = load_model_dir(paths.out)
     assert tuned.config == load_model_dir(base_dir)[0].config
     assert paths.plots.read_text().splitlines()[0].startswith("step,")
+
+
+def prose_corpus(folder: Path) -> Path:
+    """A cleaned corpus with no play in it (a user's own prose)."""
+    folder.mkdir()
+    writer = DocumentShardWriter(folder, shard_bytes=1 << 20)
+    for i in range(6):
+        text = f"Chapter {i}. " + "It was a bright cold day in April, and the clocks were striking. " * 20
+        writer.add(f"doc{i}.txt", f"doc{i}.txt", text, len(text.encode()))
+    writer.close()
+    return folder
+
+
+TINY = {"max_steps": 2, "batch_size": 2, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "log_interval": 1,
+        "checkpoint_interval": 2, "dtype": "float32"}
+
+
+def test_the_builtin_set_on_a_corpus_without_plays_says_what_to_do(chat_tokenizer_path, tmp_path):
+    from llm.errors import ConfigError
+
+    base_dir = make_model_dir(tmp_path / "base", chat_tokenizer_path, arch="modern", block_size=128)
+    paths = SFTPaths(base_dir, prose_corpus(tmp_path / "clean"), None, tmp_path / "ckpt", tmp_path / "sft",
+                     tmp_path / "sft.json", tmp_path / "sft.csv")
+    with pytest.raises(ConfigError, match=r"sft\.source: the built-in conversations are made from plays"):
+        run_sft(SFTConfig(**TINY), DataConfig(val_fraction=0.25), MlflowConfig(tracking_uri="http://127.0.0.1:9"),
+                paths, {})
+    assert not paths.out.exists() and not paths.metrics.exists()
+
+
+def test_own_conversations_on_a_corpus_without_plays_are_tuned_on_with_a_val_slice_and_no_tasks(
+        chat_tokenizer_path, tmp_path):
+    base_dir = make_model_dir(tmp_path / "base", chat_tokenizer_path, arch="modern", block_size=128)
+    conversations = tmp_path / "sft_data"
+    conversations.mkdir()
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content":
+                                                                                   f"{i}."}]}) for i in range(40)]
+    (conversations / "mine.jsonl").write_text("\n".join([*lines, "not json", '{"messages": []}']) + "\n")
+    paths = SFTPaths(base_dir, prose_corpus(tmp_path / "clean"), conversations, tmp_path / "ckpt", tmp_path / "sft",
+                     tmp_path / "sft.json", tmp_path / "sft.csv")
+    metrics = run_sft(SFTConfig(source="mine", **TINY), DataConfig(val_fraction=0.25),
+                      MlflowConfig(tracking_uri="http://127.0.0.1:9"), paths, {})
+    assert metrics["tasks"] == {} and metrics["steps"] == 2
+    assert metrics["train_conversations"] == 38, "every 20th of the 40 conversations is the val set"
+    assert metrics["dropped"] == {"bad_json": 1, "no_assistant": 1}
+    assert (paths.out / "model.safetensors").is_file()
