@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, read_json
+from tests.test_sft import play_text
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -40,7 +41,7 @@ def repro(repo: Path, *targets: str) -> set[str]:
 
 
 def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", output))
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
 
 
 def edit_params(repo: Path, section: str, key: str, value) -> None:
@@ -63,15 +64,19 @@ def repo(tmp_path, empty_mlflow_db):
     corpus.mkdir()
     for i in range(24):
         (corpus / f"play{i:02d}.txt").write_text(f"Act {i}. " + "What light through yonder window breaks? " * (3 + i))
+    for i in range(8):  # plays, for the sft stage's built-in conversations
+        (corpus / f"drama{i}.txt").write_text(play_text(i))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source=str(corpus), val_fraction=0.25)
     params["clean"]["min_chars"] = 10
     params["tokenizer"].update(vocab_size=300, min_frequency=1)
     params["tokenize"]["num_workers"] = 1
-    params["model"].update(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    params["model"].update(n_layer=1, n_head=2, n_embd=16, block_size=256)  # the context conversations need
     params["train"].update(batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
                            checkpoint_interval=4, dtype="float32")
     params["evaluate"].update(max_new_tokens=8, prompts=["Act 1.", ""])
+    params["sft"].update(train_conversations=40, questions_per_task=2, shots=1, max_steps=2, batch_size=2,
+                         warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=1, checkpoint_interval=2)
     params["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], repo)
@@ -81,9 +86,10 @@ def repo(tmp_path, empty_mlflow_db):
 
 
 def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
-    everything = {"fetch", "clean", "tokenizer", "tokenize", "train", "evaluate", "guide"}
+    everything = {"fetch", "clean", "tokenizer", "tokenize", "train", "evaluate", "fetch-sft", "sft", "guide"}
     assert repro(repo) == everything
-    assert read_json(repo / "metrics/clean.json")["documents_out"] == 24
+    assert read_json(repo / "metrics/clean.json")["documents_out"] == 32
+    assert read_json(repo / "metrics/sft.json")["steps"] == 2
     assert read_json(repo / "metrics/train.json")["steps"] == 4
     assert read_json(repo / "metrics/eval.json")["val_bpb"] > 0
     guide = (repo / "reports/guide/index.html").stat().st_mtime_ns
