@@ -4,8 +4,9 @@ this module imports mlflow.
 No state of the tracker (down, locked, corrupt, slow) stops a stage, stalls it for long or changes its outputs. Every
 stage logs through a TrackedRun, which keeps what the tracker did not take, retries it, and at the end says in one line
 what could not be logged; every MLflow call runs on a TrackerThread, which a stage waits for only to find or open its
-run and at its end, and then at most TRACKER_WAIT_S for an answer."""
+run (at most TRACKER_WAIT_S) and at its end (at most FINISH_WAIT_S, longer only while an artifact uploads)."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -26,13 +27,15 @@ log = logging.getLogger(__name__)
 # In a trained model's folder: which run trained it, so evaluation adds to that run.
 MODEL_RUN_FILE = "mlflow_run.json"
 
-# The longest a stage waits for one answer from the tracker: when it looks up or opens its run, and when it hands
-# over what is left at the end. MLflow's own waits are longer (20 s on a locked SQLite database, per call), and a
-# server may never answer; every MLflow call runs on a TrackerThread, so no other wait reaches a stage. 30 s: a new
-# SQLite database's migrations (the first run of a project) took over 10 s on a busy 2-core machine.
+# The longest a stage waits for the tracker, in all, when it looks up or opens its run; and at its end, when it hands
+# over what is left (a last batch of metrics, the run's end: a few statements). MLflow's own waits add up to more
+# (20 s per call on a locked SQLite database), and a server may never answer; every MLflow call runs on a
+# TrackerThread, so no other wait reaches a stage. 30 s to open: a new SQLite database's migrations (the first run
+# of a project) took over 10 s on a busy 2-core machine.
 TRACKER_WAIT_S = 30.0
-# An artifact upload may take longer than one answer: a large model to a remote server. A server that stops
-# answering during one is cut sooner, by MLflow's HTTP timeout (TRACKER_WAIT_S without a byte).
+FINISH_WAIT_S = 10.0
+# An artifact upload may take longer: a large model to a remote server. A server that stops answering during one
+# is cut sooner, by MLflow's HTTP timeout (TRACKER_WAIT_S without a byte).
 UPLOAD_WAIT_S = 600.0
 # What a stage keeps for a tracker that does not take it: beyond this, metric values are dropped (and counted).
 MAX_PENDING_METRICS = 100_000
@@ -124,27 +127,28 @@ def _import_mlflow():
 
 class TrackerThread:
     """The one thread on which a stage talks to MLflow. A daemon, so a tracker that never answers never keeps the
-    process; the stage hands it calls and waits for an answer at most TRACKER_WAIT_S (`call`), or not at all
-    (`submit`). MLflow's run-local state (the active run, its system metrics monitor) lives on this thread."""
+    process; the stage hands it calls and waits for them at most TRACKER_WAIT_S in all (`call`, `wait`: longer
+    only while an artifact uploads), or not at all (`submit`). MLflow's run-local state (the active run, its system
+    metrics monitor) lives on this thread."""
 
     def __init__(self) -> None:
         self.tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.due = time.monotonic()  # when the answer the thread waits for is due (the stage gives up after it)
-        self.idle = True  # waiting for a task: nothing of the tracker's to wait for
+        self.upload_due = 0.0  # while an artifact uploads: when the stage stops waiting for it
         self.thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self.thread.start()
 
     def _work(self) -> None:
         while (task := self.tasks.get()) is not None:
-            self.expect(TRACKER_WAIT_S)
-            self.idle = False
             task()
-            self.idle = True
 
-    def expect(self, seconds: float) -> None:
-        """The tracker's next answer is due within `seconds` (after each answer, with a result or an error,
-        TRACKER_WAIT_S: the stage's wait for it starts again)."""
-        self.due = time.monotonic() + seconds
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[None]:
+        """Around an artifact upload, which may take longer than TRACKER_WAIT_S: a large model to a remote server."""
+        self.upload_due = time.monotonic() + UPLOAD_WAIT_S
+        try:
+            yield
+        finally:
+            self.upload_due = 0.0
 
     def submit(self, task: Callable[[], None]) -> threading.Event:
         """Run `task` (which must not raise) on the thread; the event is set once it has run."""
@@ -161,7 +165,7 @@ class TrackerThread:
 
     def call(self, fn: Callable[[], T]) -> T:
         """fn's result, computed on the thread; what it raises; or TimeoutError when the tracker has not answered
-        when it is due (fn goes on running, and its result is dropped)."""
+        within TRACKER_WAIT_S (fn goes on running, and its result is dropped)."""
         box: dict[str, Any] = {}
 
         def task() -> None:
@@ -176,10 +180,13 @@ class TrackerThread:
             raise box["error"]
         return box["value"]
 
-    def wait(self, done: threading.Event) -> bool:
-        """Wait for `done` while the tracker keeps answering: False once an answer is overdue (`expect`)."""
+    def wait(self, done: threading.Event, seconds: float | None = None) -> bool:
+        """Wait for `done`, at most `seconds` (TRACKER_WAIT_S), longer only while an artifact uploads: False when it
+        is not done. A bound on the whole wait, not on each answer: a locked SQLite database answers each call
+        with an error after MLflow's 20 s, and the calls of a stage's end would add up."""
+        deadline = time.monotonic() + (TRACKER_WAIT_S if seconds is None else seconds)
         while not done.wait(0.05):
-            if not self.idle and time.monotonic() > self.due:
+            if time.monotonic() > max(deadline, self.upload_due):
                 return False
         return True
 
@@ -260,17 +267,14 @@ class Backlog:
         try:
             while batch := self._next(lambda: self.metrics[:1000]):
                 self.client.log_batch(self.run_id, metrics=batch)
-                self.thread.expect(TRACKER_WAIT_S)
                 with self.lock:
                     del self.metrics[:len(batch)]
             while artifact := self._next(lambda: self.artifacts[0] if self.artifacts else None):
-                self.thread.expect(UPLOAD_WAIT_S)
-                send_artifact(self.client, self.run_id, *artifact)
-                self.thread.expect(TRACKER_WAIT_S)
+                with self.thread.upload():
+                    send_artifact(self.client, self.run_id, *artifact)
                 with self.lock:
                     self.artifacts.pop(0)
         except Exception as err:  # connection refused, timeouts, server errors, a locked database: all mean "later"
-            self.thread.expect(TRACKER_WAIT_S)
             self.note_failure(err)
             return False
         if self.abandoned:
@@ -296,8 +300,8 @@ class Backlog:
 
     def close(self, status: str, end: Callable[[str], None] | None = None) -> bool:
         """From the stage: a last try at what is pending and at ending the run with `status` (`end`), on the thread;
-        waited for while the tracker answers (at most TRACKER_WAIT_S for an answer, UPLOAD_WAIT_S for an upload).
-        Then one line for whatever was not logged. True when everything was."""
+        waited for at most FINISH_WAIT_S (TrackerThread.wait). Then one line for whatever was not logged. True when
+        everything was."""
         if end is not None:
             self.end_status = status
 
@@ -310,14 +314,13 @@ class Backlog:
                 self.end_status = None
             except Exception as err:
                 self.note_failure(err)
-            self.thread.expect(TRACKER_WAIT_S)
 
         done = self.thread.submit(last_try)
         self.thread.close()
-        if not self.thread.wait(done):
+        if not self.thread.wait(done, FINISH_WAIT_S):
             with self.lock:
                 self.abandoned = True
-                self.last_error = f"no answer in {TRACKER_WAIT_S:g} s"
+                self.last_error = self.last_error or f"no answer in {FINISH_WAIT_S:g} s"
         if not self.pending:
             return True
         self.report(status)

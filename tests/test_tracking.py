@@ -172,11 +172,13 @@ def test_a_run_that_cannot_be_looked_up_gives_an_untracked_stage(project, caplog
 
 @pytest.fixture
 def quick_tracker(monkeypatch):
-    """The stage waits a second, not TRACKER_WAIT_S, for a tracker that does not answer (MLflow itself waits 20 s
-    per call on a locked SQLite database): what is tested is that the wait is bounded, not its length."""
+    """The stage waits a second, not TRACKER_WAIT_S or FINISH_WAIT_S, for a tracker that does not answer (MLflow
+    itself waits 20 s per call on a locked SQLite database): what is tested is that the wait is bounded, not its
+    length."""
     import llm.tracking
 
-    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+    for wait in ("TRACKER_WAIT_S", "FINISH_WAIT_S"):
+        monkeypatch.setattr(llm.tracking, wait, 1.0)
 
 
 @contextlib.contextmanager
@@ -210,8 +212,9 @@ def same_outputs(a: tuple[Path, Path], b: tuple[Path, Path]) -> None:
 def test_a_locked_database_neither_stops_nor_stalls_evaluate_nor_changes_its_outputs(project, monkeypatch,
                                                                                     quick_tracker, when):
     """A lock held by another process (a `dvc exp run` beside this one, the MLflow UI writing) for as long as the
-    stage runs: the stage waits at most TRACKER_WAIT_S for the tracker, once, writes the outputs an untracked
-    evaluation writes, and says in one warning and one line at the end what was not logged."""
+    stage runs: the stage waits for the tracker once, at most TRACKER_WAIT_S (to find its run) or FINISH_WAIT_S (at
+    its end), writes the outputs an untracked evaluation writes, and says in one warning and one line at the end
+    what was not logged."""
     import llm.evaluate
 
     untracked = write_params(project["root"] / "untracked.yaml",
@@ -290,7 +293,7 @@ class HangingTracker:
 
 def test_logging_never_waits_for_the_tracker_and_the_end_waits_a_bounded_time(quick_tracker, caplog, monkeypatch):
     """What the training loop calls (log_metrics) returns at once whatever the tracker does, so no tracker time
-    is ever counted in tokens/s; the stage's end waits TRACKER_WAIT_S for an answer, not longer; what a tracker
+    is ever counted in tokens/s; the stage's end waits FINISH_WAIT_S, not longer; what a tracker
     that does not answer would be given past MAX_PENDING_METRICS is dropped, and counted."""
     import llm.tracking
 

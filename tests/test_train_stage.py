@@ -170,14 +170,15 @@ def test_a_locked_tracker_neither_stalls_training_nor_changes_its_outputs(workdi
                                                                          empty_mlflow_db, when):
     """An exclusive lock on mlflow.db held by another connection for as long as the training runs (another
     process writing, a `dvc exp run` beside it): MLflow waits 20 s per call on it, yet the training takes no
-    longer than TRACKER_WAIT_S more than it would untracked (every MLflow call is on a thread of its own, which
+    longer than FINISH_WAIT_S more than it would untracked (every MLflow call is on a thread of its own, which
     the loop never waits on), its outputs are those of the tracked training, and the end says what was not
     logged, in one line besides at most one warning, without MLflow's tracebacks."""
     import llm.tracking
     import llm.training_run
     from tests.test_tracking import locked, mlflow_noise
 
-    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+    for wait in ("TRACKER_WAIT_S", "FINISH_WAIT_S"):
+        monkeypatch.setattr(llm.tracking, wait, 1.0)
     db = tmp_path / "mlflow.db"
     shutil.copy(empty_mlflow_db, db)
     params = write_params(tmp_path / "params.yaml", **{**TINY, "mlflow": {"tracking_uri": f"sqlite:///{db}",
@@ -241,7 +242,8 @@ def test_a_locked_or_corrupt_tracker_neither_stops_nor_stalls_the_guide(workdir,
     import llm.tracking
     from tests.test_tracking import locked, mlflow_noise
 
-    monkeypatch.setattr(llm.tracking, "TRACKER_WAIT_S", 1.0, raising=False)
+    for wait in ("TRACKER_WAIT_S", "FINISH_WAIT_S"):
+        monkeypatch.setattr(llm.tracking, wait, 1.0)
     if not (workdir / "metrics/eval.json").is_file():
         assert stage(workdir, "evaluate").returncode == 0
     db = workdir / "mlflow.db"
