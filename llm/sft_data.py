@@ -409,7 +409,11 @@ def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
     train_plays, heldout_plays, counts = load_plays(documents, cfg)
     if not train_plays:  # no document is a play: nothing to make conversations or questions from
         return SFTSet([], {task: [] for task in TASKS}, {task: [] for task in TASKS}, dict(sorted(counts.items())))
-    titles = sorted({play.title for play in train_plays + heldout_plays})
+    # A question's other candidate titles come from its own side of the split: tuning teaches the training plays'
+    # titles as answers and never a held-out one, so held-out questions offered training titles beside the right,
+    # held-out one would measure that prior, not what the model knows.
+    train_titles = sorted({play.title for play in train_plays})
+    heldout_titles = sorted({play.title for play in heldout_plays})
     corpus_lines = line_counts(train_plays + heldout_plays)
     train_tasks = [_PlayTasks(play, corpus_lines) for play in train_plays]
     heldout_tasks = [_PlayTasks(play, corpus_lines) for play in heldout_plays]
@@ -421,7 +425,7 @@ def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
     train, seen = [], set()
     for index in range(cfg.train_conversations):
         task = TASKS[index % len(TASKS)]
-        item = _draw(task, train_tasks, titles, cfg, rng, fits, counts, seen)
+        item = _draw(task, train_tasks, train_titles, cfg, rng, fits, counts, seen)
         if item is None:
             counts[f"not_found.train.{task}"] += 1
             continue
@@ -436,7 +440,7 @@ def build_sft_set(documents: Iterable[tuple[str, str]], cfg: SFTConfig,
         questions[task] = []
         plays = known_tasks if task in KNOWLEDGE_TASKS else heldout_tasks
         for _ in range(cfg.questions_per_task if plays else 0):
-            item = _draw(task, plays, titles, cfg, rng, fits, counts, seen)
+            item = _draw(task, plays, heldout_titles, cfg, rng, fits, counts, seen)
             if item is None:
                 counts[f"not_found.questions.{task}"] += 1
                 break
