@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def conversation_files(source: Path) -> list[Path]:
 
 
 def tuning_data(cfg: SFTConfig, documents: list[tuple[str, str]], tokenizer: Tokenizer, tokens: ChatTokens,
-                block_size: int, pretrained: Any, conversations_dir: Path | None) -> TuningData:
+                block_size: int, pretrained: Callable[[str], bool], conversations_dir: Path | None) -> TuningData:
     """The built-in set from the cleaned corpus (its held-out questions always; its training conversations unless
     `conversations_dir` holds the fetched JSONL of another sft.source), encoded and cut to the context."""
     fits = llm.sft_data.fits_context(tokenizer, tokens, block_size)
