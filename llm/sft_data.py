@@ -321,7 +321,9 @@ def _knowledge_item(task: str, tasks: _PlayTasks, titles: list[str], k: int, rng
     speaker, line = rng.choice(tasks.well_known)
     title = tasks.play.title
     if task == "play_of_line":
-        return _Item(_template(task, rng, line=line), title, _choices(title, (), titles, k, rng))
+        choices = _choices(title, (), titles, k, rng)
+        # With one title on its side of the split there is nothing to choose among.
+        return _Item(_template(task, rng, line=line), title, choices) if len(choices) > 1 else None
     return _Item(_template(task, rng, line=line, title=title), speaker,
                  _choices(speaker, tasks.main_speakers, tasks.speaker_pool, k, rng))
 

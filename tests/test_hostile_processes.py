@@ -94,13 +94,19 @@ def started() -> Iterator[list[psutil.Process]]:
             process.kill()
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a shell's foreground job has it. A test process may ignore SIGINT (pytest-xdist's
+    workers do), and an ignored SIGINT is inherited: Python then, rightly, leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(work: Path, stage: str, started: list[psutil.Process], at_work: bool = True) -> subprocess.Popen:
     """The stage in its own session (a signal reaches only the process it is sent to), its stderr to a file
     (stage.err: a pipe would stay open while a worker holds it), once both of its workers are at work on a
     batch (at_work) or as soon as both exist, still starting; every process it started is added to `started`."""
     process = subprocess.Popen([sys.executable, "slow_stages.py", *COMMANDS[stage], "--params", "params.yaml"],
                                cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "stage.err", "w"),  # noqa: SIM115
-                               start_new_session=True, env=stage_env())
+                               start_new_session=True, env=stage_env(), preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while True:
         assert process.poll() is None, f"{stage} exited with {process.returncode}: {stderr(work)}"
