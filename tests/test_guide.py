@@ -22,7 +22,6 @@ from llm.attention import probe_ids, read_record
 from llm.chat import ChatTokens, Conversation, Message, encode_conversation, encode_prompt
 from llm.configs.data import DataConfig
 from llm.configs.sft import SFTConfig
-from llm.documents import DocumentShardWriter
 from llm.evaluate import token_byte_lengths
 from llm.generate import generate
 from llm.guide.model_chapters import attention_steps
@@ -33,7 +32,7 @@ from llm.sft import read_tuning_data
 from llm.shards import open_shard, read_meta
 from llm.tasks import MAX_ANSWER_TOKENS
 from tests.conftest import TINY_MODEL, TINY_TRAIN, make_model_dir, only_mlflow_run, read_json, run_stage
-from tests.test_sft import play_text
+from tests.test_sft import write_plays
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +43,6 @@ CHAPTERS = ["The corpus", "The tokenizer", "Token shards", "The model", "Attenti
 TINY_SFT = {"train_conversations": 60, "questions_per_task": 3, "shots": 1, "max_steps": 4, "batch_size": 2,
             "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "log_interval": 2, "checkpoint_interval": 2,
             "dtype": "float32"}
-
-
-def write_plays(folder: Path) -> Path:
-    """A cleaned corpus (data/clean's format) of invented plays, for the built-in conversations: the tiny
-    project's own corpus has no speeches to ask about."""
-    folder.mkdir()
-    writer = DocumentShardWriter(folder, shard_bytes=1 << 20)
-    for i in range(8):
-        text = play_text(i)
-        writer.add(f"play{i}.txt", f"play{i}.txt", text, len(text.encode()))
-    writer.close()
-    return folder
 
 
 @pytest.fixture(scope="module")

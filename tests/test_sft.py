@@ -37,6 +37,17 @@ def play_text(index: int) -> str:
     return "\n".join(speeches)
 
 
+def write_plays(folder: Path) -> Path:
+    """A cleaned corpus (data/clean's format) of eight invented plays, for the built-in conversations."""
+    folder.mkdir()
+    writer = DocumentShardWriter(folder, shard_bytes=1 << 20)
+    for i in range(8):
+        text = play_text(i)
+        writer.add(f"play{i}.txt", f"play{i}.txt", text, len(text.encode()))
+    writer.close()
+    return folder
+
+
 def conversations(tokenizer, tokens, count: int = 12) -> list:
     rng = np.random.default_rng(0)
     out = []
@@ -109,13 +120,7 @@ def test_tuning_resumed_from_a_checkpoint_equals_an_uninterrupted_tuning(chat, c
 
 def test_the_sft_run_writes_a_model_metrics_and_a_loss_table(chat_tokenizer_path, tmp_path):
     base_dir = make_model_dir(tmp_path / "base", chat_tokenizer_path, arch="modern", block_size=256)
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    writer = DocumentShardWriter(clean, shard_bytes=1 << 20)
-    for i in range(8):
-        text = play_text(i)
-        writer.add(f"play{i}.txt", f"play{i}.txt", text, len(text.encode()))
-    writer.close()
+    clean = write_plays(tmp_path / "clean")
     cfg = SFTConfig(train_conversations=60, questions_per_task=3, shots=1, max_steps=4, batch_size=2,
                     warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2, checkpoint_interval=2,
                     dtype="float32")
