@@ -2,23 +2,13 @@
 (llm/chat.py), trimmed from the oldest turn to fit the context, and each answer sampled token by token (with the
 KV cache of llm/generate.py) until the model closes its turn."""
 
-import dataclasses
 from collections.abc import Iterator
 
 from tokenizers import Tokenizer
 
 from llm.chat import ChatTokens, Message, encode_prompt
-from llm.generate import generate, stream_text
+from llm.generate import Sampling, generate, stream_text
 from llm.model import GPT
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int  # the longest answer, in tokens
-    temperature: float  # 0 is greedy
-    top_k: int  # 0 turns it off
-    top_p: float  # 1.0 turns it off
-    seed: int | None  # answer i of the session samples with seed + i; None: a random one
 
 
 class ChatSession:

@@ -6,6 +6,7 @@ costs one prefill per block_size / 2 tokens. Without the cache every step reruns
 the two agree token for token as long as prompt and continuation fit the window.
 """
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -14,6 +15,17 @@ from tokenizers.decoders import DecodeStream
 
 from llm.configs.evaluate import check_sampling
 from llm.model import GPT
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to sample a continuation: generate's and chat's flags, checked as their params are."""
+
+    max_new_tokens: int  # the longest continuation, in tokens
+    temperature: float  # 0 is greedy
+    top_k: int  # 0 turns it off
+    top_p: float  # 1.0 turns it off
+    seed: int | None  # the same seed, the same text (chat: answer i samples with seed + i); None: a random one
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, eot_id: int) -> list[int]:

@@ -184,14 +184,18 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
     data = read_tuning_data(cfg, data_cfg, paths.clean, tokenizer, tokens, block_size, paths.conversations)
     log.info("sft: %d training conversations (%s dropped), %d held-out questions", len(data.train),
              sum(data.dropped.values()), len(data.val))
-    with StopSignals() as stop:
-        runtime = Runtime(device=default_device())
+    runtime = Runtime(device=default_device())
+    with StopSignals() as stop:  # only around the tuning: a signal while scoring stops the stage at once
         result, run = tune(base, cfg, data, tokens.eot, paths, mlflow_cfg, params, runtime, stop)
-        tuned = GPT(base.config)
-        tuned.load_state_dict({**result.weights, **{a: result.weights[n] for a, n in tied_aliases(tuned).items()}})
+    tuned = GPT(base.config)
+    tuned.load_state_dict({**result.weights, **{a: result.weights[n] for a, n in tied_aliases(tuned).items()}})
+    try:
         base_scores = score_tasks(base.to(runtime.device), tokenizer, tokens, data.sft_set.questions,
                                   data.sft_set.shots)
         tuned_scores = score_tasks(tuned.to(runtime.device).eval(), tokenizer, tokens, data.sft_set.questions)
+    except BaseException as err:  # the tuning is checkpointed whole: a rerun resumes it and scores again
+        run.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     metrics = {"tasks": score_table(base_scores, tuned_scores), **result.metrics,
                "train_conversations": len(data.train), "dropped": data.dropped, "counts": data.sft_set.counts,
                "base_model": str(paths.base), "mlflow_run_id": run.run_id}

@@ -11,7 +11,7 @@ from stages.cli import stage
 from stages.params import load_params
 
 if TYPE_CHECKING:
-    from llm.chatbot import Sampling
+    from llm.generate import Sampling
 
 
 def sampling_defaults(params: Path | None) -> EvaluateConfig:
@@ -32,7 +32,7 @@ def resolve_sampling(params: Path | None, max_new_tokens: int | None, temperatur
                      top_p: float | None, seed: int | None) -> "Sampling":
     """The sampling flags of generate and chat, each checked as its param is (an error names the flag), those
     not given from the evaluate section of the params file."""
-    from llm.chatbot import Sampling
+    from llm.generate import Sampling
 
     defaults = sampling_defaults(params)
     sampling = Sampling(max_new_tokens=defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from llm.chat import ChatTokens, Message, encode_prompt
-from llm.chatbot import ChatSession, Sampling
+from llm.chatbot import ChatSession
+from llm.generate import Sampling
 from llm.model_io import load_model_dir
 from tests.conftest import make_model_dir, run_stage
 
