@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -263,3 +264,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow end-to-end files first (a stable sort keeps the order within each group): with one test
     process per core, the longest files start at once and the short ones fill in around them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# The tuning of tests/test_sft.py's stage test: seconds on invented plays.
+TINY_SFT = {"train_conversations": 60, "questions_per_task": 3, "shots": 1, "max_steps": 4, "batch_size": 2,
+            "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "log_interval": 2, "checkpoint_interval": 2,
+            "dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def guide_project(tmp_path_factory, data_project) -> Path:
+    """A tiny project trained (12 steps, an evaluation every 6), evaluated, instruction-tuned (4 steps, on
+    conversations about invented plays, tracked in an experiment of its own) and its guide built. The context is
+    256 tokens, so that the conversations fit."""
+    work = tmp_path_factory.mktemp("guide")
+    data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "guide"},
+                 model={**TINY_MODEL, "block_size": 256}, train=TINY_TRAIN, sft=TINY_SFT)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    (work / "sft_params.yaml").write_text(yaml.safe_dump({**params, "mlflow": {**params["mlflow"],
+                                                                               "experiment": "guide-sft"}}))
+    from tests.test_sft import write_plays  # imported here: tests/test_sft.py imports this module
+
+    plays = write_plays(work / "plays")
+    for command in (("train",), ("evaluate",), ("sft", "--params", "sft_params.yaml", "--clean", plays),
+                    ("guide", "--clean", plays)):
+        start = time.monotonic()
+        result = run_stage(work, *command, env={"HOME": str(work)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        print(f"{command[0]}: {time.monotonic() - start:.1f} s")
+    return work

@@ -8,7 +8,6 @@ import http.server
 import math
 import re
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +30,16 @@ from llm.model_io import load_model_dir
 from llm.sft import read_tuning_data
 from llm.shards import open_shard, read_meta
 from llm.tasks import MAX_ANSWER_TOKENS
-from tests.conftest import TINY_MODEL, TINY_TRAIN, make_model_dir, only_mlflow_run, read_json, run_stage
-from tests.test_sft import write_plays
+from tests.conftest import make_model_dir, only_mlflow_run, read_json, run_stage
 
 pytestmark = pytest.mark.slow
 
 CHAPTERS = ["The corpus", "The tokenizer", "Token shards", "The model", "Attention, step by step",
             "Attention over training", "Training", "Generation", "Instruction tuning", "Your experiments"]
 
-# The tuning of tests/test_sft.py's stage test: seconds on invented plays.
-TINY_SFT = {"train_conversations": 60, "questions_per_task": 3, "shots": 1, "max_steps": 4, "batch_size": 2,
-            "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1, "log_interval": 2, "checkpoint_interval": 2,
-            "dtype": "float32"}
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, data_project):
-    """A tiny project trained (12 steps, an evaluation every 6), evaluated, instruction-tuned (4 steps, on
-    conversations about invented plays, tracked in an experiment of its own) and its guide built. The context is
-    256 tokens, so that the conversations fit."""
-    work = tmp_path_factory.mktemp("guide")
-    data_project(work, mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "guide"},
-                 model={**TINY_MODEL, "block_size": 256}, train=TINY_TRAIN, sft=TINY_SFT)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    (work / "sft_params.yaml").write_text(yaml.safe_dump({**params, "mlflow": {**params["mlflow"],
-                                                                               "experiment": "guide-sft"}}))
-    plays = write_plays(work / "plays")
-    for command in (("train",), ("evaluate",), ("sft", "--params", "sft_params.yaml", "--clean", plays),
-                    ("guide", "--clean", plays)):
-        start = time.monotonic()
-        result = run_stage(work, *command, env={"HOME": str(work)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        print(f"{command[0]}: {time.monotonic() - start:.1f} s")
-    return work
+def project(guide_project: Path) -> Path:
+    return guide_project
 
 
 def page(project: Path) -> str:

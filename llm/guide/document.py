@@ -56,7 +56,28 @@ class Pre:
     text: str
 
 
-Block = Text | Table | Figure | Tokens | Pre
+@dataclasses.dataclass(frozen=True)
+class Aside:
+    """A boxed digression the main text does not depend on (the modern parts of a block, say), titled."""
+
+    title: str
+    paragraphs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exercise:
+    """Something to try on the reader's own pipeline: the exact command, what to look at afterwards and what to
+    expect. `overrides` are the params the command sets (key -> value, as `dvc exp run -S` writes them), so a
+    later build of the guide can find the reader's run of it; `result` is what that run gave, once there is one."""
+
+    command: str
+    look: str
+    expect: str
+    overrides: tuple[tuple[str, str], ...] = ()
+    result: str | None = None
+
+
+Block = Text | Table | Figure | Tokens | Pre | Aside | Exercise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +108,9 @@ pre { background: #f7f7f7; padding: 0.7rem; overflow-x: auto; white-space: pre-w
 .tokens { line-height: 2.6; } .tok { display: inline-block; line-height: 1.4; white-space: pre; padding: 0.15rem 0.1rem;
         margin: 0 1px 0.3rem 0; border-radius: 3px; }
 .tok sub { font-size: 0.6rem; color: #555; margin-left: 0.1rem; } .control { outline: 2px solid #c00; }
+aside { border-left: 4px solid #8fb3d9; background: #f2f7fc; padding: 0.3rem 1rem; margin: 1rem 0; }
+.exercise { border: 1px solid #b7d7a8; background: #f5fbf2; padding: 0.3rem 1rem; margin: 1rem 0; }
+.exercise pre { background: #fff; }
 """
 
 
@@ -128,6 +152,14 @@ def _block_html(block: Block) -> str:
             f"{html.escape(visible(text))}<sub>{token_id}</sub></span>"
             for i, (text, token_id) in enumerate(block.spans))
         return f'<p class="tokens">{spans}</p>'
+    if isinstance(block, Aside):
+        paragraphs = "".join(f"<p>{_inline(text)}</p>" for text in block.paragraphs)
+        return f"<aside><h4>{html.escape(block.title)}</h4>{paragraphs}</aside>"
+    if isinstance(block, Exercise):
+        result = f"<p><strong>Your run:</strong> {_inline(block.result)}</p>" if block.result else ""
+        return (f'<div class="exercise"><h4>Try it</h4><pre>{html.escape(block.command)}</pre>'
+                f"<p><strong>Then look at:</strong> {_inline(block.look)}</p>"
+                f"<p><strong>Expect:</strong> {_inline(block.expect)}</p>{result}</div>")
     return f"<pre>{html.escape(block.text)}</pre>"
 
 
@@ -266,6 +298,17 @@ def write_pdf(path: Path, folder: Path, title: str, subtitle: str, chapters: lis
                 doc.figure(block)
             elif isinstance(block, Tokens):
                 doc.tokens(block)
+            elif isinstance(block, Aside):
+                doc.paragraph(f"Aside: {block.title}", size=9.5)
+                for text in block.paragraphs:
+                    doc.paragraph(text, size=9)
+            elif isinstance(block, Exercise):
+                doc.paragraph("Try it:", size=9.5)
+                doc.pre(Pre(block.command))
+                doc.paragraph(f"Then look at: {block.look}", size=9)
+                doc.paragraph(f"Expect: {block.expect}", size=9)
+                if block.result:
+                    doc.paragraph(f"Your run: {block.result}", size=9)
             else:
                 doc.pre(block)
     with atomic_path(path) as tmp:
