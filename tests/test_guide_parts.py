@@ -5,7 +5,8 @@ import pytest
 
 from llm.guide.data_chapters import memmap_growth, specimen_spans
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
-from llm.guide.model_chapters import activation_shapes, component_table, mean_distance, row_entropy, weight_stds
+from llm.guide.evolution_chapter import mean_distance
+from llm.guide.model_chapters import activation_shapes, component_table, row_entropy, weight_stds
 from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter
 from llm.tokenizer import BYTES, load_tokenizer, token_bytes, token_label, token_text

@@ -2,7 +2,7 @@
 reports/guide/guide.pdf, every number read from what the stages wrote (llm/guide/inputs.py).
 
 Chapters 1-3 (corpus, tokenizer, shards) are in data_chapters.py, 4-6 (model, attention step by step,
-attention over training) in model_chapters.py, 7, 8 and 10 (training, generation, experiments) in
-run_chapters.py, 9 (instruction tuning) in sft_chapter.py; document.py writes them as HTML and PDF,
-figures.py draws their figures.
+attention over training) in model_chapters.py, 7 and 8 (training, generation) in
+run_chapters.py, 9 (instruction tuning) in sft_chapter.py, 10 (experiments) in experiments_chapter.py;
+document.py writes them as HTML and PDF, figures.py draws their figures.
 """
