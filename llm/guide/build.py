@@ -8,9 +8,10 @@ from pathlib import Path
 from llm.fileio import atomic_dir
 from llm.guide.data_chapters import corpus, shards_chapter, tokenizer_chapter
 from llm.guide.document import Chapter, write_html, write_pdf
+from llm.guide.evolution_chapter import evolution_chapter
 from llm.guide.experiments_chapter import experiments_chapter
 from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
-from llm.guide.model_chapters import attention_chapter, evolution_chapter, model_chapter
+from llm.guide.model_chapters import attention_chapter, model_chapter
 from llm.guide.run_chapters import generation_chapter, training_chapter
 from llm.guide.sft_chapter import sft_chapter
 from llm.tracking import Job, run_of_model
