@@ -156,3 +156,15 @@ def load_params(path: Path, **sections: type) -> Params:
     raw = read_params(path)
     return Params({section: from_mapping(sections[section], raw[section], section)
                    for section in SECTIONS if section in sections}, raw)
+
+
+def committed_params(text: str | None) -> dict[str, Any] | None:
+    """A params file as committed (its text: llm.lineage.committed_text), as written, to compare a run's with; None
+    when there is none or it does not read as one: it only names a run, and an odd old commit stops no training."""
+    if text is None:
+        return None
+    try:
+        raw = yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, _Refused, RecursionError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
