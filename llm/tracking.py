@@ -501,6 +501,7 @@ class RunSummary:
     status: str  # RUNNING, FINISHED, FAILED, KILLED
     params: dict[str, str]
     metrics: dict[str, float]  # the last value of each
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)  # the sft stage's runs: stage=sft
 
 
 def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSummary]:
@@ -514,7 +515,8 @@ def newest_runs(tracking_uri: str, experiment: str, limit: int) -> list[RunSumma
         if found is None:
             return []
         runs = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
-        return [RunSummary(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics))
+        return [RunSummary(r.info.run_name, r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.metrics),
+                           dict(r.data.tags))
                 for r in runs]
 
     thread = TrackerThread()
