@@ -1,0 +1,242 @@
+"""Chapter 6, attention over training, on the shared tiny guide project: every head's name and every "sharpens" /
+"spreads out" agrees with the recorded attention (recomputed here, independently of the chapter's code), the
+even-attention line is the entropy of attention spread evenly, the panels are the first, a middle and the last
+recorded step, and the PDF prints the filmstrip, not a frame of the GIF."""
+
+import html
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from llm.attention import read_record
+from llm.guide import evolution_chapter as chapter
+from llm.guide import evolution_figures
+from llm.guide.document import Exercise, Figure, Table
+from llm.guide.inputs import GuidePaths, GuideSettings, load_run
+from tests.test_guide import page, text_of
+
+pytestmark = pytest.mark.slow
+
+NAMES = {"previous-token head", "first-token head", "current-token head", "spreading head", "no single pattern"}
+
+
+@pytest.fixture(scope="module")
+def project(guide_project: Path) -> Path:
+    return guide_project
+
+
+def record_of(project: Path):
+    return read_record(project / "plots/attention.safetensors")[0]
+
+
+def entropy_bits(maps: np.ndarray) -> np.ndarray:
+    """Mean over rows 1..T-1 of -sum w log2 w, per head."""
+    T = maps.shape[-1]
+    out = np.zeros(maps.shape[:2])
+    for layer, head in np.ndindex(*maps.shape[:2]):
+        rows = [maps[layer, head, i, :i + 1] for i in range(1, T)]
+        out[layer, head] = np.mean([-sum(w * math.log2(w) for w in row if w > 0) for row in rows])
+    return out
+
+
+def even_entropy(T: int) -> float:
+    """Row i of even attention spreads over i + 1 tokens: log2(i + 1) bits, averaged over rows 1..T-1."""
+    return sum(math.log2(i + 1) for i in range(1, T)) / (T - 1)
+
+
+def chapter_table(project: Path) -> list[list[str]]:
+    """The rows of chapter 6's table of heads, as the page shows them."""
+    text = page(project)
+    section = text[text.index('<section id="attention-over-training">'):]
+    section = section[:section.index("</section>")]
+    table = section[section.index("<table>"):section.index("</table>")]
+    return [[html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r"<td>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table) if "<td>" in row]
+
+
+def test_every_named_head_does_what_its_name_says_in_the_record(project):
+    record = record_of(project)
+    final = record.maps[-1]
+    T = len(record.ids)
+    rows = np.arange(2, T)
+    even_share = float(np.mean(1 / (rows + 1)))
+    threshold = max(2 * even_share, 0.3)
+    assert f"at least {threshold:.2f} of its weight on the token just before" in text_of(page(project))
+    table = chapter_table(project)
+    n_layer, n_head = final.shape[:2]
+    assert [r[0] for r in table] == [f"L{li} H{h}" for li in range(n_layer) for h in range(n_head)]
+    entropy = entropy_bits(final)
+    for label, name, previous, first, current, *_ in table:
+        layer, head = (int(n) for n in re.findall(r"\d+", label))
+        weights = {"previous-token head": final[layer, head, rows, rows - 1].mean(),
+                   "first-token head": final[layer, head, rows, 0].mean(),
+                   "current-token head": final[layer, head, rows, rows].mean()}
+        assert [previous, first, current] == [f"{w:.2f}" for w in weights.values()], label
+        assert name in NAMES
+        best = max(weights, key=weights.get)
+        if name in weights:
+            assert name == best and weights[name] >= threshold, label
+        else:
+            assert weights[best] < threshold, f"{label} clears the threshold but is not named for it"
+            spreads = entropy[layer, head] >= 0.9 * even_entropy(T)
+            assert (name == "spreading head") == spreads, label
+
+
+def test_the_names_follow_from_the_stated_thresholds():
+    """Made-up heads of known shape get their names; the record of a tiny run may not hold every kind."""
+    T = 10
+    even = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+    previous = np.eye(T, k=-1)
+    previous[0, 0] = 1.0
+    first = np.zeros((T, T))
+    first[:, 0] = 1.0
+    current = np.eye(T)
+    mixed = 0.5 * even + 0.25 * previous + 0.25 * current  # below the threshold everywhere, and not even
+    maps = np.stack([previous, first, current, even, mixed])[None]
+    np.testing.assert_allclose(maps.sum(-1), 1.0)
+    roles = chapter.head_roles(chapter.measures(maps), chapter.even_measures(T))
+    assert [r.name for r in roles] == ["previous-token head", "first-token head", "current-token head",
+                                       "spreading head", None]
+
+
+def test_the_even_attention_line_is_the_entropy_of_even_attention(project, tmp_path, monkeypatch):
+    record = record_of(project)
+    T = len(record.ids)
+    assert f"{even_entropy(T):.2f} bits for these {T} tokens" in text_of(page(project))
+    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    (_, recorded, entropy, even, _), _ = drawn["loss_and_entropy"][0]
+    assert recorded == record.steps
+    assert even == pytest.approx(even_entropy(T), abs=1e-12)
+    np.testing.assert_allclose(np.array([values for _, values in entropy]).T,
+                               np.stack([entropy_bits(m).ravel() for m in record.maps]), atol=1e-5)
+    (_, panels, _), _ = drawn["role_curves"][0]
+    evens = {title: line for title, _, _, line in panels}
+    rows = np.arange(2, T)
+    assert evens["weight on the previous token"] == pytest.approx(np.mean(1 / (rows + 1)))
+    assert evens["mean distance attended"] == pytest.approx(np.mean(np.arange(1, T) / 2))
+
+
+def test_sharpens_and_spreads_out_follow_the_sign_of_the_entropy_change(project):
+    record = record_of(project)
+    before, after = entropy_bits(record.maps[0]), entropy_bits(record.maps[-1])
+    words = html.unescape(text_of(page(project)))
+    table = chapter_table(project)
+    said = {}  # head -> the verb the sentence under the table gives it
+    body = words.split("from the first recorded step to the last: ")[1].split(". A head sharpens")[0]
+    for group in body.split("; "):
+        verb = re.search(r"(sharpens?|spreads? out|barely changes?)$", group).group(1)
+        singular = {"sharpen": "sharpens", "spread out": "spreads out", "barely change": "barely changes"}
+        said |= {label: singular.get(verb, verb) for label in re.findall(r"(L\d+ H\d+) \(", group)}
+    assert sorted(said) == sorted(row[0] for row in table)
+    for label, *_, entropies, word in table:
+        layer, head = (int(n) for n in re.findall(r"\d+", label))
+        assert entropies == f"{before[layer, head]:.2f} -> {after[layer, head]:.2f}", label
+        change = after[layer, head] - before[layer, head]
+        assert word == ("spreads out" if change > 0.05 else "sharpens" if change < -0.05 else "barely changes"), label
+        assert said[label] == word, label
+
+
+def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, tmp_path, monkeypatch):
+    from pypdf import PdfReader
+
+    guide = project / "reports/guide"
+    assert 'src="figures/attention_filmstrip.png"' in page(project)
+    record = record_of(project)
+    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    (frames, _), _ = drawn["filmstrip"][0]
+    assert [title for title, _ in frames] == [f"step {s:,}" for s in record.steps]
+    for (_, maps), recorded in zip(frames, record.maps, strict=True):
+        np.testing.assert_array_equal(maps, recorded)
+    reader = PdfReader(guide / "guide.pdf")
+    starts = {item.title: reader.get_destination_page_number(item) for item in reader.outline}
+    first = next(page for title, page in starts.items() if title.endswith(". Attention over training"))
+    end = min([page for page in starts.values() if page > first] or [len(reader.pages)])
+    sizes = [image.image.size for p in reader.pages[first:end] for image in p.images]
+    with Image.open(guide / "figures/attention_filmstrip.png") as strip, \
+            Image.open(guide / "attention_evolution.gif") as gif:
+        assert strip.size in sizes, "the filmstrip is printed in chapter 6"
+        assert gif.size not in sizes, "no frame of the animation in the PDF"
+
+
+def test_the_panels_are_the_first_a_middle_and_the_last_recorded_step(project, tmp_path, monkeypatch):
+    record = record_of(project)
+    picked = [0, len(record.steps) // 2, len(record.steps) - 1]
+    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    shown = []
+    for (rows, steps, labels, _), _ in drawn["head_panels"]:
+        assert steps == [f"step {record.steps[i]:,}" for i in sorted(set(picked))]
+        assert len(labels) == len(record.ids)
+        for name, maps in rows:
+            layer, head = (int(n) for n in re.findall(r"L(\d+) H(\d+)", name)[0])
+            shown.append((layer, head))
+            for maps_at, i in zip(maps, sorted(set(picked)), strict=True):
+                np.testing.assert_array_equal(maps_at, record.maps[i][layer, head])
+    n_layer, n_head = record.maps[0].shape[:2]
+    assert sorted(shown) == [(li, h) for li in range(n_layer) for h in range(n_head)], "every head of a tiny model"
+    for number in range(1, len(drawn["head_panels"]) + 1):
+        assert f'src="figures/attention_heads_{number}.png"' in page(project)
+
+
+def test_the_exercises_set_real_params_and_count_the_frames_by_the_trainers_rule(project, tmp_path, monkeypatch):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    run = load_project_run(project)
+    assert chapter.recorded_steps(run.settings.train) == record_of(project).steps
+    made = chapter.evolution_chapter(run, figure_dir(tmp_path))
+    exercises = [b for b in made.blocks if isinstance(b, Exercise)]
+    assert 1 <= len(exercises) <= 2
+    for exercise in exercises:
+        assert exercise.command.startswith("dvc exp run -S ")
+        for key, value in exercise.overrides:
+            section, name = key.split(".")
+            assert name in params[section], key
+            assert f"{key}={value}" in exercise.command or f"{key}='{value}'" in exercise.command
+    assert any(isinstance(b, Table) for b in made.blocks)
+    assert {b.file for b in made.blocks if isinstance(b, Figure)} >= {"figures/attention_filmstrip.png",
+                                                                       "figures/attention_curves.png",
+                                                                       "figures/attention_roles.png"}
+
+
+# --- the chapter rebuilt here, its figure functions watched -------------------------------------------------
+
+def load_project_run(project: Path):
+    from llm.configs.data import DataConfig
+    from llm.configs.evaluate import EvaluateConfig
+    from llm.configs.mlflow import MlflowConfig
+    from llm.configs.sft import SFTConfig
+    from llm.configs.tokenizer import TokenizerConfig
+    from llm.configs.train import TrainConfig
+    from stages.params import load_params
+
+    cfg = load_params(project / "params.yaml", data=DataConfig, tokenizer=TokenizerConfig, train=TrainConfig,
+                      evaluate=EvaluateConfig, mlflow=MlflowConfig, sft=SFTConfig)
+    p = project
+    paths = GuidePaths(p / "data/raw", p / "metrics/clean.json", p / "metrics/tokenizer.json", p / "data/tokens",
+                       p / "models/final", p / "metrics/train.json", p / "plots/train.csv",
+                       p / "plots/attention.safetensors", p / "metrics/eval.json", p / "reports/samples.md",
+                       p / "unused", p / "data/clean", p / "models/sft", p / "no-sft.json", p / "plots/sft.csv")
+    return load_run(paths, GuideSettings(cfg.data, cfg.tokenizer, cfg.train, cfg.evaluate, cfg.mlflow, cfg.sft))
+
+
+def figure_dir(tmp_path: Path) -> Path:
+    (tmp_path / "figures").mkdir(exist_ok=True)
+    return tmp_path / "figures"
+
+
+def drawn_figures(project: Path, tmp_path: Path, monkeypatch) -> dict[str, list]:
+    """Chapter 6 built again into tmp_path, with the arguments each of its figure functions was called with."""
+    calls: dict[str, list] = {}
+    for name in ("filmstrip", "loss_and_entropy", "role_curves", "head_panels"):
+        original = getattr(evolution_figures, name)
+
+        def watching(*args, _name=name, _original=original, **kwargs):
+            calls.setdefault(_name, []).append((args, kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(evolution_figures, name, watching)
+    chapter.evolution_chapter(load_project_run(project), figure_dir(tmp_path))
+    return calls
