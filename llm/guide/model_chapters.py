@@ -286,6 +286,9 @@ def model_exercises(model: GPT) -> list[Exercise]:
 
 
 def model_chapter(run: Run, figure_dir: Path) -> Chapter:
+    """Chapter 4: each part of the model in a sentence, its block diagram, the newer parts aside, where the
+    parameters and FLOPs go, the weights at init and after, two exercises. Long because it is the chapter's prose
+    in reading order; the numbers come from the functions above."""
     model, cfg = run.model, run.model.config
     total_params, total_flops = model.num_params(), model.flops_per_token()
     rows = component_table(model)
@@ -465,7 +468,38 @@ def attention_exercises(run: Run, maps: np.ndarray) -> list[Exercise]:
     return exercises
 
 
+def attention_figures(steps: dict[str, np.ndarray], maps: np.ndarray, labels: list[str], cfg: GPTConfig, layer: int,
+                      head: int, row: int, text: str, figure_dir: Path) -> None:
+    """The chapter's figures: the shapes of x, the weights and Q, K, V; this head's Q, K and V (at most
+    QKV_CHANNELS channels), its scores, mask, masked scores and weights, its output (the worked `row` framed);
+    every head of the model on `text`."""
+    T, d = len(labels), cfg.head_dim
+    kv_head = head // (cfg.n_head // cfg.n_kv_head)
+    figures.shape_blocks(("x", T, cfg.n_embd), [("W_q", "Q", cfg.n_head * d, cfg.n_head, head),
+                                                ("W_k", "K", cfg.n_kv_head * d, cfg.n_kv_head, kv_head),
+                                                ("W_v", "V", cfg.n_kv_head * d, cfg.n_kv_head, kv_head)],
+                         figure_dir / "attention_shapes.png")
+    channels = min(d, QKV_CHANNELS)
+    figures.matrices([("Q (queries)", steps["q"][:, :channels], "RdBu_r"),
+                      ("K (keys)", steps["k"][:, :channels], "RdBu_r"),
+                      ("V (values)", steps["v"][:, :channels], "RdBu_r")],
+                     labels, figure_dir / "attention_qkv.png", columns=1)
+    additive = np.where(steps["mask"], 0.0, -np.inf)
+    figures.matrices([(f"scores QK^T / sqrt({d})", steps["scores"], "RdBu_r"),
+                      ("causal mask: 0, or −∞ (grey) after the query", additive, "RdBu_r"),
+                      ("masked scores: scores + mask (grey: −∞)", steps["scores"] + additive, "RdBu_r"),
+                      ("softmax weights", steps["weights"], "viridis")],
+                     labels, figure_dir / "attention_scores.png", col_labels=labels, columns=2, highlight_row=row)
+    figures.matrices([("weights x V: the head's output", steps["out"][:, :channels], "RdBu_r")], labels,
+                     figure_dir / "attention_output.png", highlight_row=row)
+    figures.attention_heads(maps, labels, f"every head of the final model: {text!r}",
+                            figure_dir / "attention_heads.png")
+
+
 def attention_chapter(run: Run, figure_dir: Path) -> Chapter:
+    """Chapter 5: one head of the final model on `evaluate.attention_text`, from x to its output, a row worked
+    through with its numbers, then every head, two exercises. Long because it is the chapter's prose in reading
+    order; the figures are attention_figures', the numbers attention_steps'."""
     model, cfg = run.model, run.model.config
     ids = attention_ids(run)
     labels = [token_label(run.tokenizer, i) for i in ids]
@@ -473,29 +507,11 @@ def attention_chapter(run: Run, figure_dir: Path) -> Chapter:
     maps = model.attention_maps(torch.tensor([ids])).numpy()
     entropy = row_entropy(maps)
     layer, head = (int(i) for i in np.unravel_index(entropy.argmin(), entropy.shape))
-    kv_head = head // (cfg.n_head // cfg.n_kv_head)
     steps = attention_steps(model, ids, layer, head)
     worked = worked_row(steps, T // 2)
-    figures.shape_blocks(("x", T, cfg.n_embd), [("W_q", "Q", cfg.n_head * d, cfg.n_head, head),
-                                                ("W_k", "K", cfg.n_kv_head * d, cfg.n_kv_head, kv_head),
-                                                ("W_v", "V", cfg.n_kv_head * d, cfg.n_kv_head, kv_head)],
-                         figure_dir / "attention_shapes.png")
+    attention_figures(steps, maps, labels, cfg, layer, head, worked.row, run.settings.evaluate.attention_text,
+                      figure_dir)
     channels = min(d, QKV_CHANNELS)
-    figures.matrices([(f"Q (queries) of head {head}", steps["q"][:, :channels], "RdBu_r"),
-                      (f"K (keys) of head {kv_head}", steps["k"][:, :channels], "RdBu_r"),
-                      (f"V (values) of head {kv_head}", steps["v"][:, :channels], "RdBu_r")],
-                     labels, figure_dir / "attention_qkv.png", columns=1)
-    additive = np.where(steps["mask"], 0.0, -np.inf)
-    figures.matrices([(f"scores QK^T / sqrt({d})", steps["scores"], "RdBu_r"),
-                      ("causal mask: 0, or −∞ (grey) after the query", additive, "RdBu_r"),
-                      ("masked scores: scores + mask (grey: −∞)", steps["scores"] + additive, "RdBu_r"),
-                      ("softmax weights", steps["weights"], "viridis")],
-                     labels, figure_dir / "attention_scores.png", col_labels=labels, columns=2,
-                     highlight_row=worked.row)
-    figures.matrices([("weights x V: the head's output", steps["out"][:, :channels], "RdBu_r")], labels,
-                     figure_dir / "attention_output.png", highlight_row=worked.row)
-    figures.attention_heads(maps, labels, f"every head of the final model: {run.settings.evaluate.attention_text!r}",
-                            figure_dir / "attention_heads.png")
     last = steps["weights"][-1]
     top = np.argsort(last)[::-1][:3]
     attended = ", ".join(f"{labels[j]!r} ({last[j]:.2f})" for j in top)
