@@ -12,9 +12,21 @@ from mlflow.entities import Metric, Param
 from llm.configs.mlflow import MlflowConfig
 from llm.configs.train import TrainConfig
 from llm.guide.document import Chapter, Exercise, Figure, Table, Text
-from llm.guide.experiments_chapter import (ExperimentRun, charted, differing_params, exercise_results,
-                                           experiments_chapter, read_runs, repeat_takeaway, run_params, shown_runs,
-                                           sweeps, takeaway, with_overrides)
+from llm.guide.experiments_chapter import (
+    ExperimentRun,
+    charted,
+    differing_params,
+    exercise_results,
+    experiments_chapter,
+    read_runs,
+    repeat_takeaway,
+    run_params,
+    shown_runs,
+    sweeps,
+    takeaway,
+    with_experiments,
+    with_overrides,
+)
 
 # What a training records (the default model preset resolved); the runs below change a few keys.
 BASE = {"train.lr": "0.01", "train.seed": "1337", "model.arch": "gpt2", "model.mlp": "gelu", "model.n_layer": "2",
@@ -98,7 +110,7 @@ def test_unfinished_runs_are_marked_and_kept_out_of_the_chart(runs, store, tmp_p
     shown = shown_runs(runs, store[1]["this"])
     assert {r.name for r in shown if r.finished} == {r.name for r in charted(shown)}
     assert {r.name for r in shown} - {r.name for r in charted(shown)} == {"crashed", "running"}
-    chapter = experiments_chapter(guide_run(store[0]), tmp_path, store[1]["this"])
+    chapter = experiments_chapter(guide_run(store[0]), tmp_path, store[1]["this"], runs)
     [table] = [b for b in chapter.blocks if isinstance(b, Table)]
     assert table.header == ("run", "status", "val bpb", "model.n_layer", "train.lr")
     rows = {row[0]: row for row in table.rows}
@@ -113,9 +125,10 @@ def test_unfinished_runs_are_marked_and_kept_out_of_the_chart(runs, store, tmp_p
     assert "2 runs of the sft stage" in words
 
 
-def guide_run(settings: MlflowConfig):
-    """What the chapter reads of a Run: the mlflow and train settings."""
-    return types.SimpleNamespace(settings=types.SimpleNamespace(mlflow=settings, train=TrainConfig()), sft=None)
+def guide_run(settings: MlflowConfig, sft_run_id: str | None = None):
+    """What the chapter reads of a Run: the mlflow and train settings, the sft stage's run id."""
+    sft = types.SimpleNamespace(metrics={"mlflow_run_id": sft_run_id}) if sft_run_id else None
+    return types.SimpleNamespace(settings=types.SimpleNamespace(mlflow=settings, train=TrainConfig()), sft=sft)
 
 
 def test_the_takeaway_names_the_best_value_of_a_sweep_and_whether_repeats_agree(runs, store):
@@ -162,3 +175,21 @@ def test_an_exercise_shows_the_readers_run_of_it_and_only_that_run(runs, store):
     assert results[3] == "mean held-out accuracy 0.600 (this run's: 0.400), run `sft-faster`"
     assert results[4] == "val bpb 2.0500 (this run's: 2.1000), run `deeper`"
     assert all(b.result is None for c in chapters for b in c.blocks if isinstance(b, Exercise)), "frozen, replaced"
+
+
+def test_the_guide_reads_the_runs_once_for_the_chapter_and_every_exercise(store, tmp_path, monkeypatch):
+    import llm.guide.experiments_chapter as module
+
+    reads = []
+    monkeypatch.setattr(module, "read_runs", lambda settings: reads.append(settings) or read_runs(settings))
+    settings, ids = store
+    overrides = (("train.lr", "0.03"),)
+    made = with_experiments([Chapter("a", "A", [Exercise("dvc exp run -S train.lr=0.03", "l", "e", overrides)])],
+                            guide_run(settings, ids["sft-this"]), tmp_path, ids["this"])
+    assert len(reads) == 1
+    assert [c.slug for c in made] == ["a", "experiments"]
+    assert made[0].blocks[0].result == "val bpb 2.2000 (this run's: 2.1000), run `lr-0.03`"
+    own = [b for b in made[1].blocks if isinstance(b, Exercise)]
+    assert [b.overrides for b in own] == [(("train.lr", "0.0005"),), (("train.seed", "1338"),)], \
+        "half the default lr (adamw), the next seed"
+    assert all(b.result is None for b in own), "not run yet"

@@ -9,7 +9,7 @@ from llm.fileio import atomic_dir
 from llm.guide.data_chapters import corpus, shards_chapter, tokenizer_chapter
 from llm.guide.document import Chapter, write_html, write_pdf
 from llm.guide.evolution_chapter import evolution_chapter
-from llm.guide.experiments_chapter import experiments_chapter, with_exercise_results
+from llm.guide.experiments_chapter import with_experiments
 from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
 from llm.guide.model_chapters import attention_chapter, model_chapter
 from llm.guide.run_chapters import generation_chapter, training_chapter
@@ -29,7 +29,7 @@ def chapters(run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
         start = time.perf_counter()
         made.append(build(run, figure_dir))
         log.info("chapter %d, %s: %.1f s", len(made), made[-1].title, time.perf_counter() - start)
-    made.append(experiments_chapter(run, figure_dir, run_id))
+    made = with_experiments(made, run, figure_dir, run_id)  # and every exercise's result from the runs
     return made
 
 
@@ -50,7 +50,6 @@ def build_guide(paths: GuidePaths, settings: GuideSettings) -> list[Path]:
         figure_dir = staging / "figures"
         figure_dir.mkdir()
         made = chapters(run, figure_dir, run.eval_metrics.get("mlflow_run_id"))
-        made = with_exercise_results(made, run, run.eval_metrics.get("mlflow_run_id"))
         write_html(staging / "index.html", TITLE, subtitle(run), made)
         write_pdf(staging / "guide.pdf", staging, TITLE, subtitle(run), made)
     files = sorted(p for p in paths.out.rglob("*") if p.is_file())

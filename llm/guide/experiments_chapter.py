@@ -253,9 +253,9 @@ def sweep_takeaway(sweep: Sweep, noise: float | None) -> str:
     by_value = [(value, statistics.fmean(bpbs)) for value, bpbs in sweep.by_value()]
     (best, best_bpb) = sweep.best()
     (worst, worst_bpb) = max(by_value, key=lambda pair: pair[1])
-    several = any(len(bpbs) > 1 for _, bpbs in sweep.by_value())
+    mean = " (the mean where a value has several runs)" if any(len(bpbs) > 1 for _, bpbs in sweep.by_value()) else ""
     text = (f"`{sweep.param}` was swept over {_listed([shown_value(v) for v, _ in by_value])} in {len(sweep.runs)} "
-            f"runs that differ only in it: the lowest val bpb{' (mean of its runs)' if several else ''}, "
+            f"runs that differ only in it: the lowest val bpb{mean}, "
             f"{best_bpb:.4f}, came at {shown_value(best)}; the highest, {worst_bpb:.4f}, at {shown_value(worst)}.")
     values = [v for v, _ in by_value]
     if len(values) >= 3 and _numeric(values) and best in (values[0], values[-1]):
@@ -429,9 +429,10 @@ def runs_blocks(runs: list[ExperimentRun], this_id: str | None, figure_dir: Path
     unfinished = [r for r in runs if not r.finished]
     older = " (older ones: make ui)" if len(runs) >= RUNS_SHOWN else ""
     blocks: list = [Text(
-        f"The {len(runs)} newest training runs of the experiment{older}, with their val bits per byte and the "
-        "params that differ between them" + (f" ({', '.join(f'`{k}`' for k in keys)})" if keys else
-                                             " (none: they share every param)")
+        ("The one training run of the experiment so far, with its val bits per byte" if len(runs) == 1 else
+         f"The {len(runs)} newest training runs of the experiment{older}, with their val bits per byte and the "
+         "params that differ between them" + (f" ({', '.join(f'`{k}`' for k in keys)})" if keys else
+                                              " (none: they share every param)"))
         + ". A param a run did not record (it is older than the param) counts as its default."
         + (f" {len(unfinished)} of them {'is' if len(unfinished) == 1 else 'are'} unfinished (still running, failed, "
            "killed, or not evaluated), marked so in the table and left out of the chart and the comparisons."
@@ -458,23 +459,40 @@ def runs_blocks(runs: list[ExperimentRun], this_id: str | None, figure_dir: Path
     return blocks
 
 
-def experiments_chapter(run: Run, figure_dir: Path, run_id: str | None) -> Chapter:
+def experiments_chapter(run: Run, figure_dir: Path, run_id: str | None,
+                        listed: list[ExperimentRun] | Exception) -> Chapter:
+    """The chapter on the experiment's runs (`listed`, or the error MLflow answered when they were read)."""
     settings = run.settings.mlflow
     blocks: list = [Text(INTRO.format(experiment=settings.experiment, uri=settings.tracking_uri))]
-    try:
-        runs = read_runs(settings)
-    except Exception as err:  # a server down or a bad URI: the guide is still built, and says so
+    if isinstance(listed, Exception):
         uri = resolve_tracking_uri(settings.tracking_uri, project_root())
-        log.warning("MLflow at %s is not usable (%s): the guide lists no runs", uri, first_line(err))
-        blocks.append(Text(f"The runs could not be listed: MLflow at {uri} answered {first_line(err)}"))
+        blocks.append(Text(f"The runs could not be listed: MLflow at {uri} answered {first_line(listed)}"))
         return Chapter("experiments", "Your experiments", blocks + experiment_exercises(run))
-    shown = shown_runs(runs, run_id)
+    shown = shown_runs(listed, run_id)
     blocks += runs_blocks(shown, run_id, figure_dir) if shown else [Text("The experiment has no runs yet.")]
-    tuned = sum(r.stage == "sft" for r in runs)
+    tuned = sum(r.stage == "sft" for r in listed)
     if tuned:
         blocks.append(Text(f"The experiment also holds {tuned} run{'s' if tuned > 1 else ''} of the sft stage "
                            "(instruction tuning, chapter 9), scored by task accuracy, not compared here."))
     return Chapter("experiments", "Your experiments", blocks + experiment_exercises(run))
+
+
+def with_experiments(chapters: list[Chapter], run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
+    """`chapters`, then the experiments chapter, every exercise's result filled (`exercise_results`): the runs are
+    read once, so that a tracker that does not answer costs one wait. MLflow not usable: the chapter says so, the
+    exercises go without results."""
+    settings = run.settings.mlflow
+    try:
+        listed: list[ExperimentRun] | Exception = read_runs(settings)
+    except Exception as err:  # a server down or a bad URI: the guide is still built, and says so
+        uri = resolve_tracking_uri(settings.tracking_uri, project_root())
+        log.warning("MLflow at %s is not usable (%s): the guide lists no runs", uri, first_line(err))
+        listed = err
+    made = [*chapters, experiments_chapter(run, figure_dir, run_id, listed)]
+    if isinstance(listed, Exception):
+        return made
+    sft_id = run.sft.metrics.get("mlflow_run_id") if run.sft is not None else None
+    return exercise_results(made, listed, run_id, sft_id)
 
 
 # --- the reader's results of every chapter's exercises -------------------------------------------------------
@@ -525,15 +543,3 @@ def exercise_results(chapters: list[Chapter], runs: list[ExperimentRun], train_r
         made.append(dataclasses.replace(chapter, blocks=blocks))
     return made
 
-
-def with_exercise_results(chapters: list[Chapter], run: Run, run_id: str | None) -> list[Chapter]:
-    """`exercise_results` over the experiment's runs; the chapters as they are when MLflow cannot be used."""
-    if not any(isinstance(b, Exercise) and b.overrides for chapter in chapters for b in chapter.blocks):
-        return chapters
-    try:
-        runs = read_runs(run.settings.mlflow)
-    except Exception as err:  # the experiments chapter says so; the exercises go without results
-        log.warning("exercise results: MLflow is not usable (%s)", first_line(err))
-        return chapters
-    sft_id = run.sft.metrics.get("mlflow_run_id") if run.sft is not None else None
-    return exercise_results(chapters, runs, run_id, sft_id)
