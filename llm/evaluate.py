@@ -27,6 +27,7 @@ from llm.fileio import read_utf8, write_json_atomic
 from llm.history import read_history_csv
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
+from llm.model_registry import evaluation_task, val_set
 from llm.report import write_reports
 from llm.shards import open_shard, read_meta
 from llm.tracking import Job, read_model_run, run_of_model
@@ -160,8 +161,9 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
                    mlflow_cfg: MlflowConfig) -> dict[str, Any]:
     """Score the model on the val split, write metrics/eval.json and reports/, and add both to the MLflow run
     that trained the model (at `mlflow_cfg`'s tracking URI; a tracker that fails changes none of the outputs: what
-    it did not take is reported at the end). `init_seed` (train.seed) rebuilds the initial weights for the
-    attention maps."""
+    it did not take is reported at the end), the val bpb and loss linked to the run's LoggedModel and the val set,
+    which may make it the registered model's champion (llm/model_registry.py). `init_seed` (train.seed) rebuilds
+    the initial weights for the attention maps."""
     model, tokenizer = load_model_dir(paths.model, default_device())
     meta = read_meta(paths.tokens)
     meta.check_tokenizer(paths.tokens, paths.model / "tokenizer.json")
@@ -184,6 +186,9 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
     write_json_atomic(paths.metrics, {**results, "mlflow_run_id": trained.run_id if trained else None})
     log.info("wrote %s and %s/", paths.metrics, paths.reports)
     run.log_metrics({f"eval/{k}": v for k, v in results.items()})
+    link = "the evaluation's link to the model" + (" and the registry step" if mlflow_cfg.registered_model else "")
+    run.call(link, evaluation_task(results, val_set(shards, meta.splits["val"].tokens, cfg.max_tokens),
+                                 mlflow_cfg.registered_model))
     for report in reports:
         run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
     run.log_artifact(paths.metrics, "eval")

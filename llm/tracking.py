@@ -72,6 +72,11 @@ class TrackedRun(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder as a whole."""
 
+    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
+        """task(client, run_id) on the tracker thread, after what was logged before it, as a record is: retried
+        when it fails, reported by `finish` when it never succeeds (`what` names it there). It must be safe to
+        retry. With no run, `finish` reports it as not logged."""
+
     def finish(self, status: str = "FINISHED") -> None:
         """A last try at what the tracker has not taken yet, then one line saying what could not be logged."""
 
@@ -106,6 +111,7 @@ def _import_mlflow():
     # Fail fast rather than retry for minutes against an unreachable server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(TRACKER_WAIT_S)))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per logged model on the terminal
     import mlflow
 
     # MLflow logs a tracker's failure itself, often with its whole traceback (the SQL store before it raises a
@@ -223,6 +229,7 @@ class Backlog:
         self.lock = threading.Lock()  # the stage adds, the thread sends
         self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
         self.artifacts: list[tuple[Path, str | None]] = []
+        self.calls: list[tuple[str, Callable[[Any, str], None]]] = []  # (what, task): a model, a registry step
         self.dropped = 0  # metric values beyond MAX_PENDING_METRICS, never sent
         self.end_status: str | None = None  # the status the run is to end with, until the tracker took it
         self.failures, self.retry_at, self.last_error = 0, 0.0, ""
@@ -232,7 +239,7 @@ class Backlog:
     @property
     def pending(self) -> bool:
         with self.lock:
-            return bool(self.metrics or self.artifacts or self.end_status or self.dropped)
+            return bool(self.metrics or self.artifacts or self.calls or self.end_status or self.dropped)
 
     def add_metrics(self, metrics: dict[str, float], step: int) -> None:
         batch = metric_batch(metrics, step)
@@ -245,6 +252,11 @@ class Backlog:
     def add_artifact(self, path: Path, artifact_path: str | None) -> None:
         with self.lock:
             self.artifacts.append((path, artifact_path))
+        self._send_soon()
+
+    def add_call(self, what: str, task: Callable[[Any, str], None]) -> None:
+        with self.lock:
+            self.calls.append((what, task))
         self._send_soon()
 
     def _send_soon(self) -> None:
@@ -274,6 +286,11 @@ class Backlog:
                     send_artifact(self.client, self.run_id, *artifact)
                 with self.lock:
                     self.artifacts.pop(0)
+            while call := self._next(lambda: self.calls[0] if self.calls else None):
+                with self.thread.upload():  # a model is an upload too
+                    call[1](self.client, self.run_id)
+                with self.lock:
+                    self.calls.pop(0)
         except Exception as err:  # connection refused, timeouts, server errors, a locked database: all mean "later"
             self.note_failure(err)
             return False
@@ -329,7 +346,8 @@ class Backlog:
     def report(self, status: str) -> None:
         with self.lock:
             metrics, artifacts = len(self.metrics) + self.dropped, len(self.artifacts)
-        end = f", nor its end ({self.end_status})" if self.end_status else ""
+            calls = "".join(f", nor {what}" for what, _ in self.calls)
+        end = calls + (f", nor its end ({self.end_status})" if self.end_status else "")
         outputs = f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else ""
         log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
                   self.uri, metrics, artifacts, self.run_id, end, self.last_error, outputs)
@@ -349,6 +367,9 @@ class ExistingRun:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.backlog.add_artifact(Path(path), artifact_path)
+
+    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
+        self.backlog.add_call(what, task)
 
     def finish(self, status: str = "FINISHED") -> None:
         """One last try at the backlog, then a report of anything not logged."""
@@ -421,6 +442,7 @@ class UntrackedRun:
     def __init__(self, uri: str, reason: str, job: Job = TRAINING) -> None:
         self.uri, self.reason, self.job = uri, reason, job
         self.metrics = self.artifacts = 0
+        self.calls: list[str] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.metrics += len(metrics)
@@ -428,9 +450,12 @@ class UntrackedRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts += 1
 
+    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
+        self.calls.append(what)
+
     def finish(self, status: str = "FINISHED") -> None:
-        log.error("%s: the %s was not tracked (%d metric values, %d artifacts not logged)%s", self.reason,
-                  self.job.name, self.metrics, self.artifacts,
+        log.error("%s: the %s was not tracked (%d metric values, %d artifacts not logged)%s%s", self.reason,
+                  self.job.name, self.metrics, self.artifacts, "".join(f", nor {what}" for what in self.calls),
                   f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else "")
 
 

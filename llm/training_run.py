@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.attention import probe_ids, write_record
+from llm.checkpoint import checkpoint_dirs
 from llm.configs.mlflow import MlflowConfig
 from llm.configs.model import ModelConfig
 from llm.configs.train import TrainConfig
@@ -20,6 +21,7 @@ from llm.fileio import write_json_atomic
 from llm.history import HistoryRow, write_history_csv
 from llm.model import GPTConfig
 from llm.model_io import save_model_dir
+from llm.model_registry import log_trained_models
 from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
@@ -120,6 +122,7 @@ def write_outputs(result: TrainResult, model_cfg: GPTConfig, meta: TokensMeta, r
     for artifact in (paths.out / "config.json", paths.out / "tokenizer.json", paths.plots):
         run.log_artifact(artifact)
     run.log_artifact(paths.out, "model")
+    log_trained_models(run, paths.out, metrics["steps"], checkpoint_dirs(paths.checkpoints))
     run.finish()
     log.info("done: %d steps, train loss %.4f, val loss %.4f (about %.3f bits per byte), %.0f tokens/s, MFU %.1f%%",
              metrics["steps"], metrics["train_loss"], metrics["val_loss"], metrics["val_bpb_estimate"],

@@ -1,4 +1,5 @@
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,17 @@ def resolve_sampling(params: Path | None, max_new_tokens: int | None, temperatur
     return sampling
 
 
+def downloaded(params: Path | None, uri: str, dst: Path) -> Path:
+    """The model folder of MLflow model `uri`, from the tracking URI of the params file's mlflow section (params.yaml
+    when present, else the default one)."""
+    from llm.configs.mlflow import MlflowConfig
+    from llm.model_registry import download_model
+
+    if params is None and not Path("params.yaml").is_file():
+        return download_model(uri, MlflowConfig(), dst)
+    return download_model(uri, load_params(params or Path("params.yaml"), mlflow=MlflowConfig).mlflow, dst)
+
+
 def check_utf8(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
@@ -57,7 +69,8 @@ def check_utf8(name: str, text: str) -> None:
 def generate(
     params: Path | None = typer.Option(None, "--params", help="sampling defaults from its evaluate section "
                                        "[default: params.yaml when present]", dir_okay=False),
-    model_dir: Path = typer.Option(Path("models/final"), "--model", help="trained model folder"),
+    model_dir: Path = typer.Option(Path("models/final"), "--model", help="trained model folder, or a model in MLflow: "
+                                   "models:/NAME@champion (downloaded from mlflow.tracking_uri)"),
     prompt: str = typer.Option("", help="text to continue; empty starts a new document"),
     max_new_tokens: int | None = typer.Option(None, help=f"stop after this many tokens (1 to {MAX_NEW_TOKENS:,}) "
                                               "or <|endoftext|> [default: evaluate.max_new_tokens]"),
@@ -74,10 +87,15 @@ def generate(
     from llm.generate import generate as generate_ids
     from llm.generate import prompt_ids, stream_text
     from llm.model_io import load_model_dir
+    from llm.model_registry import is_model_uri
 
     sampling = resolve_sampling(params, max_new_tokens, temperature, top_k, top_p, seed)
     check_utf8("--prompt", prompt)
-    model, tokenizer = load_model_dir(model_dir, default_device())
+    if is_model_uri(model_dir):
+        with tempfile.TemporaryDirectory(prefix="llm-generate-") as tmp:
+            model, tokenizer = load_model_dir(downloaded(params, str(model_dir), Path(tmp)), default_device())
+    else:
+        model, tokenizer = load_model_dir(model_dir, default_device())
     eot_id = tokenizer.token_to_id(EOT)
     ids = generate_ids(model, prompt_ids(tokenizer, prompt, eot_id), sampling.max_new_tokens,
                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,

@@ -60,6 +60,7 @@ def test_every_chapter_and_figure_is_there(project):
     expected = {"corpus_files", "token_lengths", "memmap", "weight_std", "attention_qkv", "attention_scores",
                 "attention_output", "attention_heads", "attention_curves", "training", "next_token",
                 "sft_loss", "sft_accuracy", "runs",
+                "model_diagram", "attention_shapes",  # chapters 4 and 5: the block diagram, the shapes of Q, K, V
                 # chapter 6 on the tiny model (2 layers x 2 heads): a figure of each layer's heads over training
                 "attention_filmstrip", "attention_roles", "attention_heads_1", "attention_heads_2"}
     assert sorted(images) == sorted([*(f"figures/{name}.png" for name in expected), "attention_evolution.gif"])
