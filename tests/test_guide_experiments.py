@@ -93,7 +93,8 @@ def test_params_are_read_as_the_configs_read_them(runs):
     assert "git_commit" not in this, "a record of the run, not a param"
     assert run_params({"model.arch": "llama"})["model.mlp"] == "swiglu"
     lr = with_overrides(this, (("train.lr", "0.004"),))
-    assert lr == {**this, "train.lr": 0.004}, "the override read as YAML, as dvc exp run -S writes it"
+    assert lr == {**this, "train.lr": 0.004}, "the override read as dvc exp run -S reads it"
+    assert with_overrides(this, (("train.lr", "1e-3"),))["train.lr"] == 0.001, "Hydra's grammar, as DVC's"
     llama = with_overrides(this, (("model.arch", "llama"),))
     assert llama["model.mlp"] == "swiglu" and llama["model.positions"] == "rope", "parts follow the new preset"
     assert with_overrides(run_params({"model.mlp": "relu2"}), (("model.arch", "llama"),))["model.mlp"] == "relu2", \

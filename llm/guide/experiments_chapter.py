@@ -14,8 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from llm.config import from_mapping
 from llm.configs.clean import CleanConfig
 from llm.configs.data import DataConfig
@@ -129,6 +127,14 @@ def run_params(recorded: dict[str, str]) -> dict[str, Any]:
     return params
 
 
+def override_value(key: str, text: str) -> Any:
+    """A value as `dvc exp run -S key=value` sets it: DVC reads the value with Hydra's override grammar (`1e-3` a
+    number, `true` a bool, `[a, b]` a list, `null` None)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # DVC's dependency; slow to import
+
+    return _tuples(OverridesParser.create().parse_override(f"{key}={text}").value())
+
+
 def with_overrides(params: dict[str, Any], overrides: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """The params of a run of `params` with `overrides` set, as `dvc exp run -S key=value` sets them (the value
     read as YAML) and the config classes then read them: a part that followed its preset (or n_kv_head that
@@ -137,7 +143,7 @@ def with_overrides(params: dict[str, Any], overrides: tuple[tuple[str, str], ...
     for section in {key.split(".", 1)[0] for key, _ in overrides}:
         cls = CONFIGS.get(section)
         values = {key.split(".", 1)[1]: value for key, value in params.items() if key.startswith(f"{section}.")}
-        set_here = {key.split(".", 1)[1]: _tuples(yaml.safe_load(text)) for key, text in overrides
+        set_here = {key.split(".", 1)[1]: override_value(key, text) for key, text in overrides
                     if key.startswith(f"{section}.")}
         if cls is None:
             changed.update({f"{section}.{key}": value for key, value in set_here.items()})
