@@ -140,9 +140,13 @@ def test_the_sampling_sentence_names_what_is_off():
 
     on = sampling_steps(0.8, 50, 0.95, [4096, 4096, 50, 25], 0.228)
     assert on.startswith("Dividing the logits by the temperature 0.8 sharpens it (the top token now has 0.228)")
-    assert "top-k keeps the 50 most likely tokens (50 left of 4,096)" in on and "(25 left)" in on
+    assert "top-k keeps the 50 most likely tokens and removes the other 4,046 (50 left of 4,096)" in on
+    assert "removes 25 more (25 left)" in on
     off = sampling_steps(0.0, 0, 1.0, [4096] * 4, 0.1)
     assert off.startswith("Temperature 0 is greedy") and "top-k is off" in off and "top-p is off" in off
+    greedy = sampling_steps(0.0, 50, 0.95, [4096, 1, 1, 1], 1.0)
+    assert "top-k (50) changes nothing" in greedy and "top-p (0.95) changes nothing" in greedy, \
+        "sample() takes the argmax at temperature 0, before any filter"
 
 
 def test_the_tokenizer_chapter_says_what_a_character_budget_left_out():

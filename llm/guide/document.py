@@ -54,6 +54,7 @@ class Pre:
     """Monospaced text: a hex dump, a sample."""
 
     text: str
+    prompt_chars: int = 0  # a sample: its first this many characters are the prompt, set in bold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,8 @@ def _block_html(block: Block) -> str:
         return (f'<div class="exercise"><h4>Try it</h4><pre>{html.escape(block.command)}</pre>'
                 f"<p><strong>Then look at:</strong> {_inline(block.look)}</p>"
                 f"<p><strong>Expect:</strong> {_inline(block.expect)}</p>{result}</div>")
-    return f"<pre>{html.escape(block.text)}</pre>"
+    prompt = f"<b>{html.escape(block.text[:block.prompt_chars])}</b>" if block.prompt_chars else ""
+    return f"<pre>{prompt}{html.escape(block.text[block.prompt_chars:])}</pre>"
 
 
 def write_html(path: Path, title: str, subtitle: str, chapters: list[Chapter]) -> None:
@@ -208,6 +210,7 @@ class _Pdf:
         self.pdf.add_font("Sans", "", fonts / "DejaVuSans.ttf")
         self.pdf.add_font("Sans", "B", fonts / "DejaVuSans-Bold.ttf")
         self.pdf.add_font("Mono", "", fonts / "DejaVuSansMono.ttf")
+        self.pdf.add_font("Mono", "B", fonts / "DejaVuSansMono-Bold.ttf")
 
     def heading(self, text: str, size: int) -> None:
         self.pdf.set_font("Sans", "B", size)
@@ -269,6 +272,13 @@ class _Pdf:
         pdf.ln(12)
 
     def pre(self, block: Pre) -> None:
+        if block.prompt_chars:  # the prompt in bold, then the rest: write() flows on where the prompt ends
+            self.pdf.set_font("Mono", "B", 7)
+            self.pdf.write(3.5, block.text[:block.prompt_chars])
+            self.pdf.set_font("Mono", "", 7)
+            self.pdf.write(3.5, block.text[block.prompt_chars:])
+            self.pdf.ln(6.5)
+            return
         self.pdf.set_font("Mono", "", 7)
         self.pdf.set_fill_color(245, 245, 245)
         self.pdf.multi_cell(0, 3.5, block.text, fill=True, new_x="LMARGIN", new_y="NEXT")
