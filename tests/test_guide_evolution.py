@@ -13,10 +13,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from llm.attention import read_record
+from llm.attention import AttentionRecord, read_record
 from llm.guide import evolution_chapter as chapter
 from llm.guide import evolution_figures
-from llm.guide.document import Exercise, Figure, Table
+from llm.guide.document import Exercise, Figure, Table, Text
 from llm.guide.inputs import GuidePaths, GuideSettings, load_run
 from tests.test_guide import page, text_of
 
@@ -59,15 +59,14 @@ def chapter_table(project: Path) -> list[list[str]]:
             for row in re.findall(r"<tr>(.*?)</tr>", table) if "<td>" in row]
 
 
-def test_every_named_head_does_what_its_name_says_in_the_record(project):
-    record = record_of(project)
-    final = record.maps[-1]
-    T = len(record.ids)
+def check_names(table: list[list[str]], summary: str, final: np.ndarray) -> None:
+    """Every row of the table of heads (label, name, weights on previous / first / itself, ...) and the summary
+    sentence that counts the named heads agree with the final frame `final`, (n_layer, n_head, T, T), recomputed
+    here: a head named for a position gives it the most weight, at least the stated threshold; an unnamed one
+    gives no position that much; a spreading head has at least 90% of even attention's entropy."""
+    T = final.shape[-1]
     rows = np.arange(2, T)
-    even_share = float(np.mean(1 / (rows + 1)))
-    threshold = max(2 * even_share, 0.3)
-    assert f"at least {threshold:.2f} of its weight on the token just before" in text_of(page(project))
-    table = chapter_table(project)
+    threshold = max(2 * float(np.mean(1 / (rows + 1))), 0.3)
     n_layer, n_head = final.shape[:2]
     assert [r[0] for r in table] == [f"L{li} H{h}" for li in range(n_layer) for h in range(n_head)]
     entropy = entropy_bits(final)
@@ -83,12 +82,26 @@ def test_every_named_head_does_what_its_name_says_in_the_record(project):
             assert name == best and weights[name] >= threshold, label
         else:
             assert weights[best] < threshold, f"{label} clears the threshold but is not named for it"
-            spreads = entropy[layer, head] >= 0.9 * even_entropy(T)
-            assert (name == "spreading head") == spreads, label
+            assert (name == "spreading head") == (entropy[layer, head] >= 0.9 * even_entropy(T)), label
+    said = {kind: labels.split(", ") for _, kind, labels in re.findall(r"(\d+) ([a-z-]+ head)s? \(([^)]*)\)",
+                                                                     summary)}
+    assert said == {name: [r[0] for r in table if r[1] == name] for name in {r[1] for r in table}
+                    if name != "no single pattern"}
 
 
-def test_the_names_follow_from_the_stated_thresholds():
-    """Made-up heads of known shape get their names; the record of a tiny run may not hold every kind."""
+def test_every_named_head_does_what_its_name_says_in_the_record(project):
+    record = record_of(project)
+    rows = np.arange(2, len(record.ids))
+    threshold = max(2 * float(np.mean(1 / (rows + 1))), 0.3)
+    words = text_of(page(project))
+    assert f"at least {threshold:.2f} of its weight on the token just before" in words
+    summary = re.search(r"the last recorded, (.*?)(;|\. The table)", words)
+    check_names(chapter_table(project), summary.group(1), record.maps[-1])
+
+
+def test_the_table_names_made_up_heads_as_they_measure():
+    """The tiny run's heads may hold no pattern yet: the same check on a record of heads of known shape, one of
+    each kind, the table and the sentence made by the chapter's own code."""
     T = 10
     even = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
     previous = np.eye(T, k=-1)
@@ -97,11 +110,27 @@ def test_the_names_follow_from_the_stated_thresholds():
     first[:, 0] = 1.0
     current = np.eye(T)
     mixed = 0.5 * even + 0.25 * previous + 0.25 * current  # below the threshold everywhere, and not even
-    maps = np.stack([previous, first, current, even, mixed])[None]
-    np.testing.assert_allclose(maps.sum(-1), 1.0)
-    roles = chapter.head_roles(chapter.measures(maps), chapter.even_measures(T))
+    final = np.stack([np.stack([previous, first, current]), np.stack([even, mixed, 0.7 * previous + 0.3 * first])])
+    np.testing.assert_allclose(final.sum(-1), 1.0)
+    record = AttentionRecord(list(range(T)), [0, 10], [np.broadcast_to(even, final.shape).copy(), final])
+    frames = [chapter.measures(m) for m in record.maps]
+    measures_even = chapter.even_measures(T)
+    roles = chapter.head_roles(frames[-1], measures_even)
     assert [r.name for r in roles] == ["previous-token head", "first-token head", "current-token head",
-                                       "spreading head", None]
+                                       "spreading head", None, "previous-token head"]
+    blocks = chapter.role_blocks(record, frames, measures_even, roles)
+    [table] = [b for b in blocks if isinstance(b, Table)]
+    [summary] = [b.text for b in blocks if isinstance(b, Text) and "the last recorded" in b.text]
+    check_names([list(row) for row in table.rows], summary, final)
+    assert "2 previous-token heads (L0 H0, L1 H2)" in summary
+    [changes] = [b.text for b in blocks if isinstance(b, Text) and "from the first recorded step" in b.text]
+    check_changes([list(row) for row in table.rows], changes, record.maps[0], final)
+    backwards = AttentionRecord(record.ids, record.steps, record.maps[::-1])  # every focused head spreads out
+    blocks = chapter.role_blocks(backwards, frames[::-1], measures_even, roles)
+    [table] = [b for b in blocks if isinstance(b, Table)]
+    [changes] = [b.text for b in blocks if isinstance(b, Text) and "from the first recorded step" in b.text]
+    check_changes([list(row) for row in table.rows], changes, final, record.maps[0])
+    assert {row[-1] for row in table.rows} == {"spreads out", "barely changes"}
 
 
 def test_the_even_attention_line_is_the_entropy_of_even_attention(project, tmp_path, monkeypatch):
@@ -121,12 +150,11 @@ def test_the_even_attention_line_is_the_entropy_of_even_attention(project, tmp_p
     assert evens["mean distance attended"] == pytest.approx(np.mean(np.arange(1, T) / 2))
 
 
-def test_sharpens_and_spreads_out_follow_the_sign_of_the_entropy_change(project):
-    record = record_of(project)
-    before, after = entropy_bits(record.maps[0]), entropy_bits(record.maps[-1])
-    words = html.unescape(text_of(page(project)))
-    table = chapter_table(project)
-    said = {}  # head -> the verb the sentence under the table gives it
+def check_changes(table: list[list[str]], words: str, first: np.ndarray, last: np.ndarray) -> None:
+    """Each head's word in the table and in the sentence after it ("sharpens", "spreads out", "barely changes")
+    follows the sign of its entropy change from frame `first` to frame `last`, recomputed here."""
+    before, after = entropy_bits(first), entropy_bits(last)
+    said = {}  # head -> the verb the sentence after the table gives it
     body = words.split("from the first recorded step to the last: ")[1].split(". A head sharpens")[0]
     for group in body.split("; "):
         verb = re.search(r"(sharpens?|spreads? out|barely changes?)$", group).group(1)
@@ -135,10 +163,15 @@ def test_sharpens_and_spreads_out_follow_the_sign_of_the_entropy_change(project)
     assert sorted(said) == sorted(row[0] for row in table)
     for label, *_, entropies, word in table:
         layer, head = (int(n) for n in re.findall(r"\d+", label))
-        assert entropies == f"{before[layer, head]:.2f} -> {after[layer, head]:.2f}", label
+        assert entropies == f"{abs(before[layer, head]):.2f} -> {abs(after[layer, head]):.2f}", label
         change = after[layer, head] - before[layer, head]
         assert word == ("spreads out" if change > 0.05 else "sharpens" if change < -0.05 else "barely changes"), label
         assert said[label] == word, label
+
+
+def test_sharpens_and_spreads_out_follow_the_sign_of_the_entropy_change(project):
+    record = record_of(project)
+    check_changes(chapter_table(project), html.unescape(text_of(page(project))), record.maps[0], record.maps[-1])
 
 
 def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, tmp_path, monkeypatch):

@@ -112,6 +112,11 @@ def head_roles(frame: dict[str, np.ndarray], even: dict[str, float]) -> list[Hea
     return roles
 
 
+def bits(entropy: float) -> str:
+    """An entropy for the text: never "-0.00" (a row of one weight 1 sums to -0.0)."""
+    return f"{max(float(entropy), 0.0) + 0.0:.2f}"  # max(-0.0, 0.0) is -0.0; adding 0.0 makes it 0.0
+
+
 def entropy_change(before: float, after: float) -> str:
     """How a head's attention changed, from the sign of its entropy change."""
     if after - before > STEADY_BITS:
@@ -282,28 +287,33 @@ def role_blocks(record: AttentionRecord, frames: list[dict[str, np.ndarray]], ev
                      "the first, so no head is named here.")]
     threshold, last = role_threshold(even), record.steps[-1]
     named = [r for r in roles if r.name]
-    listed = "; ".join(f"{r.label} is a {r.name}" + (f" ({r.value:.2f} bits)" if r.name == SPREADING else
-                                                     f" ({r.value:.2f} of its weight)") for r in named)
     rows = []
     for r in roles:
         h = (r.layer, r.head)
         before, after = float(frames[0]["entropy"][h]), float(frames[-1]["entropy"][h])
         rows.append((r.label, r.name or "no single pattern", *(f"{frames[-1][p][h]:.2f}" for p in POSITION_NAMES),
-                     f"{before:.2f} -> {after:.2f}", entropy_change(before, after)))
+                     f"{bits(before)} -> {bits(after)}", entropy_change(before, after)))
     return [
         Text("A head can be named by what it measurably does. Averaged over the rows from the third token on (so "
              "that the token before and the first token are different tokens), we call a head a previous-token "
              f"head when it puts at least {threshold:.2f} of its weight on the token just before, a first-token "
              "head when it puts that much on the first token (`<|endoftext|>`, where every training document "
              "starts: a place to park attention a row does not need), and a current-token head when it puts that "
-             f"much on the token itself. {threshold:.2f} is twice the share even attention gives a single token "
-             f"here ({even['previous']:.2f}), and never less than {ROLE_FLOOR}. A head that is none of these but "
+             "much on the token itself. "
+             + (f"{threshold:.2f} is twice the share even attention gives a single token here "
+                f"({even['previous']:.2f}); the threshold is never under {ROLE_FLOOR}. "
+                if ROLE_SHARE * even["previous"] >= ROLE_FLOOR else
+                f"Even attention gives a single token {even['previous']:.2f} here, and twice that is too little to "
+                f"call a focus, so the threshold is its floor, {ROLE_FLOOR:.2f}. ")
+             + "A head that is none of these but "
              f"whose entropy is at least {SPREAD_FRACTION:.0%} of even attention's "
              f"({SPREAD_FRACTION * even['entropy']:.2f} bits) is a spreading head: it averages over everything "
-             f"before it. At step {last:,}, "
-             + (f"{listed}. " if named else "no head clears these thresholds yet. ")
-             + (f"The other {len(roles) - len(named)} heads show no single pattern by these measures."
-                if len(named) < len(roles) else "")),
+             "before it."),
+        Text(f"At step {last:,}, the last recorded, " + (f"the record shows {named_heads(named)}" if named else
+                                                        "no head clears these thresholds yet")
+             + (f"; the other {len(roles) - len(named)} show no single pattern by these measures."
+                if named and len(named) < len(roles) else ".")
+             + " The table gives every head's measures, and how its entropy moved over training."),
         Table(("head", f"at step {last:,}", "weight on previous", "on first", "on itself",
                f"entropy (bits), step {record.steps[0]:,} -> {last:,}", "over training"), rows),
         Figure("figures/attention_roles.png", "The measures that name a head, at each recorded step: the weight "
@@ -313,12 +323,21 @@ def role_blocks(record: AttentionRecord, frames: list[dict[str, np.ndarray]], ev
     ]
 
 
+def named_heads(named: list[HeadRole]) -> str:
+    """'2 previous-token heads (L0 H1, L1 H0), 1 first-token head (L0 H0) and ...', kinds in a fixed order."""
+    kinds = [(name, [r.label for r in named if r.name == name])
+             for name in [*POSITION_NAMES.values(), SPREADING]]
+    parts = [f"{len(heads)} {name}{'s' if len(heads) > 1 else ''} ({', '.join(heads)})" for name, heads in kinds
+             if heads]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def change_sentence(roles: list[HeadRole], frames: list[dict[str, np.ndarray]]) -> str:
     """The heads grouped by how their entropy moved from the first recorded step to the last."""
     groups: dict[str, list[str]] = {"sharpens": [], "spreads out": [], "barely changes": []}
     for r in roles:
         before, after = (float(f["entropy"][r.layer, r.head]) for f in (frames[0], frames[-1]))
-        groups[entropy_change(before, after)].append(f"{r.label} ({before:.2f} -> {after:.2f} bits)")
+        groups[entropy_change(before, after)].append(f"{r.label} ({bits(before)} -> {bits(after)} bits)")
     parts = []
     for word, heads in groups.items():
         if heads:
@@ -335,11 +354,19 @@ def panel_blocks(record: AttentionRecord, roles: list[HeadRole], entropies: np.n
     picked = [record.steps[i] for i in shown_steps(record.steps)]
     which = (f"all {len(chosen)} heads" if len(chosen) == len(roles) else
              f"{len(chosen)} of the {len(roles)} heads (the named ones first, then those whose entropy moved most)")
+    looks = {POSITION_NAMES["previous"]: "a bright line just below the diagonal",
+             POSITION_NAMES["first"]: "a bright first column", POSITION_NAMES["current"]: "a bright diagonal",
+             SPREADING: "rows of one even, dim colour"}
+    kinds = {name: [r for r in roles if r.name == name] for name in looks}
+    # the clearest head of each kind: its largest weight on its position (for a spreading head, entropy)
+    examples = "; ".join(f"{best.label}, {'the clearest' if len(heads) > 1 else 'the'} {name}, draws {looks[name]}"
+                         for name, heads in kinds.items() if heads
+                         for best in [max(heads, key=lambda r: r.value)])
     blocks: list = [Text(
-        f"Each head at step {', step '.join(f'{s:,}' for s in picked)}: the first, a middle and the last recorded "
-        f"step, {which}. In each square a row is a token attending (a query) and a column a token attended to (a "
-        "key); the colour is the weight, 0 to 1, each row summing to 1. A previous-token head draws a line just "
-        "below the diagonal, a first-token head a bright first column, a spreading head fading rows.")]
+        f"Each head at steps {', '.join(f'{s:,}' for s in picked[:-1])} and {picked[-1]:,}: the first, a middle "
+        f"and the last recorded step, {which}. In each square a row is a token attending (a query) and a column a "
+        "token attended to (a key); the colour is the weight, 0 to 1, and each row sums to 1. "
+        + (f"Look for the names in the last column: {examples}." if examples else ""))]
     for number, group in enumerate(panel_groups(chosen), 1):
         heads = ", ".join(head_label(*h) for h in group)
         blocks.append(Figure(f"figures/attention_heads_{number}.png",
