@@ -439,7 +439,9 @@ def runs_blocks(runs: list[ExperimentRun], this_id: str | None, figure_dir: Path
          f"The {len(runs)} newest training runs of the experiment{older}, with their val bits per byte and the "
          "params that differ between them" + (f" ({', '.join(f'`{k}`' for k in keys)})" if keys else
                                               " (none: they share every param)"))
-        + ". A param a run did not record (it is older than the param) counts as its default."
+        + ". A param a run did not record (it is older than the param) counts as its default. Runs are compared by "
+          "bits per byte, not by loss per token: a run with another tokenizer cuts the same text into other tokens, "
+          "but not into other bytes."
         + (f" {len(unfinished)} of them {'is' if len(unfinished) == 1 else 'are'} unfinished (still running, failed, "
            "killed, or not evaluated), marked so in the table and left out of the chart and the comparisons."
            if unfinished else "")),
