@@ -46,11 +46,14 @@ def training_figure(train: tuple[list[int], list[float]], val: tuple[list[int], 
         bits.set_ylabel("bits per token")
         loss.legend(loc="lower left")
         lr, norm, rate = (fig.add_subplot(grid[1, column]) for column in range(3))
-        for label, steps, lrs in schedule:  # named below-left of its point at 30 % of the steps, clear of both
+        # each curve named beside it: the first (AdamW's, the higher) above-right of its point at half the steps,
+        # the other below-left at 40 %, so that neither name crosses a curve
+        for index, (label, steps, lrs) in enumerate(schedule):
             lr.plot(steps, lrs, "-")
-            at = len(steps) * 3 // 10
-            lr.annotate(label, (steps[at], lrs[at]), xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
-                        color=lr.lines[-1].get_color(), fontsize=LABEL_PT)
+            at, offset, align = ((len(steps) // 2, 4, ("left", "bottom")) if index == 0 else
+                                 (len(steps) * 2 // 5, -4, ("right", "top")))
+            lr.annotate(label, (steps[at], lrs[at]), xytext=(offset, offset), textcoords="offset points",
+                        ha=align[0], va=align[1], color=lr.lines[-1].get_color(), fontsize=LABEL_PT)
         lr.axvspan(0, warmup_steps, color="#f0c36d", alpha=0.5)
         lr.set_title("learning rate")
         norm.plot(*grad_norm, "o-", markersize=3)
