@@ -14,10 +14,19 @@ WIDTH = 6.6  # inches: the PDF shows a figure at its own size up to the page's t
 EVEN_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.2}
 
 
-def head_colours(count: int) -> list:
-    """One colour per head, the same in every figure of the chapter."""
-    cmap = plt.get_cmap("tab10" if count <= 10 else "viridis")
-    return [cmap(i if count <= 10 else i / max(count - 1, 1)) for i in range(count)]
+LEGEND_HEADS = 12  # beyond this many heads, lines are coloured by depth instead of named one by one
+
+
+def head_lines(ax, steps: list[int], lines: list[tuple[str, list[float]]]) -> None:
+    """One line per head (label, value per recorded step), in layer order: named in the legend when few; when
+    many, coloured from the first layer (dark) to the last (light), the legend naming only those two."""
+    few = len(lines) <= LEGEND_HEADS
+    cmap = plt.get_cmap("tab10" if few and len(lines) <= 10 else "viridis")
+    for i, (label, values) in enumerate(lines):
+        colour = cmap(i) if few and len(lines) <= 10 else cmap(i / max(len(lines) - 1, 1))
+        shown = few or i in (0, len(lines) - 1)
+        ax.plot(steps, values, "o-" if few else "-", color=colour, markersize=3, linewidth=1.5 if few else 0.8,
+                label=label if shown else None)
 
 
 def loss_and_entropy(loss: list[tuple[str, list[int], list[float]]], recorded: list[int],
@@ -32,13 +41,12 @@ def loss_and_entropy(loss: list[tuple[str, list[int], list[float]]], recorded: l
     top.set_ylabel("loss (nats per token)")
     top.set_title("the next-token loss (dotted: the steps attention was recorded at)", fontsize=9)
     top.legend(fontsize=7)
-    for (label, values), colour in zip(entropy, head_colours(len(entropy)), strict=True):
-        bottom.plot(recorded, values, "o-", label=label, color=colour, markersize=3)
+    head_lines(bottom, recorded, entropy)
     bottom.axhline(even, label="even attention", **EVEN_STYLE)
     bottom.set_ylabel("entropy (bits)")
     bottom.set_xlabel("step")
     bottom.set_title("entropy of each head's attention rows", fontsize=9)
-    bottom.legend(fontsize=7, ncol=min(4, len(entropy) + 1))
+    bottom.legend(fontsize=7, ncol=4)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -51,8 +59,7 @@ def role_curves(recorded: list[int], panels: list[tuple[str, str, dict[str, list
     of even attention); one legend for the heads below."""
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH, 5.6), sharex=True, squeeze=False)
     for ax, (title, ylabel, lines, even) in zip(axes.flat, panels, strict=False):
-        for (label, values), colour in zip(lines.items(), head_colours(len(lines)), strict=True):
-            ax.plot(recorded, values, "o-", label=label, color=colour, markersize=3)
+        head_lines(ax, recorded, list(lines.items()))
         ax.axhline(even, label="even attention", **EVEN_STYLE)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=8)
@@ -64,7 +71,7 @@ def role_curves(recorded: list[int], panels: list[tuple[str, str, dict[str, list
         ax.set_xlabel("step", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7)
     save_figure(fig, path)
 
 
