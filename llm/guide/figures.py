@@ -14,6 +14,7 @@ from llm.plots import attention_figure, plt, save_figure
 
 PAGE_WIDTH = 6.8  # inches: the PDF's text width (A4 less margins); a figure this wide is set at its drawn size
 MIN_HEIGHT = PAGE_WIDTH / 2.2  # inches: a figure scaled to a phone's 390 px is still 150 px tall or more
+MAX_HEIGHT = 7.6  # inches: the PDF sets a figure at most 3/4 of an A4 page's text height (about 7.8 in) tall
 LABEL_PT = 7.5  # the smallest text in a figure: at least 7 pt at A4 (a tight bounding box may grow a little)
 TEXT_SIZES = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": LABEL_PT,
               "ytick.labelsize": LABEL_PT, "legend.fontsize": LABEL_PT}
@@ -123,8 +124,10 @@ def matrices(panels: list[tuple[str, np.ndarray, str]], row_labels: list[str], p
     columns = columns or len(panels)
     rows = math.ceil(len(panels) / columns)
     panel_width = PAGE_WIDTH / columns
-    row_inches = min(0.16, 3.2 / T) if col_labels is not None else min(0.14, 2.4 / T)
-    panel_height = T * row_inches + (1.3 if col_labels is not None else 0.8)
+    margin = 1.3 if col_labels is not None else 0.8  # inches of a panel that are not rows: title, labels below
+    # The PDF shrinks a figure taller than MAX_HEIGHT, and its text with it: rows get what is left of that.
+    row_inches = min(0.16 if col_labels is not None else 0.14, (MAX_HEIGHT / rows - margin) / T)
+    panel_height = T * row_inches + margin
     height = max(panel_height * rows, MIN_HEIGHT)
     fig, axes = plt.subplots(rows, columns, figsize=(panel_width * columns, height), squeeze=False,
                              layout="constrained")
