@@ -17,6 +17,10 @@ class TextModel(PythonModel):
     """Continues each prompt as `python -m stages generate --prompt P` does with the same flags: the same seed gives
     the same text."""
 
+    # The input schema is the logged signature, not type hints on predict: MLflow skips its type-hint wrapper (and its
+    # warning, at every log and load, that predict has none), as it does for its own ChatModel.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from llm.config import EOT
         from llm.model_registry import load_artifacts
@@ -24,8 +28,8 @@ class TextModel(PythonModel):
         self.model, self.tokenizer, _ = load_artifacts(context.artifacts)
         self.eot_id = self.tokenizer.token_to_id(EOT)
 
-    # No type hint on model_input: MLflow would read one as an input schema; the logged signature is the schema.
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+    # No type hints on context and model_input: MLflow would try to read an input schema from them.
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         from llm.configs.evaluate import check_sampling
         from llm.generate import generate, prompt_ids
 

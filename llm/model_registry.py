@@ -103,7 +103,7 @@ def log_model_now(files: ModelFiles, name: str, step: int, role: str, run_id: st
     if active is None or active.info.run_id != run_id:  # MLflow would log it to another run, or start one
         raise RuntimeError(f"run {run_id} is not the active run of the tracker thread")
     kind = "chat" if role == SFT else "text"
-    # MLflow suggests an input example (it would run the model at every log) and type hints (the signature is ours).
+    # MLflow suggests an input example: it would run the model at every log.
     with tempfile.TemporaryDirectory(prefix="llm-model-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         folder = files.staged(Path(tmp) / MODEL_ARTIFACT)
@@ -275,3 +275,9 @@ def log_trained_models(run: TrackedRun, model_dir: Path, step: int, checkpoints:
     for files, name, at, role in models:
         run.call(f"the model {name}", lambda client, run_id, f=files, n=name, s=at, r=role:
                  log_model_now(f, n, s, r, run_id))
+
+
+def log_tuned_model(run: TrackedRun, model_dir: Path, step: int) -> None:
+    """Hand the sft stage's model to its run, as log_trained_models does: a chat model (llm/mlflow_chat_model.py)."""
+    run.call(f"the model {SFT}", lambda client, run_id: log_model_now(ModelFiles.of_dir(model_dir), SFT, step, SFT,
+                                                                       run_id))

@@ -34,6 +34,7 @@ from llm.fileio import sha256_file, write_json_atomic
 from llm.history import HistoryRow, write_history_csv
 from llm.model import GPT, IGNORE, GPTConfig, tied_aliases
 from llm.model_io import load_model_dir, save_model_dir
+from llm.model_registry import log_tuned_model
 from llm.progress import TrainProgress
 from llm.sft_data import SFTSet, build_sft_set
 from llm.signals import StopSignals
@@ -241,6 +242,7 @@ def write_sft_outputs(metrics: dict[str, Any], result: TrainResult, model_cfg: G
     run.log_metrics(accuracies, step=result.metrics["steps"])
     run.log_artifact(paths.metrics)
     run.log_artifact(paths.out, "model")
+    log_tuned_model(run, paths.out, result.metrics["steps"])
     run.finish()
     for task, score in metrics["tasks"].items():
         log.info("sft: %-24s n=%3d chance %.2f  base %.2f  tuned %.2f", task, score["n"], score["chance"],

@@ -212,3 +212,86 @@ def test_the_served_champion_answers_as_generate_does(project, served):
         answer = json.loads(response.read())
     work = project["work"]
     assert answer == {"predictions": [generated(work, work / "full" / "final")]}
+
+
+def with_params(work: Path, base: str, name: str, **sections: dict) -> str:
+    """A params file `name` in `work`: the params file `base` with `sections` updated."""
+    params = yaml.safe_load((work / base).read_text())
+    for section, values in sections.items():
+        params[section] = {**params[section], **values}
+    (work / name).write_text(yaml.safe_dump(params))
+    return name
+
+
+def evaluate_elsewhere(project: dict, tmp_path: Path, params: str) -> subprocess.CompletedProcess:
+    """The evaluate stage on the short training's model, its outputs in tmp_path."""
+    options = paths(project["work"], "short")["evaluate"]
+    options[options.index("--metrics") + 1] = tmp_path / "eval.json"
+    options[options.index("--reports") + 1] = tmp_path / "reports"
+    return stage(project["work"], "evaluate", *options, params=params)
+
+
+def test_an_empty_registered_model_turns_the_registry_step_off(project, tmp_path):
+    import mlflow
+
+    params = with_params(project["work"], "short.yaml", "unregistered.yaml", mlflow={"registered_model": ""})
+    stderr = evaluate_elsewhere(project, tmp_path, params).stderr
+    assert "champion" not in stderr and "version" not in stderr
+    assert len(mlflow.MlflowClient(project["uri"]).search_model_versions(f"name = '{NAME}'")) == 2
+
+
+def test_an_unreachable_tracker_skips_the_registry_step_in_one_line_and_generate_says_why(project, tmp_path):
+    work, url = project["work"], f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    params = with_params(work, "short.yaml", "unreachable.yaml", mlflow={"tracking_uri": url})
+    result = evaluate_elsewhere(project, tmp_path, params)
+    assert read_json(tmp_path / "eval.json")["val_bpb"] == pytest.approx(project["bpb"]["short"])
+    [line] = [line for line in result.stderr.splitlines() if "registry step" in line]
+    assert "the evaluation was not tracked" in line and "nor the evaluation's link to the model and the registry " \
+        "step" in line and "are complete" in line
+    assert "Traceback" not in result.stderr
+
+    failed = run_stage(work, "generate", "--params", params, "--model", f"models:/{NAME}@champion", "--seed", "1")
+    assert failed.returncode == 2 and failed.stdout == ""
+    [error] = failed.stderr.strip().splitlines()
+    assert f"models:/{NAME}@champion: cannot be downloaded from MLflow at {url}" in error
+
+
+def test_a_registered_model_name_a_models_uri_cannot_carry_is_refused(project):
+    work = project["work"]
+    params = with_params(work, "short.yaml", "bad-name.yaml", mlflow={"registered_model": "team/gpt@v1"})
+    result = run_stage(work, "evaluate", "--params", params)
+    assert result.returncode == 2
+    assert "mlflow.registered_model" in result.stderr and "team/gpt@v1" in result.stderr
+
+
+def test_the_tuned_model_answers_chat_messages_as_the_chat_command_does(tmp_path, chat_tokenizer_path,
+                                                                         empty_mlflow_db):
+    """The sft stage logs its model with log_tuned_model: logged so here, from a tiny model with the chat tokens."""
+    import shutil
+
+    import mlflow
+
+    from llm.model_registry import SFT, ModelFiles, log_model_now
+    from tests.conftest import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "sft", chat_tokenizer_path, block_size=64)
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        mlflow.set_experiment(mlflow.create_experiment("chat", artifact_location=(tmp_path / "mlruns").as_uri()))
+        with mlflow.start_run() as run:
+            model_id = log_model_now(ModelFiles.of_dir(model_dir), SFT, 4, SFT, run.info.run_id)
+        loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert not list((tmp_path / "mlruns").rglob("*.pkl"))
+    request = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
+               "temperature": SAMPLING["temperature"], "max_tokens": SAMPLING["max_new_tokens"],
+               "top_k": SAMPLING["top_k"], "top_p": SAMPLING["top_p"], "custom_inputs": {"seed": SAMPLING["seed"]}}
+    answer = loaded.predict(request)["choices"][0]["message"]
+    chat = run_stage(tmp_path, "chat", "--model", model_dir, "--system", "Be brief.", "--prompt", PROMPT,
+                     "--temperature", SAMPLING["temperature"], "--max-new-tokens", SAMPLING["max_new_tokens"],
+                     "--top-k", SAMPLING["top_k"], "--top-p", SAMPLING["top_p"], "--seed", SAMPLING["seed"])
+    assert chat.returncode == 0, chat.stderr
+    assert answer["role"] == "assistant" and answer["content"] == chat.stdout.removesuffix("\n")
+    assert answer["content"], "the tiny model answers something: the test compares text"
