@@ -34,8 +34,9 @@ from tests.conftest import make_model_dir, only_mlflow_run, read_json, run_stage
 
 pytestmark = pytest.mark.slow
 
-CHAPTERS = ["The corpus", "The tokenizer", "Token shards", "The model", "Attention, step by step",
-            "Attention over training", "Training", "Generation", "Instruction tuning", "Your experiments"]
+CHAPTERS = ["What a language model is", "The corpus", "The tokenizer", "Token shards", "The model",
+            "Attention, step by step", "Attention over training", "Training", "Generation", "Instruction tuning",
+            "Your experiments"]
 
 @pytest.fixture(scope="module")
 def project(guide_project: Path) -> Path:
@@ -57,9 +58,9 @@ def test_every_chapter_and_figure_is_there(project):
     assert [t.replace("&#x27;", "'") for t in titles] == CHAPTERS
     guide = project / "reports/guide"
     images = re.findall(r'<img src="([^"]+)"', html)
-    expected = {"corpus_files", "token_lengths", "memmap", "weight_std", "attention_qkv", "attention_scores",
-                "attention_output", "attention_heads", "attention_curves", "training", "next_token",
-                "sft_loss", "sft_accuracy", "runs",
+    expected = {"pipeline", "corpus_files", "token_lengths", "memmap", "weight_std", "attention_qkv",
+                "attention_scores", "attention_output", "attention_heads", "attention_curves", "training",
+                "next_token", "sft_loss", "sft_accuracy", "runs",
                 "model_diagram", "attention_shapes",  # chapters 4 and 5: the block diagram, the shapes of Q, K, V
                 # chapter 6 on the tiny model (2 layers x 2 heads): a figure of each layer's heads over training
                 "attention_filmstrip", "attention_roles", "attention_heads_1", "attention_heads_2"}

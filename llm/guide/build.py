@@ -11,6 +11,7 @@ from llm.guide.document import Chapter, write_html, write_pdf
 from llm.guide.evolution_chapter import evolution_chapter
 from llm.guide.experiments_chapter import with_experiments
 from llm.guide.inputs import GuidePaths, GuideSettings, Run, load_run
+from llm.guide.intro_chapter import intro_chapter
 from llm.guide.model_chapters import attention_chapter, model_chapter
 from llm.guide.run_chapters import generation_chapter, training_chapter
 from llm.guide.sft_chapter import sft_chapter
@@ -22,7 +23,8 @@ TITLE = "How your language model was made"
 
 
 def chapters(run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
-    """The ten chapters, in the pipeline's order; each writes its figures into `figure_dir`."""
+    """The eleven chapters: what a language model is, then the pipeline's stages in order; each writes its
+    figures into `figure_dir`. The first is made last, since its reading path lists the others' exercises."""
     made = []
     for build in (corpus, tokenizer_chapter, shards_chapter, model_chapter, attention_chapter, evolution_chapter,
                   training_chapter, generation_chapter, sft_chapter):
@@ -30,6 +32,9 @@ def chapters(run: Run, figure_dir: Path, run_id: str | None) -> list[Chapter]:
         made.append(build(run, figure_dir))
         log.info("chapter %d, %s: %.1f s", len(made), made[-1].title, time.perf_counter() - start)
     made = with_experiments(made, run, figure_dir, run_id)  # and every exercise's result from the runs
+    start = time.perf_counter()
+    made.insert(0, intro_chapter(run, figure_dir, made))
+    log.info("chapter 1, %s: %.1f s", made[0].title, time.perf_counter() - start)
     return made
 
 

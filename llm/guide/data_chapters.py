@@ -1,6 +1,8 @@
-"""Chapters 1-3: the corpus, the tokenizer, the token shards."""
+"""Chapters 2-4: the corpus, the tokenizer, the token shards."""
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -8,23 +10,132 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llm.config import EOT
+from llm.documents import iter_documents
+from llm.errors import InputError
 from llm.evaluate import token_byte_lengths
 from llm.fetch import BUILTIN
 from llm.fileio import sha256_file
 from llm.guide import figures
-from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens
+from llm.guide.document import Chapter, Exercise, Figure, Pre, Table, Text, Tokens
 from llm.guide.inputs import Run
 from llm.shards import HEADER_BYTES, open_shard, read_header
+from llm.split import is_val
 from llm.tokenizer import piece_text, token_text
 
 FILES_SHOWN = 12  # rows of the table of fetched files (each is hashed for it)
+VAL_SHOWN = 12  # rows of the table of validation documents
+DOCUMENT_TOKENS = 1 << 16  # the most of a document read for an excerpt or an example
+EXCERPT_LINES = 14
 
 
 def quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-# --- 1. the corpus -----------------------------------------------------------------------------------------
+# --- 2. the corpus -----------------------------------------------------------------------------------------
+
+def first_document(run: Run, split: str) -> np.ndarray:
+    """The first document of a split as tokenize wrote it: from its <|endoftext|> up to the next (at most
+    DOCUMENT_TOKENS tokens of it)."""
+    tokens = np.asarray(open_shard(run.meta.shard_paths(run.paths.tokens, split)[0])[:DOCUMENT_TOKENS])
+    ends = np.flatnonzero(tokens[1:] == run.eot_id)
+    return tokens[:ends[0] + 1] if len(ends) else tokens
+
+
+def excerpt(run: Run, document: np.ndarray) -> tuple[str, str]:
+    """(where, text): EXCERPT_LINES whole lines from the middle of a document, decoded from its tokens, or the
+    start of a document too short to have a middle."""
+    body = document[1:]  # after its <|endoftext|>
+    span = 40 * EXCERPT_LINES  # tokens enough for that many lines of verse or dialogue
+    if len(body) <= 2 * span:
+        return "the start of", "\n".join(run.tokenizer.decode(body[:span].tolist()).split("\n")[:EXCERPT_LINES])
+    lines = run.tokenizer.decode(body[len(body) // 2:len(body) // 2 + span].tolist()).split("\n")
+    return "lines from the middle of", "\n".join(lines[1:-1][:EXCERPT_LINES])  # whole lines: the ends may be cut
+
+
+def first_line(run: Run, document: np.ndarray) -> str:
+    text = run.tokenizer.decode(document[:64].tolist())
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitDocument:
+    """A document of the val split as the shards hold it."""
+
+    first_line: str
+    tokens: int  # its <|endoftext|> included
+    bytes: int  # of UTF-8 text
+
+
+def val_documents(run: Run) -> list[SplitDocument]:
+    """The val split's documents, in order, read from its shards (a document may run on into the next shard)."""
+    lengths = token_byte_lengths(run.tokenizer)
+    pieces: list[list] = []  # [head tokens, token count, bytes] per document
+    for path in run.meta.shard_paths(run.paths.tokens, "val"):
+        tokens = open_shard(path)
+        starts = np.flatnonzero(tokens == run.eot_id)
+        bounds = [0, *starts.tolist(), len(tokens)]
+        for begin, end in zip(bounds, bounds[1:], strict=False):
+            if end == begin:
+                continue
+            piece = np.asarray(tokens[begin:end])
+            if tokens[begin] != run.eot_id and pieces:  # the rest of the last shard's last document
+                pieces[-1][1] += len(piece)
+                pieces[-1][2] += int(lengths[piece].sum())
+            else:
+                pieces.append([piece[:64], len(piece), int(lengths[piece].sum())])
+    return [SplitDocument(first_line(run, head), count, size) for head, count, size in pieces]
+
+
+def val_document_ids(run: Run, documents: list[SplitDocument]) -> list[str] | None:
+    """The ids (in data/clean) of the val documents, when that folder is the one tokenized: the same number of val
+    documents of the same sizes; None when it is not (or cannot be read)."""
+    data = run.settings.data
+    try:
+        found = [(doc_id, len(text.encode())) for doc_id, text in iter_documents(run.paths.clean)
+                 if is_val(doc_id, data.seed, data.val_fraction)]
+    except InputError:
+        return None
+    if [size for _, size in found] != [d.bytes for d in documents]:
+        return None
+    return [doc_id for doc_id, _ in found]
+
+
+def val_blocks(run: Run) -> list:
+    documents = val_documents(run)
+    ids = val_document_ids(run, documents)
+    named = "by their id in `data/clean/`" if ids else "by their first line"
+    rows = [(ids[i] if ids else d.first_line, f"{d.tokens:,}", f"{d.bytes:,}")
+            for i, d in enumerate(documents[:VAL_SHOWN])]
+    if len(documents) > VAL_SHOWN:
+        rest = documents[VAL_SHOWN:]
+        rows.append((f"... and {len(rest)} more", f"{sum(d.tokens for d in rest):,}",
+                     f"{sum(d.bytes for d in rest):,}"))
+    return [Text(f"The {len(documents):,} validation documents, {named}: every val loss and bits per byte in this "
+                 "guide is measured on this text and on nothing else."),
+            Table(("validation document", "tokens", "bytes"), rows)]
+
+
+def corpus_exercises(run: Run) -> list:
+    data = run.settings.data
+    seed = data.seed + 1
+    fraction = round(min(0.5, 2 * data.val_fraction), 3)
+    return [
+        Exercise(f"dvc exp run -S data.seed={seed}",
+                 "this chapter's table of validation documents and its split table; the val bpb of the run in "
+                 "chapter 'Your experiments' (or `metrics/eval.json`).",
+                 "other documents held out (the split is a hash of each id, salted by the seed), and a val bpb that "
+                 "moves although nothing about the model changed: it is measured on other text. How far it moves is "
+                 "what the choice of validation documents alone is worth; compare runs only on the same split.",
+                 (("data.seed", str(seed)),)),
+        Exercise(f"dvc exp run -S data.val_fraction={fraction}",
+                 "the split table (documents, bytes and tokens per split) and the train stage's tokens per step.",
+                 f"about {fraction:.0%} of the documents held out instead of {data.val_fraction:.0%}: fewer train "
+                 "tokens, so the same number of steps passes over the train text more often, and a val loss "
+                 "measured on more text, so it is less noisy.",
+                 (("data.val_fraction", str(fraction)),)),
+    ]
+
 
 def corpus(run: Run, figure_dir: Path) -> Chapter:
     raw = run.paths.raw
@@ -71,6 +182,13 @@ def corpus(run: Run, figure_dir: Path) -> Chapter:
         blocks.append(Text("Nothing was dropped: no document was unreadable, too short (`clean.min_chars`) or a "
                            "duplicate of another."))
 
+    document = first_document(run, "train")
+    where, shown = excerpt(run, document)
+    blocks += [Text(f"This is the text the model learns from: {where} the first train document (it begins "
+                    f"{quoted(first_line(run, document))}), exactly as clean left it, decoded here from the token "
+                    "shards the model trains on."),
+               Pre(shown)]
+
     data = run.settings.data
     splits = run.meta.splits
     blocks.append(Text(
@@ -80,6 +198,8 @@ def corpus(run: Run, figure_dir: Path) -> Chapter:
         "the val split; every loss this guide calls val is measured there."))
     blocks.append(Table(("split", "documents", "UTF-8 bytes", "tokens"),
                         [(name, f"{s.documents:,}", f"{s.bytes:,}", f"{s.tokens:,}") for name, s in splits.items()]))
+    blocks += val_blocks(run)
+    blocks += corpus_exercises(run)
     return Chapter("corpus", "The corpus", blocks)
 
 
@@ -113,6 +233,31 @@ def trained_on(report: dict, max_chars: int) -> str:
     return (f"`tokenizer.max_train_chars` = {max_chars:,} bounded its training to {chars:,} "
             f"characters: {used:,} of the {documents:,} train documents, chosen by a hash of their id so the "
             "sample is spread over the corpus.")
+
+
+def per_vocab_token_params(run: Run) -> int:
+    """Parameters that each id of the vocabulary costs: its row of the embedding, and of the head when untied."""
+    vocab = run.tokenizer.get_vocab_size()
+    return sum(p.numel() for p in run.model.parameters() if vocab in p.shape) // vocab
+
+
+def tokenizer_exercises(run: Run) -> list:
+    vocab = run.tokenizer.get_vocab_size()
+    smaller = max(512, vocab // 4) if vocab > 512 else 2 * vocab
+    val = run.meta.splits["val"]
+    fewer = per_vocab_token_params(run) * (vocab - smaller)
+    change = f"{abs(fewer):,} {'fewer' if fewer > 0 else 'more'} parameters"
+    return [Exercise(
+        f"dvc exp run -S tokenizer.vocab_size={smaller}",
+        "this chapter's bytes per token and token lengths, the model chapter's parameter count, and the val bpb "
+        "beside the default's in chapter 'Your experiments'.",
+        f"{'fewer' if smaller < vocab else 'more'} bytes per token than your {val.bytes / val.tokens:.2f}: the same "
+        f"text in {'more' if smaller < vocab else 'fewer'} tokens, so a context of {run.model.config.block_size} "
+        f"tokens holds {'less' if smaller < vocab else 'more'} of it; {change} in the embedding"
+        f"{' and head' if run.model.config.head == 'untied' else ''} ({per_vocab_token_params(run):,} per id). The "
+        "loss per token is not comparable across vocabularies (each token carries a different amount of text); "
+        "bits per byte is.",
+        (("tokenizer.vocab_size", str(smaller)),))]
 
 
 def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
@@ -159,6 +304,7 @@ def tokenizer_chapter(run: Run, figure_dir: Path) -> Chapter:
         "so no text can forge a document boundary. Words of languages the corpus lacks break into short pieces, "
         "down to single bytes (shown as \\x escapes) for letters it never saw."),
         Tokens(spans, control=frozenset({run.eot_id}))]
+    blocks += tokenizer_exercises(run)
     return Chapter("tokenizer", "The tokenizer", blocks)
 
 
@@ -255,4 +401,20 @@ def shards_chapter(run: Run, figure_dir: Path) -> Chapter:
                              f"reading random batches of {cfg.batch_size} x {block + 1} tokens: "
                              f"{growth[1] / 1e6:.2f} MB after one batch, {growth[-1] / 1e6:.2f} MB after "
                              f"{steps[-1]}."))
+    blocks += shard_exercises(run)
     return Chapter("shards", "Token shards", blocks)
+
+
+def shard_exercises(run: Run) -> list:
+    splits = run.meta.splits
+    per_shard = max(run.model.config.block_size + 1, math.ceil(splits["train"].tokens / 4))
+    train, val = (math.ceil(splits[name].tokens / per_shard) for name in ("train", "val"))
+    return [Exercise(
+        f"dvc exp run -S tokenize.shard_tokens={per_shard}",
+        "`ls data/tokens` and this chapter's table of shards; `data/tokens/meta.json`.",
+        f"{train} train shard{'s' if train != 1 else ''} and {val} val shard{'s' if val != 1 else ''} of at most "
+        f"{per_shard:,} tokens instead of {len(splits['train'].shards)} and {len(splits['val'].shards)}: the same "
+        "tokens in the same order, only cut in other places (a document may run on into the next shard). The "
+        "batches change a little, since a training window never crosses a shard boundary and shards are drawn in "
+        "proportion to their size, so the val bpb moves only as much as any change of the batches moves it.",
+        (("tokenize.shard_tokens", str(per_shard)),))]

@@ -98,20 +98,25 @@ TRAINED_COLOUR, MASKED_COLOUR = "#a8e0a0", "#e4e4e4"  # a loss mask: green where
 
 CSS = """
 body { font-family: DejaVu Sans, Verdana, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
-       line-height: 1.5; color: #222; }
+       line-height: 1.5; color: #222; overflow-wrap: break-word; }
 h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ccc; margin-top: 3rem; }
-nav ol { columns: 2; } figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; }
+nav ol { columns: 2; } figure { margin: 1.5rem 0; }
+.scroll { overflow-x: auto; max-width: 100%; }
+figure img { max-width: 100%; height: auto; display: block; }
 figcaption { font-size: 0.9rem; color: #555; }
 table { border-collapse: collapse; font-size: 0.9rem; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } code, pre { font-family: DejaVu Sans Mono, monospace; font-size: 0.85rem; }
-pre { background: #f7f7f7; padding: 0.7rem; overflow-x: auto; white-space: pre-wrap; }
-.tokens { line-height: 2.6; } .tok { display: inline-block; line-height: 1.4; white-space: pre; padding: 0.15rem 0.1rem;
-        margin: 0 1px 0.3rem 0; border-radius: 3px; }
+code { overflow-wrap: anywhere; } td code { overflow-wrap: normal; }
+pre { background: #f7f7f7; padding: 0.7rem; overflow-x: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.tokens { line-height: 2.6; } .tok { display: inline-block; line-height: 1.4; white-space: pre-wrap;
+        overflow-wrap: anywhere; max-width: 100%; padding: 0.15rem 0.1rem; margin: 0 1px 0.3rem 0;
+        border-radius: 3px; }
 .tok sub { font-size: 0.6rem; color: #555; margin-left: 0.1rem; } .control { outline: 2px solid #c00; }
 aside { border-left: 4px solid #8fb3d9; background: #f2f7fc; padding: 0.3rem 1rem; margin: 1rem 0; }
 .exercise { border: 1px solid #b7d7a8; background: #f5fbf2; padding: 0.3rem 1rem; margin: 1rem 0; }
 .exercise pre { background: #fff; }
+@media (max-width: 40rem) { nav ol { columns: 1; } body { margin: 1rem auto; } }
 """
 
 
@@ -133,17 +138,41 @@ def _inline(text: str) -> str:
                    for i, p in enumerate(parts)).replace(_BACKQUOTE, "`")
 
 
-def _block_html(block: Block) -> str:
+# The shortest a figure is drawn on the page, in CSS pixels: a wide figure shrunk to a phone's width would be a
+# strip too thin to read, so below this it keeps its height and scrolls sideways inside its frame instead (and a
+# figure drawn shorter than this is enlarged to it).
+MIN_FIGURE_PX = 160
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def _figure_html(block: Figure, folder: Path) -> str:
+    """The image at the page's width (at most its own), never under MIN_FIGURE_PX tall, and a link to it at full
+    size, where a reader zooms into a dense figure."""
+    width, height = _image_size(folder / block.file)
+    caption, src = html.escape(block.caption), html.escape(block.file)
+    least = -(-MIN_FIGURE_PX * width // height)  # the width at which it is MIN_FIGURE_PX tall (a short one grows)
+    image = (f'<img src="{src}" alt="{caption}" width="{width}" height="{height}" '
+             f'style="min-width:{least}px">')
+    return (f'<figure><div class="scroll"><a href="{src}" title="the figure at full size">{image}</a></div>'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _block_html(block: Block, folder: Path) -> str:
     if isinstance(block, Text):
         return f"<p>{_inline(block.text)}</p>"
     if isinstance(block, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        # a wide table scrolls inside its frame: the page itself never gets wider than the screen
+        return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
     if isinstance(block, Figure):
-        caption = html.escape(block.caption)
-        image = f'<img src="{html.escape(block.file)}" alt="{caption}">'
-        return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+        return _figure_html(block, folder)
     if isinstance(block, Tokens):
         masks = ["" if block.trained is None else " trained" if trained else " masked"
                  for trained in (block.trained or [None] * len(block.spans))]
@@ -170,7 +199,7 @@ def write_html(path: Path, title: str, subtitle: str, chapters: list[Chapter]) -
     toc = "".join(f'<li><a href="#{c.slug}">{html.escape(c.title)}</a></li>' for c in chapters)
     sections = "".join(
         f'<section id="{c.slug}"><h2>{i}. {html.escape(c.title)}</h2>'
-        + "".join(_block_html(b) for b in c.blocks) + "</section>"
+        + "".join(_block_html(b, path.parent) for b in c.blocks) + "</section>"
         for i, c in enumerate(chapters, 1))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -188,6 +217,12 @@ def _fonts_dir() -> Path:
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+FIGURE_DPI = 110  # what llm.plots.save_figure draws at, for a PNG that does not say
+# A figure that nearly fits the rest of a page is shrunk to fit (by at most this factor) rather than leave the
+# space empty; one that fits less waits for the next page while the paragraphs after it fill this one.
+NEARLY_FITS = 0.9
 
 
 def _hex(colour: str) -> tuple[int, int, int]:
@@ -231,23 +266,56 @@ class _Pdf:
                     cells.cell(value)
         self.pdf.ln(3)
 
-    def figure(self, block: Figure) -> None:
+    def figure_size(self, block: Figure) -> tuple[float, float]:
+        """Width and height (mm) of a figure at its natural size, the size its fonts were set for (the PNG's own
+        dpi), shrunk only to fit the text width and most of a page."""
         from PIL import Image
 
-        path = self.folder / block.file
-        with Image.open(path) as image:
-            width_px, height_px = image.size
-        width = min(self.pdf.epw, width_px / 110 * 25.4)  # the figures are drawn at 110 dpi
+        with Image.open(self.folder / block.file) as image:
+            (width_px, height_px), dpi = image.size, image.info.get("dpi", (FIGURE_DPI,))[0]
+        width = min(self.pdf.epw, width_px / dpi * 25.4)
         height = width * height_px / width_px
-        if height > 0.75 * self.pdf.eph:
-            height = 0.75 * self.pdf.eph
+        if height > 0.8 * self.pdf.eph:
+            height = 0.8 * self.pdf.eph
             width = height * width_px / height_px
-        if self.pdf.get_y() + height + 10 > self.pdf.page_break_trigger:
-            self.pdf.add_page()
+        return width, height
+
+    def caption_height(self, block: Figure) -> float:
+        self.pdf.set_font("Sans", "", 8)
+        return self.pdf.multi_cell(0, 4, block.caption, dry_run=True, output="HEIGHT") + 3
+
+    def room(self) -> float:
+        """Height (mm) left on the page."""
+        return self.pdf.page_break_trigger - self.pdf.get_y()
+
+    def at_page_top(self) -> bool:
+        return self.pdf.get_y() <= self.pdf.t_margin + 1
+
+    def figure(self, block: Figure, *, anywhere: bool = True) -> bool:
+        """Place the figure here if it fits what is left of the page, shrunk by at most NEARLY_FITS; else, when
+        `anywhere`, at the top of a new page. Returns whether it was placed."""
+        width, height = self.figure_size(block)
+        caption = self.caption_height(block)
+        if height + caption > self.room() and not self.at_page_top():
+            scale = (self.room() - caption) / height
+            if scale >= NEARLY_FITS:
+                width, height = width * scale, height * scale
+            elif anywhere:
+                self.pdf.add_page()
+            else:
+                return False
+        path = self.folder / block.file
         self.pdf.image(str(path), x=self.pdf.l_margin + (self.pdf.epw - width) / 2, w=width, h=height)
         self.pdf.set_font("Sans", "", 8)
         self.pdf.multi_cell(0, 4, block.caption, new_x="LMARGIN", new_y="NEXT", align="C")
         self.pdf.ln(3)
+        return True
+
+    def paragraph_fits(self, text: str, size: float = 10) -> bool:
+        self.pdf.set_font("Sans", "", size)
+        lines = self.pdf.multi_cell(0, 5, text.replace("`", "").replace(_BACKQUOTE, "`"), dry_run=True,
+                                    output="HEIGHT")
+        return lines + 2 <= self.room()
 
     def tokens(self, block: Tokens) -> None:
         pdf = self.pdf
@@ -285,9 +353,55 @@ class _Pdf:
         self.pdf.ln(3)
 
 
+def _write_block(doc: _Pdf, block: Block) -> None:
+    if isinstance(block, Text):
+        doc.paragraph(block.text)
+    elif isinstance(block, Table):
+        doc.table(block)
+    elif isinstance(block, Figure):
+        doc.figure(block)
+    elif isinstance(block, Tokens):
+        doc.tokens(block)
+    elif isinstance(block, Aside):
+        doc.paragraph(f"Aside: {block.title}", size=9.5)
+        for text in block.paragraphs:
+            doc.paragraph(text, size=9)
+    elif isinstance(block, Exercise):
+        doc.paragraph("Try it:", size=9.5)
+        doc.pre(Pre(block.command))
+        doc.paragraph(f"Then look at: {block.look}", size=9)
+        doc.paragraph(f"Expect: {block.expect}", size=9)
+        if block.result:
+            doc.paragraph(f"Your run: {block.result}", size=9)
+    else:
+        doc.pre(block)
+
+
+def _write_chapter(doc: _Pdf, blocks: list[Block]) -> None:
+    """The blocks in order, except that a figure too tall for the rest of its page floats to the top of the next
+    while the paragraphs after it fill this one, as a book sets figures; no page is left mostly empty for it."""
+    waiting: Figure | None = None
+    for block in blocks:
+        if isinstance(block, Figure) and block.file.endswith(".gif"):
+            continue  # an animation does not print: its chapter shows its frames as a filmstrip beside it
+        if waiting is not None:
+            if isinstance(block, Text) and doc.paragraph_fits(block.text):
+                doc.paragraph(block.text)
+                continue
+            doc.figure(waiting)
+            waiting = None
+        if isinstance(block, Figure):
+            if not doc.figure(block, anywhere=False):
+                waiting = block
+            continue
+        _write_block(doc, block)
+    if waiting is not None:
+        doc.figure(waiting)
+
+
 def write_pdf(path: Path, folder: Path, title: str, subtitle: str, chapters: list[Chapter]) -> None:
     """The same chapters as the HTML, each starting on a new page (an outline entry each); figures from
-    `folder`."""
+    `folder`, at their natural size where the page allows."""
     doc = _Pdf(folder)
     doc.pdf.set_title(title)
     doc.pdf.add_page()
@@ -299,27 +413,6 @@ def write_pdf(path: Path, folder: Path, title: str, subtitle: str, chapters: lis
         doc.pdf.add_page()
         doc.pdf.start_section(f"{i}. {chapter.title}")
         doc.heading(f"{i}. {chapter.title}", 15)
-        for block in chapter.blocks:
-            if isinstance(block, Text):
-                doc.paragraph(block.text)
-            elif isinstance(block, Table):
-                doc.table(block)
-            elif isinstance(block, Figure):
-                doc.figure(block)
-            elif isinstance(block, Tokens):
-                doc.tokens(block)
-            elif isinstance(block, Aside):
-                doc.paragraph(f"Aside: {block.title}", size=9.5)
-                for text in block.paragraphs:
-                    doc.paragraph(text, size=9)
-            elif isinstance(block, Exercise):
-                doc.paragraph("Try it:", size=9.5)
-                doc.pre(Pre(block.command))
-                doc.paragraph(f"Then look at: {block.look}", size=9)
-                doc.paragraph(f"Expect: {block.expect}", size=9)
-                if block.result:
-                    doc.paragraph(f"Your run: {block.result}", size=9)
-            else:
-                doc.pre(block)
+        _write_chapter(doc, chapter.blocks)
     with atomic_path(path) as tmp:
         doc.pdf.output(str(tmp))
