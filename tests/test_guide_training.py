@@ -243,3 +243,26 @@ def test_the_exercises_set_real_params(project):
             for key, _ in re.findall(r"-S (\S+?)=(\S+)", command):
                 group, name = key.split(".")
                 assert name in params[group], key
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "removed"),
+                         [(0.0, 5, 0.9, [0, 63]), (1.0, 0, 1.0, [0, 0, 0, 0]), (0.7, 64, 0.5, [0, 0, 0, None])])
+def test_the_sampling_path_is_samples_at_any_setting(temperature, top_k, top_p, removed):
+    """Greedy at temperature 0 (sample() takes the argmax before any filter); filters that are off, or that keep
+    every token (top-k of the whole vocabulary), remove nothing; the figure draws every setting."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64, dropout=0.0)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    steps = sampling_path(model, [1, 2, 3], temperature, top_k, top_p)
+    counts = [int(step.removed.sum()) for step in steps]
+    assert counts[:len(removed) - 1] == removed[:-1]
+    if removed[-1] is not None:
+        assert counts[-1] == removed[-1]
+    else:
+        assert 0 < counts[-1] < 64 and steps[-1].kept.sum() >= 1
+    for step in steps:
+        assert torch.allclose(step.probs.sum(), torch.tensor(1.0)) and (step.probs[~step.kept] == 0).all()
+    fig = sampling_plot(steps, [str(i) for i in range(15)], list(range(15)))
+    plt.close(fig)

@@ -335,10 +335,10 @@ def bf16_text(bf16: Variant, fast_bf16: bool, trained_dtype: str) -> str:
                    f"sequence of {bf16.length} tokens to keep the wait short")
     return (f"bf16 autocast runs the matrix multiplications in bfloat16, 16-bit numbers with float32's range and "
             f"fewer digits, while the weights and the optimizer stay float32: it kept {bf16.memory_ratio:.2f}x the "
-            f"activations of float32 (the inputs the multiplications save are half the size; the norms, the "
-            f"softmax and the loss stay float32). {units}, {verdict}. GPUs with tensor cores multiply bf16 much "
-            f"faster than float32, which makes it their usual choice; `train.dtype: auto` chose "
-            f"{trained_dtype} for this run.")
+            f"activations of float32 (what the multiplications save is bf16, half the size, but autocast also keeps "
+            f"bf16 copies of the weights, and the norms, the softmax and the loss stay float32). {units}, "
+            f"{verdict}. GPUs with tensor cores multiply bf16 much faster than float32, which makes it their usual "
+            f"choice; `train.dtype: auto` chose {trained_dtype} for this run.")
 
 
 def memory_blocks(run: Run) -> list:
