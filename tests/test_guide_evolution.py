@@ -18,6 +18,7 @@ from llm.guide import evolution_chapter as chapter
 from llm.guide import evolution_figures
 from llm.guide.document import Exercise, Figure, Table, Text
 from llm.guide.inputs import GuidePaths, GuideSettings, load_run
+from llm.history import read_history_csv
 from tests.test_guide import page, text_of
 
 pytestmark = pytest.mark.slow
@@ -172,6 +173,19 @@ def check_changes(table: list[list[str]], words: str, first: np.ndarray, last: n
 def test_sharpens_and_spreads_out_follow_the_sign_of_the_entropy_change(project):
     record = record_of(project)
     check_changes(chapter_table(project), html.unescape(text_of(page(project))), record.maps[0], record.maps[-1])
+
+
+def test_why_attention_changes_is_told_with_the_runs_loss_and_entropy(project):
+    record = record_of(project)
+    history = read_history_csv(project / "plots/train.csv")
+    at = {row.step: row.train_loss for row in history}
+    entropy = [entropy_bits(m).mean() for m in record.maps]
+    words = text_of(page(project))
+    assert "its gradient flows back through every head to W_q and W_k" in words
+    assert (f"the training loss went from {history[0].train_loss:.2f} (step {history[0].step:,}) to "
+            f"{at[record.steps[1]]:.2f} by step {record.steps[1]:,}, the first recorded step after 0, and "
+            f"{history[-1].train_loss:.2f} at the end; over the same steps the heads' mean entropy went from "
+            f"{entropy[0]:.2f} to {entropy[1]:.2f} bits, and ended at {entropy[-1]:.2f}") in html.unescape(words)
 
 
 def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, tmp_path, monkeypatch):

@@ -268,7 +268,8 @@ def why_attention_changes(run: Run, mean_entropy: list[float]) -> str:
             "next-token loss (the training chapter). At each step its gradient flows back through every head to "
             "W_q and W_k, the matrices that make the queries and keys, and the optimizer moves them in the "
             "direction that lowers the loss. A head's scores, and so its weights, change only where attending "
-            "differently predicts the next token better, and they change fastest while the loss falls fastest.")
+            "differently predicts the next token better, and they move less as the learning rate decays and the loss "
+            "flattens.")
     first_row, last_row = (run.history[0], run.history[-1]) if run.history else (None, None)
     at_second = loss_at(run.history, steps[1]) if len(steps) > 2 else None
     if first_row is None or at_second is None:
