@@ -207,7 +207,7 @@ def test_the_tokens_each_filter_removes_are_what_generate_removes(project):
 def test_the_sampling_panels_share_one_axis_and_grey_what_they_remove(project):
     model, tokenizer, cfg, ids = sampling_of(project)
     steps = sampling_path(model, ids, cfg.temperature, cfg.top_k, cfg.top_p)
-    shown = torch.argsort(steps[0].probs, descending=True)[:24].tolist()
+    shown = torch.argsort(steps[0].probs, descending=True)[:run_chapters.SHOWN_TOKENS[1]].tolist()
     fig = sampling_plot(steps, [repr(token_text(tokenizer, i)) for i in shown], shown)
     try:
         panels = [ax for ax in fig.axes if ax.get_title()]

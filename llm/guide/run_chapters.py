@@ -511,7 +511,7 @@ def generation_exercises(cfg: EvaluateConfig, removed: int) -> list[Exercise]:
     ]
 
 
-SHOWN_TOKENS = (15, 24)  # the most likely tokens the figure shows: at least, at most
+SHOWN_TOKENS = (15, 20)  # the most likely tokens the figure shows: at least, at most (it fits an A4 page)
 
 
 def generation_chapter(run: Run, figure_dir: Path) -> Chapter:

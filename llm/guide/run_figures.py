@@ -82,7 +82,7 @@ def sampling_figure(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, 
     columns = 2 if len(panels) > 2 else len(panels)
     lines = math.ceil(len(panels) / columns)
     with plt.rc_context(TEXT_SIZES):
-        fig, axes = plt.subplots(lines, columns, figsize=(PAGE_WIDTH, 0.4 + lines * (0.9 + 0.15 * len(labels))),
+        fig, axes = plt.subplots(lines, columns, figsize=(PAGE_WIDTH, 0.4 + lines * (0.9 + 0.14 * len(labels))),
                                  sharex=True, sharey=True, squeeze=False, layout="constrained")
         for ax, (title, after, removed, before, note) in zip(axes.flat, panels, strict=False):
             kept = ~removed & (after > 0)
