@@ -134,11 +134,11 @@ def test_the_table_names_made_up_heads_as_they_measure():
     assert {row[-1] for row in table.rows} == {"spreads out", "barely changes"}
 
 
-def test_the_even_attention_line_is_the_entropy_of_even_attention(project, tmp_path, monkeypatch):
+def test_the_even_attention_line_is_the_entropy_of_even_attention(project, rebuilt):
     record = record_of(project)
     T = len(record.ids)
     assert f"{even_entropy(T):.2f} bits for these {T} tokens" in text_of(page(project))
-    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    _, _, drawn = rebuilt
     (_, recorded, entropy, even, _), _ = drawn["loss_and_entropy"][0]
     assert recorded == record.steps
     assert even == pytest.approx(even_entropy(T), abs=1e-12)
@@ -188,13 +188,13 @@ def test_why_attention_changes_is_told_with_the_runs_loss_and_entropy(project):
             f"{entropy[0]:.2f} to {entropy[1]:.2f} bits, and ended at {entropy[-1]:.2f}") in html.unescape(words)
 
 
-def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, tmp_path, monkeypatch):
+def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, rebuilt):
     from pypdf import PdfReader
 
     guide = project / "reports/guide"
     assert 'src="figures/attention_filmstrip.png"' in page(project)
     record = record_of(project)
-    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    _, _, drawn = rebuilt
     (frames, _), _ = drawn["filmstrip"][0]
     assert [title for title, _ in frames] == [f"step {s:,}" for s in record.steps]
     for (_, maps), recorded in zip(frames, record.maps, strict=True):
@@ -210,10 +210,10 @@ def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, tmp_pa
         assert gif.size not in sizes, "no frame of the animation in the PDF"
 
 
-def test_the_panels_are_the_first_a_middle_and_the_last_recorded_step(project, tmp_path, monkeypatch):
+def test_the_panels_are_the_first_a_middle_and_the_last_recorded_step(project, rebuilt):
     record = record_of(project)
     picked = [0, len(record.steps) // 2, len(record.steps) - 1]
-    drawn = drawn_figures(project, tmp_path, monkeypatch)
+    _, _, drawn = rebuilt
     shown = []
     for (rows, steps, labels, _), _ in drawn["head_panels"]:
         assert steps == [f"step {record.steps[i]:,}" for i in sorted(set(picked))]
@@ -229,11 +229,10 @@ def test_the_panels_are_the_first_a_middle_and_the_last_recorded_step(project, t
         assert f'src="figures/attention_heads_{number}.png"' in page(project)
 
 
-def test_the_exercises_set_real_params_and_count_the_frames_by_the_trainers_rule(project, tmp_path, monkeypatch):
+def test_the_exercises_set_real_params_and_count_the_frames_by_the_trainers_rule(project, rebuilt):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    run = load_project_run(project)
+    run, made, _ = rebuilt
     assert chapter.recorded_steps(run.settings.train) == record_of(project).steps
-    made = chapter.evolution_chapter(run, figure_dir(tmp_path))
     exercises = [b for b in made.blocks if isinstance(b, Exercise)]
     assert 1 <= len(exercises) <= 2
     for exercise in exercises:
@@ -248,7 +247,7 @@ def test_the_exercises_set_real_params_and_count_the_frames_by_the_trainers_rule
                                                                        "figures/attention_roles.png"}
 
 
-# --- the chapter rebuilt here, its figure functions watched -------------------------------------------------
+# --- the chapter rebuilt here, its figure functions watched ------------------------------------------------
 
 def load_project_run(project: Path):
     from llm.configs.data import DataConfig
@@ -269,21 +268,22 @@ def load_project_run(project: Path):
     return load_run(paths, GuideSettings(cfg.data, cfg.tokenizer, cfg.train, cfg.evaluate, cfg.mlflow, cfg.sft))
 
 
-def figure_dir(tmp_path: Path) -> Path:
-    (tmp_path / "figures").mkdir(exist_ok=True)
-    return tmp_path / "figures"
-
-
-def drawn_figures(project: Path, tmp_path: Path, monkeypatch) -> dict[str, list]:
-    """Chapter 6 built again into tmp_path, with the arguments each of its figure functions was called with."""
+@pytest.fixture(scope="module")
+def rebuilt(project, tmp_path_factory):
+    """Chapter 6 built again, once, with the run loaded as the stage loads it: (the run, the chapter, the arguments
+    each of its figure functions was called with)."""
     calls: dict[str, list] = {}
-    for name in ("filmstrip", "loss_and_entropy", "role_curves", "head_panels"):
-        original = getattr(evolution_figures, name)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("filmstrip", "loss_and_entropy", "role_curves", "head_panels"):
+            original = getattr(evolution_figures, name)
 
-        def watching(*args, _name=name, _original=original, **kwargs):
-            calls.setdefault(_name, []).append((args, kwargs))
-            return _original(*args, **kwargs)
+            def watching(*args, _name=name, _original=original, **kwargs):
+                calls.setdefault(_name, []).append((args, kwargs))
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(evolution_figures, name, watching)
-    chapter.evolution_chapter(load_project_run(project), figure_dir(tmp_path))
-    return calls
+            patch.setattr(evolution_figures, name, watching)
+        figures = tmp_path_factory.mktemp("chapter6") / "figures"
+        figures.mkdir()
+        run = load_project_run(project)
+        made = chapter.evolution_chapter(run, figures)
+    return run, made, calls
