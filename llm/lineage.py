@@ -11,13 +11,13 @@ import json
 import os
 import platform
 import posixpath
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llm.project import dirty_files, git_output, workspace_root
 from llm.shards import TokensMeta
 
 # MLflow's longest dataset digest (its database column); DVC's folder hash is 32 hex digits and ".dir": 36.
@@ -142,31 +142,6 @@ def val_dataset(tokens: Path, meta: TokensMeta, md5s: dict[str, str] | None = No
 
 # --- the code and the workspace -------------------------------------------------------------------------------------
 
-def workspace_root() -> Path:
-    """The innermost folder above the working directory that holds .dvc/: the repository, or the temporary copy
-    `dvc exp run --temp` (and the queue) runs an experiment in, whose dvc.lock and files are the run's."""
-    here = Path.cwd().resolve()
-    return next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), here)
-
-
-def _git(root: Path, *args: str) -> str | None:
-    """git's output at `root`; None outside a repository, without git, or when it fails."""
-    try:
-        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout if result.returncode == 0 else None
-
-
-def dirty_files(root: Path) -> list[str] | None:
-    """Tracked files that differ from the commit checked out (NOT_DIRTYING aside); None outside git."""
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    if status is None:
-        return None
-    changed = [line[3:] for line in status.splitlines() if len(line) > 3]
-    return [path for path in changed if path not in NOT_DIRTYING]
-
-
 def baseline_rev() -> str:
     """The commit a run's params are compared with: the experiment's baseline under `dvc exp run` (DVC sets
     DVC_EXP_BASELINE_REV), else HEAD."""
@@ -176,7 +151,7 @@ def baseline_rev() -> str:
 def committed_text(path: Path) -> str | None:
     """The file at `path` as committed at baseline_rev(); None outside git or when it is not committed there."""
     path = Path(path).resolve()
-    return _git(path.parent, "show", f"{baseline_rev()}:./{path.name}")
+    return git_output(path.parent, "show", f"{baseline_rev()}:./{path.name}")
 
 
 # --- what changed: the run's name -----------------------------------------------------------------------------------
@@ -331,7 +306,7 @@ def training_lineage(tokens: Path, tokenizer: Path, meta: TokensMeta, changes: P
     lock = read_lock(root / "dvc.lock")
     inputs = [_relative(p, root) for p in (tokens, tokenizer)]
     upstream = upstream_stages(lock, inputs)
-    dirty = dirty_files(root)
+    dirty = dirty_files(root, NOT_DIRTYING)
     tags = {"git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
             **({"git_dirty_files": " ".join(dirty)[:MAX_TAG]} if dirty else {}),
             **{f"dvc.{name}.{out}": md5 for name, stage in upstream.items() for out, md5 in stage.outs.items()},

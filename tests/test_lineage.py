@@ -30,6 +30,7 @@ from llm.lineage import (
     token_datasets,
     upstream_stages,
 )
+from llm.project import dirty_files
 from llm.split import is_val
 from llm.tokenize import tokenize_corpus
 from stages.params import committed_params
@@ -105,7 +106,7 @@ def test_changes_against_the_committed_params_file(tmp_path, monkeypatch):
                                     "params_changed.train.lr": "0.016 -> 0.004"}
 
     params = tmp_path / "params.yaml"
-    assert committed_params(committed_text(params)) is None, "outside git"
+    assert committed_params(committed_text(params)) is None and dirty_files(tmp_path) is None, "outside git"
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com"}
     for key, value in env.items():
@@ -114,8 +115,10 @@ def test_changes_against_the_committed_params_file(tmp_path, monkeypatch):
     params.write_text(yaml.safe_dump(committed))
     for command in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
         subprocess.run(["git", *command], cwd=tmp_path, check=True, env={**os.environ, **env})
+    assert dirty_files(tmp_path) == []
     params.write_text(yaml.safe_dump(current))
     assert changed_params(current, committed_params(committed_text(params))) == changes
+    assert dirty_files(tmp_path) == ["params.yaml"] and dirty_files(tmp_path, ("params.yaml",)) == []
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "HEAD")  # `dvc exp run` compares with its baseline commit
     assert committed_params(committed_text(params)) == committed
 
