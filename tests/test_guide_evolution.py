@@ -1,4 +1,4 @@
-"""Chapter 6, attention over training, on the shared tiny guide project: every head's name and every "sharpens" /
+"""The chapter "Attention over training" on the shared tiny guide project: every head's name and every "sharpens" /
 "spreads out" agrees with the recorded attention (recomputed here, independently of the chapter's code), the
 even-attention line is the entropy of attention spread evenly, the panels are the first, a middle and the last
 recorded step, and the PDF prints the filmstrip, not a frame of the GIF."""
@@ -51,7 +51,7 @@ def even_entropy(T: int) -> float:
 
 
 def chapter_table(project: Path) -> list[list[str]]:
-    """The rows of chapter 6's table of heads, as the page shows them."""
+    """The rows of the table of heads of "Attention over training", as the page shows them."""
     text = page(project)
     section = text[text.index('<section id="attention-over-training">'):]
     section = section[:section.index("</section>")]
@@ -206,7 +206,7 @@ def test_the_pdf_prints_the_filmstrip_of_every_frame_not_the_gif(project, rebuil
     sizes = [image.image.size for p in reader.pages[first:end] for image in p.images]
     with Image.open(guide / "figures/attention_filmstrip.png") as strip, \
             Image.open(guide / "attention_evolution.gif") as gif:
-        assert strip.size in sizes, "the filmstrip is printed in chapter 6"
+        assert strip.size in sizes, "the filmstrip is printed in its chapter"
         assert gif.size not in sizes, "no frame of the animation in the PDF"
 
 
@@ -270,7 +270,7 @@ def load_project_run(project: Path):
 
 @pytest.fixture(scope="module")
 def rebuilt(project, tmp_path_factory):
-    """Chapter 6 built again, once, with the run loaded as the stage loads it: (the run, the chapter, the arguments
+    """The chapter built again, once, with the run loaded as the stage loads it: (the run, the chapter, the arguments
     each of its figure functions was called with)."""
     calls: dict[str, list] = {}
     with pytest.MonkeyPatch.context() as patch:

@@ -1,4 +1,4 @@
-"""Chapter 6: attention over training, from the attention the train stage recorded (plots/attention.safetensors):
+"""The chapter "Attention over training", from the attention the train stage recorded (plots/attention.safetensors):
 how spread out each head's attention is (its entropy, against attention spread evenly), which heads took on a
 role the record shows (the previous token, the first token, the token itself, or spreading evenly), and the
 next-token loss whose gradient made those changes."""
