@@ -373,6 +373,7 @@ def memory_blocks(run: Run) -> list:
 
 def training_exercises(cfg: TrainConfig, passes: float) -> list[Exercise]:
     other = "adamw" if cfg.optimizer == "muon" else "muon"
+    curves = "one curve instead of two" if other == "adamw" else "two curves instead of one"
     return [
         Exercise(f"dvc exp run -S train.max_steps={2 * cfg.max_steps}",
                  "the loss figure and the gap sentence of this chapter, and the run's val bits per byte in the "
@@ -382,7 +383,8 @@ def training_exercises(cfg: TrainConfig, passes: float) -> list[Exercise]:
                  "is text the model has already learned from, and the gap widens.",
                  (("train.max_steps", str(2 * cfg.max_steps)),)),
         Exercise(f"dvc exp run -S train.optimizer={other}",
-                 "the learning-rate panel (one curve or two) and the val bits per byte beside this run's",
+                 f"the learning-rate panel ({curves}) and the run's val bits per byte beside this run's in the "
+                 "experiments chapter",
                  ("AdamW alone, at `train.lr` for every weight: the matrices lose Muon's orthogonalised steps, and "
                   "the val loss ends higher for the same steps (in this project's benchmarks, docs/benchmarks.md, "
                   "Muon was the largest single gain)." if other == "adamw" else
