@@ -149,12 +149,14 @@ class TrackerThread:
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[None]:
-        """Around an artifact upload, which may take longer than TRACKER_WAIT_S: a large model to a remote server."""
+        """Around an artifact upload, which may take longer than TRACKER_WAIT_S: a large model to a remote server.
+        Once it is over, the tracker has answered: what comes next (another upload, a model, the run's end) has
+        FINISH_WAIT_S of its own, so a stage's end that uploads several models is not cut between two of them."""
         self.upload_due = time.monotonic() + UPLOAD_WAIT_S
         try:
             yield
         finally:
-            self.upload_due = 0.0
+            self.upload_due = time.monotonic() + FINISH_WAIT_S
 
     def submit(self, task: Callable[[], None]) -> threading.Event:
         """Run `task` (which must not raise) on the thread; the event is set once it has run."""
