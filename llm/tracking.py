@@ -14,12 +14,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llm.configs.mlflow import MlflowConfig
 from llm.errors import InputError, first_line
+from llm.lineage import InputDataset, Lineage, RunCard, flatten
 from llm.project import git_commit, project_root
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ FINISH_WAIT_S = 10.0
 # An artifact upload may take longer: a large model to a remote server. A server that stops answering during one
 # is cut sooner, by MLflow's HTTP timeout (TRACKER_WAIT_S without a byte).
 UPLOAD_WAIT_S = 600.0
+# How often a training samples the machine's state (CPU, memory, disk, network; GPUs where nvidia-ml-py finds them):
+# 60 points over the default 5-minute run, 720 an hour; a run shorter than this still gets one point, at its end.
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 5.0
 # What a stage keeps for a tracker that does not take it: beyond this, metric values are dropped (and counted).
 MAX_PENDING_METRICS = 100_000
 
@@ -90,17 +95,6 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     if "://" not in uri:  # a plain folder path, as mlflow accepts
         return str((Path(root) / uri).resolve())
     return uri
-
-
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _below_warning(record: logging.LogRecord) -> bool:
@@ -388,13 +382,20 @@ class MlflowRun(ExistingRun):
     if the server still has it, so an interrupted and resumed training stays one run."""
 
     def __init__(self, thread: TrackerThread, cfg: MlflowConfig, root: Path, params: dict[str, Any],
-                 tags: dict[str, str], run_name: str | None = None, resume_run_id: str | None = None) -> None:
+                 tags: dict[str, str], run_name: str | None = None, resume_run_id: str | None = None,
+                 datasets: Sequence[InputDataset] = ()) -> None:
         self.mlflow = _import_mlflow()  # here, not on the thread: importing is no wait for the tracker
+        self.system_metrics: Any = None  # MLflow's SystemMetricsMonitor, once the run is open
         uri = resolve_tracking_uri(cfg.tracking_uri, root)
         params = {k: str(v)[:6000] for k, v in flatten(params).items()}
         client, run_id, self.resumed = _ask(thread, uri, lambda: self._open(uri, cfg, root, params, tags, run_name,
                                                                              resume_run_id))
         super().__init__(thread, client, run_id, uri, TRAINING)
+        # After the open, which a stage waits for: as records the backlog retries, and a monitor of its own.
+        if datasets:
+            inputs = [dataset_input(d) for d in datasets]
+            self.call("the input datasets", lambda client, run_id: client.log_inputs(run_id, datasets=inputs))
+        thread.submit(self._start_system_metrics)
 
     def _open(self, uri: str, cfg: MlflowConfig, root: Path, params: dict[str, str], tags: dict[str, str],
               run_name: str | None, resume_run_id: str | None) -> tuple[Any, str, bool]:
@@ -409,10 +410,10 @@ class MlflowRun(ExistingRun):
         client = mlflow.MlflowClient(uri)
         previous = self._find_run(client, uri, resume_run_id) if resume_run_id else None
         if previous is None:
-            run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=False)
             mlflow.log_params(params)
         else:
-            run = mlflow.start_run(run_id=resume_run_id, tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(run_id=resume_run_id, tags=tags, log_system_metrics=False)
             # A param cannot change value in MLflow; those the resumed run may change (logging, compile,
             # process count) are recorded as tags instead.
             logged = previous.data.params
@@ -430,7 +431,54 @@ class MlflowRun(ExistingRun):
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`: one last try at the backlog, then a report of anything not logged."""
-        self.backlog.close(status, end=lambda ended: self.mlflow.end_run(status=ended))
+        self.backlog.close(status, end=self._end)
+
+    def _start_system_metrics(self) -> None:
+        """On the thread, after the open: a monitor that cannot start leaves the run without system/ metrics."""
+        try:
+            self.system_metrics = start_system_metrics(self.run_id, self.uri, resumed=self.resumed)
+        except Exception as err:
+            log.info("MLflow: no system metrics for this run (%s)", first_line(err))
+
+    def _end(self, status: str) -> None:
+        """On the thread: the system metrics' last point, then the run's end."""
+        stop_system_metrics(self.system_metrics)
+        self.mlflow.end_run(status=status)
+
+
+def dataset_input(dataset: InputDataset) -> Any:
+    """An InputDataset as MLflow logs it: the dataset (a local source) and its context as an input tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    entity = Dataset(dataset.name, dataset.digest, "local", json.dumps({"uri": dataset.source}),
+                     profile=json.dumps(dataset.profile))
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", dataset.context)])
+
+
+def start_system_metrics(run_id: str, uri: str, resumed: bool) -> Any:
+    """MLflow's monitor of the machine (system/ metrics), sampling every SYSTEM_METRICS_INTERVAL_S on a daemon thread
+    of its own, so it never holds a stage; with `resumed`, continuing the steps a reopened run logged."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """On the tracker thread, before the run ends: stop sampling and log a last point, which covers the samples
+    since the last one logged (MLflow's monitor drops those when it stops), so a run shorter than the interval
+    has one too."""
+    if monitor is None:
+        return
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # the machine's last point is worth less than the run's end, which comes next
+        log.info("MLflow: the last system metrics were not logged (%s)", first_line(err))
 
 
 class UntrackedRun:
@@ -462,20 +510,24 @@ class UntrackedRun:
 
 
 def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, world_size: int,
-                       resume_run_id: str | None = None,
-                       tags: dict[str, str] | None = None) -> MlflowRun | UntrackedRun:
-    """The MLflow run of a training: every param, the git commit, the device and `tags`; named after the DVC
-    experiment when `dvc exp run` started it. With `resume_run_id` the run of an interrupted training is reopened. A
-    tracking server that cannot be used gives an UntrackedRun, with a warning: training goes on."""
+                       resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+                       lineage: Lineage | None = None) -> MlflowRun | UntrackedRun:
+    """The MLflow run of a training: every param, the git commit, the device and `tags`; with `lineage`, its input
+    datasets, tags and name (llm/lineage.py), else named after the DVC experiment when `dvc exp run` started it. The
+    machine's state is sampled as system/ metrics until the run ends. With `resume_run_id` the run of an interrupted
+    training is reopened. A tracking server that cannot be used gives an UntrackedRun, with a warning: training goes
+    on."""
     root = project_root()
-    tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size), **(tags or {})}
+    tags = {"git_commit": git_commit(root), "device": device, "world_size": str(world_size),
+            **(lineage.tags if lineage else {}), **(tags or {})}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     _UNUSABLE.clear()
     thread = TrackerThread()
     try:
         run = MlflowRun(thread, cfg, root, {**params, "git_commit": tags["git_commit"]}, tags,
-                        run_name=os.environ.get("DVC_EXP_NAME"), resume_run_id=resume_run_id)
+                        run_name=lineage.name if lineage else os.environ.get("DVC_EXP_NAME"),
+                        resume_run_id=resume_run_id, datasets=lineage.datasets if lineage else ())
     except Exception as err:  # a refused connection, a bad database, an unknown scheme, no answer: "not usable"
         thread.submit(_end_late_run)
         thread.close()
@@ -485,6 +537,16 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
     log.info("MLflow run %s in experiment %r at %s%s", run.run_id, cfg.experiment, run.uri,
              " (reopened: training resumes from a checkpoint)" if run.resumed else "")
     return run
+
+
+def log_run_card(run: TrackedRun, card: RunCard, train_seconds: float) -> None:
+    """A training's run card (llm/lineage.py) as run_card.md, and its wall time as a tag beside the card's others."""
+
+    def task(client: Any, run_id: str) -> None:
+        client.set_tag(run_id, "card.wall_seconds.train", f"{train_seconds:.1f}")
+        client.log_text(run_id, card.markdown(train_seconds), "run_card.md")
+
+    run.call("the run card", task)
 
 
 def _end_late_run() -> None:

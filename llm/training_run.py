@@ -6,9 +6,12 @@ models/final/, metrics/train.json, plots/train.csv and plots/attention.safetenso
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from llm.attention import probe_ids, write_record
 from llm.checkpoint import checkpoint_dirs
@@ -19,6 +22,7 @@ from llm.distributed import distributed_runtime
 from llm.errors import Interrupted
 from llm.fileio import write_json_atomic
 from llm.history import HistoryRow, write_history_csv
+from llm.lineage import ParamChanges, training_lineage
 from llm.model import GPTConfig
 from llm.model_io import save_model_dir
 from llm.model_registry import log_trained_models
@@ -26,8 +30,8 @@ from llm.progress import TrainProgress
 from llm.shards import SplitMeta, TokensMeta, read_meta
 from llm.signals import StopSignals
 from llm.tokenizer import load_tokenizer
-from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, start_training_run
-from llm.train import Trainer, TrainResult, pretraining_data
+from llm.tracking import MODEL_RUN_FILE, TrackedRun, log_run_card, model_run_record, start_training_run
+from llm.train import Trainer, TrainResult, has_fast_bf16, pretraining_data
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,14 @@ def val_bpb_estimate(val_loss: float, val: SplitMeta) -> float:
 
 def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, mlflow_cfg: MlflowConfig,
                  paths: TrainPaths, attention_text: str,
-                 after_log: Callable[[HistoryRow], None] | None = None) -> None:
+                 after_log: Callable[[HistoryRow], None] | None = None, changes: ParamChanges | None = None) -> None:
     """Train (every rank calls this) and write the outputs. `params` are all the run's settings, as MLflow
-    records them; the attention on `attention_text` is recorded at every evaluation; `after_log` is called on
-    rank 0 after each history row is logged (a test's fault injection). From here on SIGINT and SIGTERM are
-    requests (llm/signals.py): the loop stops after a step and a checkpoint; once training is over, the
-    outputs are written whole before the process exits."""
+    records them; `changes`, those that differ from the committed params file (they name the run: llm/lineage.py;
+    None when there is none to compare with); the attention on `attention_text` is recorded at every evaluation;
+    `after_log` is called on rank 0 after each history row is logged (a test's fault injection). From here on
+    SIGINT and SIGTERM are requests (llm/signals.py): the loop stops after a step and a checkpoint; once training
+    is over, the outputs are written whole before the process exits."""
+    started = time.monotonic()
     inputs = read_inputs(model, paths, attention_text)
     with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
@@ -90,7 +96,10 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
             tracked = {**params, "data_tokenizer_sha256": inputs.meta.tokenizer_sha256,
                        "data_train_tokens": inputs.meta.splits["train"].tokens,
                        "train_dtype_resolved": trainer.cfg.dtype}
-            run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size, tracker_run_id)
+            lineage = training_lineage(paths.tokens, paths.tokenizer, inputs.meta, changes, runtime.device.type,
+                                       trainer.cfg.dtype, runtime.world_size, has_fast_bf16(torch.device("cpu")))
+            run = start_training_run(mlflow_cfg, tracked, runtime.device.type, runtime.world_size, tracker_run_id,
+                                     lineage=lineage)
 
         def on_log(row: HistoryRow) -> None:
             progress_bar.update(row)
@@ -107,6 +116,7 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
                 run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
             raise
         if runtime.is_main:
+            log_run_card(run, lineage.card, time.monotonic() - started)
             write_outputs(result, inputs.model_cfg, inputs.meta, run, paths, attention_text)
 
 

@@ -27,7 +27,9 @@ def train(
     from llm.configs.model import ModelConfig
     from llm.configs.train import TrainConfig
     from llm.launch import die_with_launcher, is_worker, launch_workers
+    from llm.lineage import changed_params, committed_text
     from llm.training_run import TrainPaths, read_inputs, run_training
+    from stages.params import committed_params
 
     cfg = load_params(params, model=ModelConfig, train=TrainConfig, evaluate=EvaluateConfig, mlflow=MlflowConfig)
     paths = TrainPaths(tokens, tokenizer_path, checkpoints, out, metrics, plots, attention)
@@ -39,4 +41,6 @@ def train(
         if message:
             typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code)
-    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow, paths, cfg.evaluate.attention_text)
+    committed = committed_params(committed_text(params))
+    run_training(cfg.to_dict(), cfg.model, cfg.train, cfg.mlflow, paths, cfg.evaluate.attention_text,
+                 changes=None if committed is None else changed_params(cfg.raw, committed))

@@ -157,6 +157,24 @@ def test_repro_reruns_only_what_a_change_affects_and_experiments_compare(repo):
     assert ran(output) == {"train", "evaluate"}
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 0.005
 
+    # The experiment's MLflow run is named after it, says what changed from the baseline's params, and records the
+    # data it trained on by the hashes dvc.lock holds (llm/lineage.py computes them as DVC does).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    name = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["experiment"]
+    experiment = client.get_experiment_by_name(name)
+    [exp_run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'lr-low'")
+    tags = exp_run.data.tags
+    assert tags["dvc_exp_name"] == "lr-low" and tags["params_changed.train.lr"] == "0.01 -> 0.005"
+    assert tags["params_changed"] == "1" and tags["git_dirty"] == "true" and "params.yaml" in tags["git_dirty_files"]
+    lock = {stage: {out["path"]: out["md5"] for out in locked.get("outs", [])}
+            for stage, locked in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].items()}
+    [tokens] = [d.dataset for d in exp_run.inputs.dataset_inputs if d.dataset.name == "tokens"]
+    assert tokens.digest == lock["tokenize"]["data/tokens"] == tags["dvc.tokenize.data/tokens"]
+    assert tags["dvc.clean.data/clean"] == lock["clean"]["data/clean"] and tags["dvc.fetch.data/raw"]
+    assert not any(key.startswith("dvc.evaluate.") for key in tags), "upstream stages only"
+
     rows = json.loads(run(["dvc", "exp", "show", "--json"], repo))
     experiments = {}
     for row in rows:  # the baseline commit (and the workspace), each with its experiments

@@ -1,6 +1,7 @@
 """The train and evaluate stages as DVC runs them: outputs, metrics, and one MLflow run holding the
 training's params, metrics and artifacts, to which evaluation adds its own."""
 
+import json
 import math
 import re
 import shutil
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 
 from llm.evaluate import score_shards, token_byte_lengths
+from llm.lineage import dvc_hash
 from llm.model_io import load_model_dir
 from llm.shards import read_meta
 from tests.conftest import TINY_MODEL, TINY_TRAIN, only_mlflow_run, read_json, run_stage, write_params
@@ -74,6 +76,33 @@ def test_train_stage_writes_the_contract_outputs_and_one_mlflow_run(workdir, tra
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "tokenizer.json", "train.csv", "model"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.safetensors"}
+
+
+def test_the_training_run_records_its_inputs_the_machine_and_a_run_card(workdir, trained):
+    from mlflow.artifacts import load_text
+
+    client, run = only_mlflow_run(f"sqlite:///{workdir}/mlflow.db", "test")
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert contexts == {"tokens": "training", "tokens/val": "validation", "tokenizer": "tokenizer"}
+    meta = read_meta(workdir / "data/tokens")
+    assert inputs["tokens"].dataset.digest == dvc_hash(workdir / "data/tokens")
+    profile = json.loads(inputs["tokens"].dataset.profile)
+    assert (profile["train_tokens"], profile["val_tokens"]) == (meta.splits["train"].tokens, meta.splits["val"].tokens)
+    assert json.loads(inputs["tokens/val"].dataset.profile)["tokens"] == meta.splits["val"].tokens
+    assert inputs["tokenizer"].dataset.digest == meta.tokenizer_sha256[:36]
+
+    tags = run.data.tags
+    assert tags["git_dirty"] == "unknown" and tags["params_changed"].startswith("unknown"), "not a git repository"
+    assert tags["card.device"] == "cpu" and tags["card.cpu_bf16"] in ("true", "false") and tags["card.cpu_model"]
+    assert tags["card.dtype"] == "float32" and int(tags["card.cpu_cores"]) >= 1
+    assert 0 < float(tags["card.wall_seconds.train"]) < 600
+    card = load_text(f"{run.info.artifact_uri}/run_card.md")
+    assert f"| CPU | {tags['card.cpu_model']} |" in card and f"| train | {tags['card.wall_seconds.train']} |" in card
+
+    # The machine during the training, from MLflow's system metrics monitor: at least its last point.
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage"):
+        assert client.get_metric_history(run.info.run_id, f"system/{key}"), key
 
 
 def test_rerunning_a_finished_training_reopens_its_run_and_keeps_its_history(workdir, trained):
@@ -189,8 +218,8 @@ def test_a_locked_tracker_neither_stalls_training_nor_changes_its_outputs(workdi
     else:
         start_training_run = llm.training_run.start_training_run
 
-        def opened_then_locked(*args):
-            run = start_training_run(*args)
+        def opened_then_locked(*args, **kwargs):
+            run = start_training_run(*args, **kwargs)
             assert run.run_id is not None
             lock.__enter__()
             return run
