@@ -25,9 +25,10 @@ from llm.distributed import default_device
 from llm.errors import InputError
 from llm.fileio import read_utf8, write_json_atomic
 from llm.history import read_history_csv
+from llm.lineage import val_dataset
 from llm.model import GPT, initial_model
 from llm.model_io import load_model_dir
-from llm.model_registry import evaluation_task, val_set
+from llm.model_registry import evaluation_task, scored_val_set
 from llm.report import write_reports
 from llm.shards import open_shard, read_meta
 from llm.tracking import Job, read_model_run, run_of_model
@@ -187,8 +188,8 @@ def run_evaluation(cfg: EvaluateConfig, init_seed: int, paths: EvalPaths,
     log.info("wrote %s and %s/", paths.metrics, paths.reports)
     run.log_metrics({f"eval/{k}": v for k, v in results.items()})
     link = "the evaluation's link to the model" + (" and the registry step" if mlflow_cfg.registered_model else "")
-    run.call(link, evaluation_task(results, val_set(shards, meta.splits["val"].tokens, cfg.max_tokens),
-                                 mlflow_cfg.registered_model))
+    val = scored_val_set(val_dataset(paths.tokens, meta), cfg.max_tokens)
+    run.call(link, evaluation_task(results, val, mlflow_cfg.registered_model))
     for report in reports:
         run.log_artifact(report, f"eval/{report.name}" if report.is_dir() else "eval")  # attention/ as a folder
     run.log_artifact(paths.metrics, "eval")

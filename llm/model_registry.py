@@ -8,8 +8,6 @@ with a bound on the wait. So a tracker that fails costs a stage no outputs, as f
 """
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,13 +22,13 @@ from typing import Any
 from llm.configs.evaluate import EvaluateConfig
 from llm.configs.mlflow import MlflowConfig
 from llm.errors import InputError, first_line
+from llm.lineage import InputDataset
 from llm.project import project_root
-from llm.tracking import TrackedRun, TrackerThread, _ask, _import_mlflow, resolve_tracking_uri
+from llm.tracking import TrackedRun, TrackerThread, _ask, _import_mlflow, dataset_input, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"  # the alias of the registered model's best version
-VAL_DATASET = "val"  # the name the val set is logged and linked under
 # What the served model needs besides the `llm` package of this project (the model's code imports it): written into
 # the model so that MLflow does not load the model in a subprocess at every log to infer them.
 REQUIREMENTS = ("mlflow", "torch", "tokenizers", "safetensors", "numpy")
@@ -117,36 +115,21 @@ def log_model_now(files: ModelFiles, name: str, step: int, role: str, run_id: st
 
 # --- evaluation: the metrics linked to the model, and the champion ----------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class ValSet:
-    """The val split as MLflow records it: a dataset input of the run, which the model's metrics name."""
-
-    digest: str  # of the val shards' bytes, in order, and of which of their tokens are scored
-    source: str  # where the shards were read
-    tokens: int  # in the shards
-
-    def entity(self) -> Any:
-        from mlflow.entities import Dataset
-
-        return Dataset(name=VAL_DATASET, digest=self.digest, source_type="local",
-                       source=json.dumps({"uri": self.source}), profile=json.dumps({"tokens": self.tokens}))
-
-
-def val_set(shards: list[Path], tokens: int, max_tokens: int) -> ValSet:
-    """The val set of `shards` scored whole (`max_tokens` 0) or in max_tokens (evaluate.max_tokens) of windows: two
-    scores compare only when they were taken on the same tokens."""
-    digest = hashlib.sha256(f"max_tokens={max_tokens}\n".encode())
-    for shard in shards:
-        with open(shard, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return ValSet(digest.hexdigest()[:32], str(Path(shards[0]).parent.resolve()) if shards else "", tokens)
+def scored_val_set(val: InputDataset, max_tokens: int) -> InputDataset:
+    """The val set an evaluation scores: the val split as the training run records it (llm/lineage.py's val_dataset,
+    whose digest changes exactly when a val shard does), scored whole; or, with evaluate.max_tokens, evenly spaced
+    windows of it: a set of its own, by name, since scores compare only when taken on the same tokens."""
+    if not max_tokens:
+        return val
+    return dataclasses.replace(val, name=f"{val.name} (max_tokens={max_tokens})",
+                               profile={**val.profile, "max_tokens": max_tokens})
 
 
 LINKED = ("val_bpb", "val_loss")  # the evaluation's metrics that name the model and the val set
 
 
-def evaluation_task(results: dict[str, float], val: ValSet, registered_model: str) -> Callable[[Any, str], None]:
+def evaluation_task(results: dict[str, float], val: InputDataset,
+                    registered_model: str) -> Callable[[Any, str], None]:
     """What evaluation adds for the model of run `run_id` (task(client, run_id), on the tracker thread): the val set
     as an input of the run; `eval/val_bpb` and `eval/val_loss` linked to the run's final LoggedModel and to the val
     set (the run has them already, unlinked: the stage logs every eval metric to it whether or not this succeeds);
@@ -154,17 +137,17 @@ def evaluation_task(results: dict[str, float], val: ValSet, registered_model: st
     the alias by the same rule."""
 
     def task(client: Any, run_id: str) -> None:
-        from mlflow.entities import DatasetInput, InputTag, Metric
+        from mlflow.entities import Metric
 
         model = final_model(client, run_id)
-        client.log_inputs(run_id, [DatasetInput(val.entity(), [InputTag("mlflow.data.context", "eval")])])
+        client.log_inputs(run_id, [dataset_input(val)])
         if model is None:
             log.warning("MLflow run %s has no logged model: the evaluation is not linked to one%s", run_id,
                         ", and the registry step is skipped" if registered_model else "")
             return
         stamp = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"eval/{key}", float(results[key]), stamp, 0, model_id=model.model_id,
-                                                 dataset_name=VAL_DATASET, dataset_digest=val.digest)
+                                                 dataset_name=val.name, dataset_digest=val.digest)
                                           for key in LINKED])
         if registered_model:
             promote(client, registered_model, model.model_id, results["val_bpb"], val)
@@ -182,9 +165,10 @@ def final_model(client: Any, run_id: str) -> Any:
     return found[0] if found else None
 
 
-def linked_bpb(model: Any, digest: str) -> float | None:
-    """The model's eval/val_bpb on the val set with `digest`; None when it was not scored on that set."""
-    scores = [m for m in model.metrics or [] if m.key == "eval/val_bpb" and m.dataset_digest == digest]
+def linked_bpb(model: Any, val: InputDataset) -> float | None:
+    """The model's eval/val_bpb on the val set `val` (its name and digest); None when it was not scored on it."""
+    scores = [m for m in model.metrics or []
+              if m.key == "eval/val_bpb" and (m.dataset_name, m.dataset_digest) == (val.name, val.digest)]
     return min(scores, key=lambda m: m.timestamp).value if scores else None
 
 
@@ -194,7 +178,7 @@ def version_model_id(model_version: Any) -> str:
     return model_version.model_id or model_version.source.removeprefix("models:/")
 
 
-def promote(client: Any, name: str, model_id: str, val_bpb: float, val: ValSet) -> None:
+def promote(client: Any, name: str, model_id: str, val_bpb: float, val: InputDataset) -> None:
     """Register the model under `name` (once) and move the alias `champion` to it when its val bpb beats the
     champion's on the same val set; one line says what was decided."""
     from mlflow.exceptions import MlflowException
@@ -214,10 +198,10 @@ def promote(client: Any, name: str, model_id: str, val_bpb: float, val: ValSet) 
         log.info("%s version %s is the %s already", name, ours.version, CHAMPION)
         return
     if champion is not None:
-        best = linked_bpb(client.get_logged_model(version_model_id(champion)), val.digest)
+        best = linked_bpb(client.get_logged_model(version_model_id(champion)), val)
         if best is None:
-            log.info("%s@%s (version %s) was not scored on this val set (digest %s): not compared, the alias stays",
-                     name, CHAMPION, champion.version, val.digest)
+            log.info("%s@%s (version %s) was not scored on this val set (%s, digest %s): not compared, the alias "
+                     "stays", name, CHAMPION, champion.version, val.name, val.digest)
             return
         if not val_bpb < best:
             log.info("%s version %s: val bpb %.4f does not beat %s@%s (version %s, %.4f): the alias stays", name,
@@ -274,10 +258,10 @@ def log_trained_models(run: TrackedRun, model_dir: Path, step: int, checkpoints:
                            checkpoint_step(checkpoint), "checkpoint"))
     for files, name, at, role in models:
         run.call(f"the model {name}", lambda client, run_id, f=files, n=name, s=at, r=role:
-                 log_model_now(f, n, s, r, run_id))
+                 log_model_now(f, n, s, r, run_id), upload=True)
 
 
 def log_tuned_model(run: TrackedRun, model_dir: Path, step: int) -> None:
     """Hand the sft stage's model to its run, as log_trained_models does: a chat model (llm/mlflow_chat_model.py)."""
     run.call(f"the model {SFT}", lambda client, run_id: log_model_now(ModelFiles.of_dir(model_dir), SFT, step, SFT,
-                                                                       run_id))
+                                                                       run_id), upload=True)

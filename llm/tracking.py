@@ -77,10 +77,11 @@ class TrackedRun(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder as a whole."""
 
-    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
+    def call(self, what: str, task: Callable[[Any, str], None], upload: bool = False) -> None:
         """task(client, run_id) on the tracker thread, after what was logged before it, as a record is: retried
         when it fails, reported by `finish` when it never succeeds (`what` names it there). It must be safe to
-        retry. With no run, `finish` reports it as not logged."""
+        retry. `upload`: it uploads files (a model), and is waited for as an artifact is. With no run, `finish`
+        reports it as not logged."""
 
     def finish(self, status: str = "FINISHED") -> None:
         """A last try at what the tracker has not taken yet, then one line saying what could not be logged."""
@@ -225,7 +226,7 @@ class Backlog:
         self.lock = threading.Lock()  # the stage adds, the thread sends
         self.metrics: list[Any] = []  # mlflow Metric objects, with the time they were measured
         self.artifacts: list[tuple[Path, str | None]] = []
-        self.calls: list[tuple[str, Callable[[Any, str], None]]] = []  # (what, task): a model, a registry step
+        self.calls: list[tuple[str, Callable[[Any, str], None], bool]] = []  # (what, task, upload): a model, ...
         self.dropped = 0  # metric values beyond MAX_PENDING_METRICS, never sent
         self.end_status: str | None = None  # the status the run is to end with, until the tracker took it
         self.failures, self.retry_at, self.last_error = 0, 0.0, ""
@@ -250,9 +251,9 @@ class Backlog:
             self.artifacts.append((path, artifact_path))
         self._send_soon()
 
-    def add_call(self, what: str, task: Callable[[Any, str], None]) -> None:
+    def add_call(self, what: str, task: Callable[[Any, str], None], upload: bool) -> None:
         with self.lock:
-            self.calls.append((what, task))
+            self.calls.append((what, task, upload))
         self._send_soon()
 
     def _send_soon(self) -> None:
@@ -283,8 +284,9 @@ class Backlog:
                 with self.lock:
                     self.artifacts.pop(0)
             while call := self._next(lambda: self.calls[0] if self.calls else None):
-                with self.thread.upload():  # a model is an upload too
-                    call[1](self.client, self.run_id)
+                _, task, upload = call
+                with self.thread.upload() if upload else contextlib.nullcontext():
+                    task(self.client, self.run_id)
                 with self.lock:
                     self.calls.pop(0)
         except Exception as err:  # connection refused, timeouts, server errors, a locked database: all mean "later"
@@ -342,7 +344,7 @@ class Backlog:
     def report(self, status: str) -> None:
         with self.lock:
             metrics, artifacts = len(self.metrics) + self.dropped, len(self.artifacts)
-            calls = "".join(f", nor {what}" for what, _ in self.calls)
+            calls = "".join(f", nor {what}" for what, *_ in self.calls)
         end = calls + (f", nor its end ({self.end_status})" if self.end_status else "")
         outputs = f"; the outputs ({self.job.outputs}) are complete" if status == "FINISHED" else ""
         log.error("MLflow at %s: %d metric values and %d artifacts of run %s could not be logged%s (%s)%s",
@@ -364,8 +366,8 @@ class ExistingRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.backlog.add_artifact(Path(path), artifact_path)
 
-    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
-        self.backlog.add_call(what, task)
+    def call(self, what: str, task: Callable[[Any, str], None], upload: bool = False) -> None:
+        self.backlog.add_call(what, task, upload)
 
     def finish(self, status: str = "FINISHED") -> None:
         """One last try at the backlog, then a report of anything not logged."""
@@ -500,7 +502,7 @@ class UntrackedRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts += 1
 
-    def call(self, what: str, task: Callable[[Any, str], None]) -> None:
+    def call(self, what: str, task: Callable[[Any, str], None], upload: bool = False) -> None:
         self.calls.append(what)
 
     def finish(self, status: str = "FINISHED") -> None:

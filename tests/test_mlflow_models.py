@@ -119,19 +119,20 @@ def test_the_evaluation_is_linked_to_the_model_and_the_val_set_so_a_search_finds
 
     client = mlflow.MlflowClient(project["uri"])
     experiment = client.get_experiment_by_name("models").experiment_id
-    [val] = [d.dataset for d in client.get_run(project["runs"]["full"]).inputs.dataset_inputs
-             if d.dataset.name == "val"]
+    # the training's, which evaluation links its metrics to
+    [digest] = {d.dataset.digest for d in client.get_run(project["runs"]["full"]).inputs.dataset_inputs
+                if d.dataset.name == "tokens/val"}
     mlflow.set_tracking_uri(project["uri"])
     try:
         [best, *_] = mlflow.search_logged_models(
-            experiment_ids=[experiment], datasets=[{"dataset_name": "val", "dataset_digest": val.digest}],
+            experiment_ids=[experiment], datasets=[{"dataset_name": "tokens/val", "dataset_digest": digest}],
             order_by=[{"field_name": "metrics.eval/val_bpb", "ascending": True}], output_format="list")
     finally:
         mlflow.set_tracking_uri(None)
     assert best.source_run_id == project["runs"]["full"] and best.name == "final"
     linked = {m.key: m for m in best.metrics}
     assert linked["eval/val_bpb"].value == pytest.approx(project["bpb"]["full"])
-    assert linked["eval/val_bpb"].dataset_digest == val.digest and linked["eval/val_bpb"].dataset_name == "val"
+    assert linked["eval/val_bpb"].dataset_digest == digest and linked["eval/val_bpb"].dataset_name == "tokens/val"
     assert linked["eval/val_loss"].value == pytest.approx(read_json(project["work"] / "full" / "eval.json")["val_loss"])
 
 
@@ -163,7 +164,8 @@ def test_a_champion_scored_on_another_val_set_is_not_compared(project, tmp_path)
     options[options.index("--reports") + 1] = tmp_path / "reports"
     stderr = stage(work, "evaluate", *options, params="sampled.yaml").stderr
     [line] = [line for line in stderr.splitlines() if "not compared" in line]
-    assert f"{NAME}@champion (version 2) was not scored on this val set" in line and "the alias stays" in line
+    assert f"{NAME}@champion (version 2) was not scored on this val set (tokens/val (max_tokens=64)" in line
+    assert "the alias stays" in line
     assert str(mlflow.MlflowClient(project["uri"]).get_model_version_by_alias(NAME, "champion").version) == "2"
 
 
