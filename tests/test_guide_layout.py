@@ -17,9 +17,6 @@ pytestmark = pytest.mark.slow
 
 SMALLEST_PT = 7.0  # no text in a figure smaller than this on an A4 page
 FIGURE_DPI = 110  # what the guide's PNGs are drawn at (llm.plots.save_figure)
-# Figures drawn by the other chapters whose text was smaller than SMALLEST_PT in the PDF when this check was
-# written (issue 28): each is its chapter's to fix, and comes off this list when it is.
-KNOWN_SMALL = {"attention_qkv.png", "attention_scores.png"}
 
 
 @pytest.fixture(scope="module")
@@ -201,5 +198,4 @@ def test_no_text_in_a_pdf_figure_is_under_7_points(guide_project, tmp_path, monk
         for name in sizes[(width, height)]:
             if smallest[name] * scale < SMALLEST_PT - 0.05:  # 7 pt drawn at 0.999 of its size is 7 pt
                 too_small[name] = round(smallest[name] * scale, 1)
-    assert "pipeline.png" not in too_small
-    assert set(too_small) <= KNOWN_SMALL, f"text under {SMALLEST_PT} pt in the PDF (pt): {too_small}"
+    assert too_small == {}, f"text under {SMALLEST_PT} pt in the PDF (pt, by figure)"

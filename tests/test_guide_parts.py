@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from llm.guide.data_chapters import memmap_growth, specimen_spans
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
@@ -109,6 +110,8 @@ def test_the_html_escapes_text_and_marks_code(tmp_path):
     chapter = Chapter("one", "A <b> title", [Text("`x < y` & z"), Table(("a",), [("<td>",)]),
                                              Figure("figures/f.png", "cap \"q\""), Tokens([("<", 5)], frozenset({5})),
                                              Pre("</pre>")])
+    (tmp_path / "figures").mkdir()
+    Image.new("RGB", (40, 20)).save(tmp_path / "figures/f.png")  # the page states each figure's size
     write_html(tmp_path / "index.html", "T", "sub", [chapter])
     page = (tmp_path / "index.html").read_text()
     assert "<code>x &lt; y</code> &amp; z" in page and "<td>&lt;td&gt;</td>" in page

@@ -129,10 +129,12 @@ def corpus_exercises(run: Run) -> list:
                  "what the choice of validation documents alone is worth; compare runs only on the same split.",
                  (("data.seed", str(seed)),)),
         Exercise(f"dvc exp run -S data.val_fraction={fraction}",
-                 "the split table (documents, bytes and tokens per split) and the train stage's tokens per step.",
+                 "the split table (documents, bytes and tokens per split) and the val bpb in chapter 'Your "
+                 "experiments'.",
                  f"about {fraction:.0%} of the documents held out instead of {data.val_fraction:.0%}: fewer train "
                  "tokens, so the same number of steps passes over the train text more often, and a val loss "
-                 "measured on more text, so it is less noisy.",
+                 "measured on more text, so less noisy; but on other text than the default's, so its bpb is not "
+                 "comparable to the default's (the same holds for any change of the split).",
                  (("data.val_fraction", str(fraction)),)),
     ]
 

@@ -29,6 +29,7 @@ def bars(labels: list[str], values: list[float], xlabel: str, title: str, path: 
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()  # long labels (file names) fit inside PAGE_WIDTH, so the PDF sets the figure at its size
         save_figure(fig, path)
 
 
