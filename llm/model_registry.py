@@ -8,6 +8,7 @@ with a bound on the wait. So a tracker that fails costs a stage no outputs, as f
 """
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -178,6 +179,17 @@ def version_model_id(model_version: Any) -> str:
     return model_version.model_id or model_version.source.removeprefix("models:/")
 
 
+def link_version(client: Any, model_id: str, name: str, version: Any) -> None:
+    """Name the registered version on its LoggedModel (the tag mlflow.register_model sets), so that the UI's Models
+    tab shows it; once, also when retried."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    entry = {"name": name, "version": str(version)}
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if entry not in linked:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
 def promote(client: Any, name: str, model_id: str, val_bpb: float, val: InputDataset) -> None:
     """Register the model under `name` (once) and move the alias `champion` to it when its val bpb beats the
     champion's on the same val set; one line says what was decided."""
@@ -190,6 +202,7 @@ def promote(client: Any, name: str, model_id: str, val_bpb: float, val: InputDat
     source = f"models:/{model_id}"
     mine = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
     ours = mine[0] if mine else client.create_model_version(name, source, model_id=model_id)
+    link_version(client, model_id, name, ours.version)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

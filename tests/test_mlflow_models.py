@@ -144,6 +144,9 @@ def test_the_champion_alias_moves_only_when_the_val_bpb_improves(project):
     versions = sorted(client.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
     assert [v.run_id for v in versions] == [project["runs"]["short"], project["runs"]["full"]], "registered once each"
     assert client.get_model_version_by_alias(NAME, "champion").version == versions[1].version
+    for run, version in zip(TRAININGS, versions, strict=True):  # each LoggedModel names its version, for the UI
+        [final] = [model for model in logged_models(project, run) if model.name == "final"]
+        assert json.loads(final.tags["mlflow.modelVersions"]) == [{"name": NAME, "version": str(version.version)}]
     logs = project["logs"]
     assert f"{NAME}@champion is now version 1" in logs["short"]
     assert f"{NAME}@champion is now version 2" in logs["full"] and "replacing version 1" in logs["full"]
