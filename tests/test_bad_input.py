@@ -49,6 +49,7 @@ INVALID = [  # (section, key, value): each is refused, the error naming section.
     ("evaluate", "temperature", float("nan")), ("evaluate", "temperature", -1.0), ("evaluate", "top_p", 0.0),
     ("evaluate", "top_k", -1), ("evaluate", "prompts", []), ("evaluate", "max_new_tokens", 0),
     ("evaluate", "seed", 2**63), ("mlflow", "tracking_uri", ""), ("mlflow", "experiment", " "),
+    ("mlflow", "registered_model", "team/gpt@v1"),
 ]
 
 
