@@ -1,5 +1,7 @@
 """MLflow: one run per training, which evaluation and the guide later add to; the runs of an experiment, listed. Only
-this module imports mlflow.
+this module imports mlflow, and, on the TrackerThread its runs hand them to, llm/model_registry.py (the models: logged,
+linked to their evaluation, registered, downloaded) and the model code MLflow itself loads (llm/mlflow_model.py,
+llm/mlflow_chat_model.py).
 
 No state of the tracker (down, locked, corrupt, slow) stops a stage, stalls it for long or changes its outputs. Every
 stage logs through a TrackedRun, which keeps what the tracker did not take, retries it, and at the end says in one line
