@@ -36,7 +36,10 @@ class ChatModel(MlflowChatModel):
                             seed=int(custom["seed"]) if custom.get("seed") is not None else None)
         system = [m.content for m in messages if m.role == "system"]
         session = ChatSession(self.model, self.tokenizer, self.tokens, sampling, system[0] if system else None)
-        *history, last = [m for m in messages if m.role != "system"]
+        turns = [m for m in messages if m.role != "system"]
+        if not turns or turns[-1].role != "user":
+            raise ValueError("a conversation to answer ends with a user message")
+        *history, last = turns
         session.turns = [Message(m.role, m.content) for m in history]
         answer = "".join(session.reply(last.content))
         return ChatCompletionResponse.from_dict({"choices": [{"index": 0, "finish_reason": "stop",
