@@ -231,7 +231,7 @@ class RunCard:
     cpu_model: str
     cpu_bf16: bool  # the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX): llm.train.has_fast_bf16
     cpu_cores: int  # logical cores the process may use
-    gpu: str  # "" without one
+    gpu: str  # its name; "none"
     device: str  # the training's: "cpu", "cuda"
     dtype: str  # the training's resolved dtype
     world_size: int
@@ -247,7 +247,7 @@ class RunCard:
 
     def markdown(self, train_seconds: float | None = None) -> str:
         rows = [("CPU", self.cpu_model), ("CPU bf16 in hardware", "yes" if self.cpu_bf16 else "no"),
-                ("CPU cores", str(self.cpu_cores)), ("GPU", self.gpu or "none"), ("device", self.device),
+                ("CPU cores", str(self.cpu_cores)), ("GPU", self.gpu), ("device", self.device),
                 ("dtype", self.dtype), ("processes", str(self.world_size)), ("torch", self.torch),
                 ("Python", self.python)]
         times = {**self.stage_seconds, **({"train": train_seconds} if train_seconds is not None else {})}
@@ -280,7 +280,7 @@ def run_card(device: str, dtype: str, world_size: int, cpu_bf16: bool, stage_tim
     """This machine's card; `cpu_bf16` as llm.train.has_fast_bf16 finds for the CPU."""
     import torch
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else ""
+    gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "none"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return RunCard(cpu_model(), cpu_bf16, cores, gpu, device, dtype, world_size,
                    torch.__version__, platform.python_version(), stage_times)

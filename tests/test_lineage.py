@@ -141,7 +141,7 @@ def test_the_upstream_stages_of_the_training_inputs_from_dvc_lock(tmp_path):
 
 
 def test_a_run_card_says_what_ran_where():
-    card = RunCard("Some CPU", False, 2, "", "cpu", "float32", 1, "2.13.0", "3.11.9", {"clean": 1.25})
+    card = RunCard("Some CPU", False, 2, "none", "cpu", "float32", 1, "2.13.0", "3.11.9", {"clean": 1.25})
     tags = card.tags()
     assert tags["card.cpu_model"] == "Some CPU" and tags["card.cpu_bf16"] == "false"
     assert tags["card.wall_seconds.clean"] == "1.2" and tags["card.torch"] == "2.13.0"

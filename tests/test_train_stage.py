@@ -95,7 +95,7 @@ def test_the_training_run_records_its_inputs_the_machine_and_a_run_card(workdir,
     tags = run.data.tags
     assert tags["git_dirty"] == "unknown" and tags["params_changed"].startswith("unknown"), "not a git repository"
     assert tags["card.device"] == "cpu" and tags["card.cpu_bf16"] in ("true", "false") and tags["card.cpu_model"]
-    assert tags["card.dtype"] == "float32" and int(tags["card.cpu_cores"]) >= 1
+    assert tags["card.dtype"] == "float32" and int(tags["card.cpu_cores"]) >= 1 and tags["card.gpu"] == "none"
     assert 0 < float(tags["card.wall_seconds.train"]) < 600
     card = load_text(f"{run.info.artifact_uri}/run_card.md")
     assert f"| CPU | {tags['card.cpu_model']} |" in card and f"| train | {tags['card.wall_seconds.train']} |" in card
