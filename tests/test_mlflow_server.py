@@ -128,6 +128,26 @@ def test_both_runs_carry_params_loss_history_eval_metrics_and_artifacts(server, 
     assert small["data"]["metrics"] != large["data"]["metrics"], "different learning rates, different runs"
 
 
+def test_each_final_model_is_a_logged_model_with_its_evaluation_and_the_better_one_is_the_champion(server, runs):
+    """On a real server: the registry and the LoggedModels (llm/model_registry.py) as on the sqlite store."""
+    from mlflow import MlflowClient
+
+    work, ids = runs
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("lr").experiment_id
+    bpb, versions = {}, {}
+    for name, run_id in ids.items():
+        [final] = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}' AND "
+                                              "name = 'final'")
+        linked = {m.key: m for m in final.metrics if m.dataset_name == "tokens/val"}
+        bpb[name] = read_json(work / name / "eval.json")["val_bpb"]
+        assert linked["eval/val_bpb"].value == pytest.approx(bpb[name])
+        [versions[name]] = [v for v in client.search_model_versions("name = 'shakespeare-gpt'")
+                            if v.source == f"models:/{final.model_id}"]
+    champion = client.get_model_version_by_alias("shakespeare-gpt", "champion")
+    assert champion.version == versions[min(bpb, key=bpb.get)].version
+
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
