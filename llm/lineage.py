@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import posixpath
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,12 @@ def changed_params(current: dict[str, Any], committed: dict[str, Any]) -> ParamC
             for key in sorted(now.keys() | before.keys()) if before.get(key, ABSENT) != now.get(key, ABSENT)}
 
 
+def tag_key(key: str) -> str:
+    """`key` as an MLflow tag may be named (letters, digits, _ - . / and spaces): a params key or a path of anything
+    else would make MLflow refuse the run's tags, and the run with them."""
+    return posixpath.normpath(re.sub(r"[^\w\-./ ]", "_", key)).lstrip("/")[:250]
+
+
 def shown_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -206,7 +213,7 @@ def change_tags(changes: ParamChanges | None) -> dict[str, str]:
     """One tag per changed param, `params_changed.train.lr`: "0.016 -> 0.004"; and how many changed."""
     if changes is None:
         return {"params_changed": "unknown: no committed params file to compare with"}
-    tags = {f"params_changed.{key}": f"{shown_value(old)} -> {shown_value(new)}"[:MAX_TAG]
+    tags = {tag_key(f"params_changed.{key}"): f"{shown_value(old)} -> {shown_value(new)}"[:MAX_TAG]
             for key, (old, new) in changes.items()}
     return {"params_changed": str(len(changes)), **tags}
 
@@ -307,10 +314,9 @@ def training_lineage(tokens: Path, tokenizer: Path, meta: TokensMeta, changes: P
     inputs = [_relative(p, root) for p in (tokens, tokenizer)]
     upstream = upstream_stages(lock, inputs)
     dirty = dirty_files(root, NOT_DIRTYING)
+    outputs = {tag_key(f"dvc.{name}.{out}"): md5 for name, stage in upstream.items() for out, md5 in stage.outs.items()}
     tags = {"git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-            **({"git_dirty_files": " ".join(dirty)[:MAX_TAG]} if dirty else {}),
-            **{f"dvc.{name}.{out}": md5 for name, stage in upstream.items() for out, md5 in stage.outs.items()},
-            **change_tags(changes)}
+            **({"git_dirty_files": " ".join(dirty)[:MAX_TAG]} if dirty else {}), **outputs, **change_tags(changes)}
     card = run_card(device, dtype, world_size, cpu_bf16, stage_seconds(root, upstream))
     return Lineage(run_name(changes, os.environ.get("DVC_EXP_NAME")), token_datasets(tokens, meta),
                    {**tags, **card.tags()}, card)

@@ -104,6 +104,7 @@ def test_changes_against_the_committed_params_file(tmp_path, monkeypatch):
     assert changes == {"model.n_layer": (ABSENT, 4), "train.lr": (0.016, 0.004)}
     assert change_tags(changes) == {"params_changed": "2", "params_changed.model.n_layer": "(absent) -> 4",
                                     "params_changed.train.lr": "0.016 -> 0.004"}
+    assert change_tags({"data.a:b": (1, 2)}) == {"params_changed": "1", "params_changed.data.a_b": "1 -> 2"}
 
     params = tmp_path / "params.yaml"
     assert committed_params(committed_text(params)) is None and dirty_files(tmp_path) is None, "outside git"
