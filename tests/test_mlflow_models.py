@@ -271,7 +271,8 @@ def test_a_registered_model_name_a_models_uri_cannot_carry_is_refused(project):
 
 def test_the_tuned_model_answers_chat_messages_as_the_chat_command_does(tmp_path, chat_tokenizer_path,
                                                                          empty_mlflow_db):
-    """The sft stage logs its model with log_tuned_model: logged so here, from a tiny model with the chat tokens."""
+    """The sft stage logs its model with log_tuned_model: logged so here, from a tiny model with the chat tokens; its
+    answer, in process and over HTTP from MLflow's scoring server, is the chat command's."""
     import shutil
 
     import mlflow
@@ -300,3 +301,30 @@ def test_the_tuned_model_answers_chat_messages_as_the_chat_command_does(tmp_path
     assert chat.returncode == 0, chat.stderr
     assert answer["role"] == "assistant" and answer["content"] == chat.stdout.removesuffix("\n")
     assert answer["content"], "the tiny model answers something: the test compares text"
+    assert served_answer(loaded, request) == {"role": "assistant", "content": answer["content"]}
+
+
+def served_answer(loaded, request: dict) -> dict:
+    """The message MLflow's scoring server (what `mlflow models serve` runs) answers `request` with, served on a free
+    loopback port from this process: the served champion above already costs the suite a process of its own."""
+    import threading
+
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    server = uvicorn.Server(uvicorn.Config(scoring_server.init(loaded), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the scoring server did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.config.port}/invocations"
+        post = urllib.request.Request(url, data=json.dumps(request).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=60) as response:
+            return json.loads(response.read())["choices"][0]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
