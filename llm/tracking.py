@@ -436,9 +436,17 @@ class MlflowRun(ExistingRun):
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`: one last try at the backlog, then a report of anything not logged."""
         self.backlog.close(status, end=self._end)
+        # A run the tracker did not end in time: its monitor stops sampling all the same, rather than ask the tracker
+        # every interval for as long as the process lives (a test's, a notebook's). MLflow's monitor has no public
+        # way to stop without waiting for its thread, which may be waiting on the tracker.
+        stop = getattr(self.system_metrics, "_shutdown_event", None)
+        if stop is not None:
+            stop.set()
 
     def _start_system_metrics(self) -> None:
         """On the thread, after the open: a monitor that cannot start leaves the run without system/ metrics."""
+        if self.backlog.abandoned:  # the stage has ended
+            return
         try:
             self.system_metrics = start_system_metrics(self.run_id, self.uri, resumed=self.resumed)
         except Exception as err:

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -226,6 +227,7 @@ def test_a_locked_tracker_neither_stalls_training_nor_changes_its_outputs(workdi
 
         monkeypatch.setattr(llm.training_run, "start_training_run", opened_then_locked)
     out = {name: tmp_path / name for name in ("ckpt", "final", "train.json", "train.csv", "attention.safetensors")}
+    monitors_before = set(system_metrics_monitors())
     try:
         start = time.monotonic()
         result = stage(workdir, "train", "--params", params, "--checkpoints", out["ckpt"], "--out", out["final"],
@@ -261,6 +263,15 @@ def test_a_locked_tracker_neither_stalls_training_nor_changes_its_outputs(workdi
         assert "metric values and 4 artifacts of run" in report and "nor its end (FINISHED)" in report
         assert "(no answer in 1 s)" in report
     assert not mlflow_noise(result.stderr)
+    # MLflow's monitor of the machine stops with the stage, though the tracker never ended the run.
+    deadline = time.monotonic() + 30
+    while set(system_metrics_monitors()) - monitors_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(system_metrics_monitors()) - monitors_before
+
+
+def system_metrics_monitors() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "SystemMetricsMonitor"]
 
 
 def test_a_locked_or_corrupt_tracker_neither_stops_nor_stalls_the_guide(workdir, trained, tmp_path, monkeypatch):
