@@ -111,11 +111,11 @@ class InputDataset:
     profile: dict[str, Any]  # what MLflow shows beside it: token counts
 
 
-def token_datasets(tokens: Path, meta: TokensMeta) -> list[InputDataset]:
-    """The token shards a training reads: the folder as a whole (DVC's hash of it: dvc.lock's for the tokenize
-    stage's output, when that is current), the val split alone (val_dataset) and the tokenizer that made them (its
-    sha256, as meta.json records it and the train stage checked). Reads every shard once: at disk speed, small beside
-    any training."""
+def token_datasets(tokens: Path, meta: TokensMeta, tokenizer: Path) -> list[InputDataset]:
+    """The token shards a training reads: the folder as a whole (DVC's hash of it, computed as DVC does: what
+    dvc.lock records for the tokenize stage's output when that is current), the val split alone (val_dataset) and
+    `tokenizer`, which made them (its sha256, as meta.json records it and the train stage checked). Reads every
+    shard once: at disk speed, small beside any training."""
     tokens = Path(tokens).resolve()
     md5s = folder_md5s(tokens)
     counts = {f"{split}_{what}": getattr(part, what)
@@ -124,7 +124,7 @@ def token_datasets(tokens: Path, meta: TokensMeta) -> list[InputDataset]:
         InputDataset("tokens", dir_md5(md5s.items()), tokens.as_uri(), "training",
                      {**counts, "vocab_size": meta.vocab_size, "dtype": meta.dtype, "files": len(md5s)}),
         val_dataset(tokens, meta, md5s),
-        InputDataset("tokenizer", meta.tokenizer_sha256[:MAX_DIGEST], (tokens / "meta.json").as_uri(), "tokenizer",
+        InputDataset("tokenizer", meta.tokenizer_sha256[:MAX_DIGEST], Path(tokenizer).resolve().as_uri(), "tokenizer",
                      {"sha256": meta.tokenizer_sha256, "vocab_size": meta.vocab_size}),
     ]
 
@@ -318,7 +318,7 @@ def training_lineage(tokens: Path, tokenizer: Path, meta: TokensMeta, changes: P
     tags = {"git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
             **({"git_dirty_files": " ".join(dirty)[:MAX_TAG]} if dirty else {}), **outputs, **change_tags(changes)}
     card = run_card(device, dtype, world_size, cpu_bf16, stage_seconds(root, upstream))
-    return Lineage(run_name(changes, os.environ.get("DVC_EXP_NAME")), token_datasets(tokens, meta),
+    return Lineage(run_name(changes, os.environ.get("DVC_EXP_NAME")), token_datasets(tokens, meta, tokenizer),
                    {**tags, **card.tags()}, card)
 
 

@@ -68,8 +68,8 @@ def test_changing_one_document_changes_the_digest_of_its_split_only(tmp_path, sa
     edited = [*documents[:-1], documents[-1] + " One more line."]
     before_dir, before_meta, ids = tokens_of(tmp_path, "before", documents, sample_tokenizer_path)
     after_dir, after_meta, _ = tokens_of(tmp_path, "after", edited, sample_tokenizer_path)
-    before = {d.name: d for d in token_datasets(before_dir, before_meta)}
-    after = {d.name: d for d in token_datasets(after_dir, after_meta)}
+    before = {d.name: d for d in token_datasets(before_dir, before_meta, sample_tokenizer_path)}
+    after = {d.name: d for d in token_datasets(after_dir, after_meta, sample_tokenizer_path)}
     assert {d.context for d in before.values()} == {"training", "validation", "tokenizer"}
     assert all(len(d.digest) <= 36 for d in before.values()), "MLflow's longest digest"
 
@@ -81,7 +81,8 @@ def test_changing_one_document_changes_the_digest_of_its_split_only(tmp_path, sa
     assert (before["tokens/val"].digest != after["tokens/val"].digest) == in_val
     assert before["tokens"].profile["train_tokens"] == before_meta.splits["train"].tokens
     assert before["tokens/val"].profile["tokens"] == before_meta.splits["val"].tokens
-    assert token_datasets(before_dir, before_meta) == list(before.values()), "the same shards, the same digests"
+    again = token_datasets(before_dir, before_meta, sample_tokenizer_path)
+    assert again == list(before.values()), "the same shards, the same digests"
 
 
 def test_run_names_say_what_changed():
