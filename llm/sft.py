@@ -36,10 +36,10 @@ from llm.model import GPT, IGNORE, GPTConfig, tied_aliases
 from llm.model_io import load_model_dir, save_model_dir
 from llm.model_registry import log_tuned_model
 from llm.progress import TrainProgress
-from llm.sft_data import SFTSet, build_sft_set
+from llm.sft_data import READING_TASKS, SFTSet, build_sft_set
 from llm.signals import StopSignals
 from llm.split import is_val
-from llm.tasks import TaskScore, score_tasks
+from llm.tasks import TaskScore, context_copying, score_tasks
 from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, read_model_run, start_training_run
 from llm.train import Trainer, TrainingData, TrainResult, code_sha256
 
@@ -174,6 +174,17 @@ def score_table(base: dict[str, TaskScore], tuned: dict[str, TaskScore]) -> dict
             for task, score in tuned.items()}
 
 
+COPYING_PER_TASK = 8  # held-out prompts of each reading task that context_copying reads twice
+
+
+def copying_texts(sft_set: SFTSet, tokenizer: Tokenizer, tokens: ChatTokens) -> list[list[int]]:
+    """The first COPYING_PER_TASK held-out prompts (a passage and its question) of each reading task, as plain text
+    ids: what llm.tasks.context_copying reads twice, to tell whether a model can use its context as the reading
+    tasks ask."""
+    return [llm.chat.encode_content(tokenizer, tokens, q.messages[-1].content)
+            for task in READING_TASKS for q in sft_set.questions.get(task, [])[:COPYING_PER_TASK]]
+
+
 def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, paths: SFTPaths,
             params: dict[str, Any]) -> dict[str, Any]:
     """Tune, score and write the outputs; the metrics written. `params` are the run's settings, as MLflow records
@@ -194,12 +205,15 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
         base_scores = score_tasks(base.to(runtime.device), tokenizer, tokens, data.sft_set.questions,
                                   data.sft_set.shots)
         tuned_scores = score_tasks(tuned.to(runtime.device).eval(), tokenizer, tokens, data.sft_set.questions)
+        texts = copying_texts(data.sft_set, tokenizer, tokens)
+        copying = ({"base": context_copying(base, texts).to_dict(), "tuned": context_copying(tuned, texts).to_dict()}
+                   if texts else None)
     except BaseException as err:  # the tuning is checkpointed whole: a rerun resumes it and scores again
         run.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     metrics = {"tasks": score_table(base_scores, tuned_scores), **result.metrics,
                "train_conversations": len(data.train), "dropped": data.dropped, "counts": data.sft_set.counts,
-               "base_model": str(paths.base), "mlflow_run_id": run.run_id}
+               "base_model": str(paths.base), "context_copying": copying, "mlflow_run_id": run.run_id}
     write_sft_outputs(metrics, result, base.config, run, paths)
     return metrics
 

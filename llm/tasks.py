@@ -22,6 +22,12 @@ until it does; a question that does not fit even alone is left out and counted (
 
 Each question costs two forward passes: the prompt once (into a KV cache), then all its candidates together as
 one batch continuing it.
+
+A reading task is answered from the prompt: the model must find a name in its context and say it again.
+`context_copying` measures whether a model can do that at all, with no question asked: its loss on a text read
+once, and on the same text read again right after it. A model that uses its context (an "induction head": attend
+to where the current token came before, predict what followed it then) predicts the second reading far better;
+one that does not predicts it no better than the first.
 """
 
 import dataclasses
@@ -119,6 +125,41 @@ class Answered:
     reply: str  # the chosen candidate, or the greedy answer
     correct: bool
     shots: int  # solved examples the prompt held
+
+
+@dataclasses.dataclass(frozen=True)
+class Copying:
+    """A model's loss (nats per token) on texts read once, and read again at once after themselves."""
+
+    first_read: float
+    second_read: float
+    texts: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def context_copying(model: GPT, texts: Sequence[list[int]]) -> Copying:
+    """Copying over `texts` (token ids, each cut to half the context so that two readings fit): the mean loss of
+    each text's tokens after its first, on the first reading and on the second. The repeat is what the second
+    reading can use: every token there follows the same tokens it followed a text earlier."""
+    half = (model.config.block_size + 1) // 2
+    texts = [text[:half] for text in texts if len(text) >= 2]
+    if not texts:
+        raise ValueError("context_copying needs at least one text of two tokens or more")
+    was_training = model.training
+    model.eval()
+    first = second = 0.0
+    for text in texts:
+        ids = torch.tensor([text + text], device=model.device)
+        logits, _ = model(ids[:, :-1])
+        losses = F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
+        n = len(text)
+        first += losses[:n - 1].mean().item()  # predicting tokens 1..n-1 of the first reading
+        second += losses[n:].mean().item()  # tokens 1..n-1 of the second reading (n-1 predicts its first token)
+    model.train(was_training)
+    return Copying(first / len(texts), second / len(texts), len(texts))
 
 
 def format_ok(reply: str, reference: str) -> bool:

@@ -250,6 +250,30 @@ def test_the_sft_chapter_shows_the_tunings_numbers(project):
     base_steps = read_json(project / "metrics/train.json")["steps"]
     assert f"The tuning ran {metrics['steps']:,} steps after pretraining's {base_steps:,}" in words
     assert f"from {history[0].train_loss:.3f} to {history[-1].train_loss:.3f} nats per trained token" in words
+    copying = metrics["context_copying"]
+    for name in ("base", "tuned"):  # the copying table: each model's two readings and how much the second gains
+        which = copying[name]
+        drop = 100 * (1 - which["second_read"] / which["first_read"])
+        assert f"{name} {which['first_read']:.3f} {which['second_read']:.3f} {drop:.0f} %" in words, name
+    assert f"dvc exp run -S sft.max_steps={2 * metrics['steps']}" in words
+
+
+def test_context_copying_in_the_sft_metrics_is_what_the_models_do(project):
+    """metrics/sft.json's copying figures, recomputed from the base and tuned models on the held-out reading
+    prompts the sft stage reads twice."""
+    from llm.sft import copying_texts
+    from llm.sft_data import SFTSet
+    from llm.tasks import context_copying
+
+    tuned, tokenizer, tokens, questions = heldout_questions(project)
+    base, _ = load_model_dir(project / "models/final")
+    texts = copying_texts(SFTSet([], questions, {}, {}), tokenizer, tokens)
+    copying = read_json(project / "metrics/sft.json")["context_copying"]
+    for name, model in (("base", base), ("tuned", tuned)):
+        recomputed = context_copying(model, texts)
+        assert copying[name]["texts"] == recomputed.texts == len(texts) > 0
+        assert copying[name]["first_read"] == pytest.approx(recomputed.first_read, rel=1e-4)
+        assert copying[name]["second_read"] == pytest.approx(recomputed.second_read, rel=1e-4)
 
 
 SPAN = re.compile(r'<span class="tok(?: control)?( trained| masked)" style="[^"]*" title="id (\d+)">')

@@ -135,6 +135,10 @@ def test_the_sft_run_writes_a_model_metrics_and_a_loss_table(chat_tokenizer_path
         for which in ("base_accuracy", "sft_accuracy"):
             assert score[which] is None or 0 <= score[which] <= 1, (task, which)
     assert metrics["steps"] == 4
+    copying = json.loads(paths.metrics.read_text())["context_copying"]
+    for which in ("base", "tuned"):  # the held-out reading prompts, each read twice by each model
+        assert copying[which]["texts"] > 0 and copying[which]["first_read"] > 0 and copying[which]["second_read"] > 0
+    assert copying["base"] != copying["tuned"]
     tuned, tokenizer = load_model_dir(paths.out)
     assert tuned.config == load_model_dir(base_dir)[0].config
     assert paths.plots.read_text().splitlines()[0].startswith("step,")

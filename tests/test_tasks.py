@@ -11,9 +11,17 @@ from tokenizers import Tokenizer
 from llm.chat import CHAT_TOKENS, ChatTokens, Conversation, Message, encode_content, encode_prompt
 from llm.config import EOT
 from llm.configs.tokenizer import TokenizerConfig
-from llm.model import GPT, GPTConfig
+from llm.model import GPT, IGNORE, GPTConfig
 from llm.sft_data import Question
-from llm.tasks import GPTAnswerer, answer_question, format_failed, format_ok, prompt_with_shots, score_tasks
+from llm.tasks import (
+    GPTAnswerer,
+    answer_question,
+    context_copying,
+    format_failed,
+    format_ok,
+    prompt_with_shots,
+    score_tasks,
+)
 from llm.tokenizer import train_tokenizer
 
 TEXTS = ["HAMLET.\nTo be, or not to be, that is the question:\n", "Who speaks first? How many speeches?\n",
@@ -186,3 +194,26 @@ def test_a_real_model_is_scored_deterministically() -> None:
     assert first == score_tasks(model, tokenizer, tokens, questions)
     assert first["first_speaker"].n == 3 and 0.0 <= first["first_speaker"].accuracy <= 1.0
     assert first["verse_in_voice"].n == 1
+
+
+def test_context_copying_is_the_loss_of_each_reading_as_the_model_computes_it() -> None:
+    """Recomputed through the model's own masked loss (targets IGNORE outside the reading measured): the first
+    reading's tokens after its first, and the same tokens of the second reading."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="modern", n_layer=2, n_head=2, n_embd=32, block_size=40, vocab_size=50)).eval()
+    texts = [list(range(3, 13)), [7, 9, 11, 7, 9, 11, 7], list(range(1, 40))]  # the last is cut to half the context
+    copying = context_copying(model, texts)
+    first, second = [], []
+    for text in texts:
+        text = text[:20]
+        n, ids = len(text), torch.tensor([text + text])
+        for span, out in (((0, n - 1), first), ((n, 2 * n - 1), second)):
+            targets = torch.full((1, 2 * n - 1), IGNORE)
+            targets[0, span[0]:span[1]] = ids[0, 1:][span[0]:span[1]]
+            with torch.no_grad():
+                out.append(model(ids[:, :-1], targets)[1].item())
+    assert copying.texts == 3
+    assert copying.first_read == pytest.approx(sum(first) / 3, rel=1e-5)
+    assert copying.second_read == pytest.approx(sum(second) / 3, rel=1e-5)
+    with pytest.raises(ValueError):
+        context_copying(model, [[5]])

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from llm.chat import CHAT_TOKENS, Conversation, EncodedConversation, Message, encode_conversation, encode_prompt
 from llm.guide import figures
-from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, literal
+from llm.guide.document import Chapter, Exercise, Figure, Pre, Table, Text, Tokens, literal
 from llm.guide.inputs import Run, SFTRun
 from llm.history import HistoryRow
 from llm.sft_data import Question
@@ -153,6 +153,67 @@ def verdict(tasks: dict) -> str:
                    f"guessing gets {percent(tasks[best]['chance'])}.")
 
 
+def copying_label(copying: dict) -> str:
+    """How much a model's second reading of a text gains on its first, in words: what the reading tasks need."""
+    drop = 1 - copying["second_read"] / copying["first_read"]
+    if drop >= 0.5:
+        return "uses its context: the repeat costs it less than half"
+    if drop >= 0.1:
+        return "uses its context a little"
+    return "barely uses its context: the repeat is almost as hard as the first reading"
+
+
+def copying_blocks(sft: SFTRun) -> list:
+    """Whether the models can find something in their context and say it again, which every reading task asks."""
+    copying = sft.metrics.get("context_copying")
+    if not copying:
+        return []
+    base, tuned = copying["base"], copying["tuned"]
+
+    def drop(which: dict) -> str:
+        return f"{100 * (1 - which['second_read'] / which['first_read']):.0f} %"
+
+    return [
+        Text(f"Can the model read at all? A reading question is answered by finding a name in the prompt and saying "
+             f"it again. Here is that skill with no question asked: {base['texts']} of the held-out prompts, each "
+             "given twice in a row. On the second reading every token follows exactly what it followed a moment "
+             "ago, so a model that looks back (attend to where the current token came before, predict what "
+             "followed it then: an induction head) finds the second reading nearly free."),
+        Table(("model", "first reading (nats per token)", "second reading", "lower by", "so it"),
+              [(name, f"{which['first_read']:.3f}", f"{which['second_read']:.3f}", drop(which),
+                copying_label(which)) for name, which in (("base", base), ("tuned", tuned))]),
+        Text("A model that barely uses its context cannot look a name up in a passage, however the tuning asks: "
+             "its reading answers come from what it knows of the plays, not from the passage, and stay near chance "
+             "on plays it was not tuned on. Copying is learned in pretraining, from text that repeats itself (a "
+             "speaker's name, a refrain); a model this small and this briefly trained may not have learned it yet, "
+             "and then a longer or larger pretraining has to come before the tuning can teach reading."),
+    ]
+
+
+def exercise_blocks(run: Run, sft: SFTRun) -> list:
+    cfg, layers, steps = run.settings.sft, run.model.config.n_layer * 2, run.settings.train.max_steps * 2
+    return [
+        Exercise(f"dvc exp run -S sft.max_steps={2 * cfg.max_steps}",
+                 "this chapter's loss figure (the tuning's train and val curves) and its accuracy table",
+                 "the train loss, on the training conversations, falls further; the val loss, on the held-out "
+                 "questions' answers, does not fall with it, as it does not now (from "
+                 f"{first_val(sft)} to {sft.history[-1].val_loss:.3f} here): more steps teach the training plays' "
+                 "answers by heart, not reading. Only the sft stage and this guide rerun.",
+                 (("sft.max_steps", str(2 * cfg.max_steps)),)),
+        Exercise(f"dvc exp run -S model.n_layer={layers} -S train.max_steps={steps}",
+                 "the copying table above: whether the base model's second reading gets cheaper than its first",
+                 "a larger model trained longer (about four times the compute, so minutes more) and a lower val bpb. "
+                 "If its second reading is now clearly cheaper, it has learned to copy from its context, and the "
+                 "reading tasks' accuracy after tuning is where that shows.",
+                 (("model.n_layer", str(layers)), ("train.max_steps", str(steps)))),
+    ]
+
+
+def first_val(sft: SFTRun) -> str:
+    val = [row.val_loss for row in sft.history if row.val_loss is not None]
+    return f"{val[0]:.3f}" if val else "n/a"
+
+
 def greedy_reply(answerer: GPTAnswerer, tokenizer: Tokenizer, sft: SFTRun, question: Question) -> str | None:
     """What the tuned model writes after the question, greedily, up to its <|end|>; None when it does not fit."""
     prompt = encode_prompt(tokenizer, sft.tokens, question.messages)
@@ -203,4 +264,5 @@ def sft_chapter(run: Run, figure_dir: Path) -> Chapter:
     if sft is None:
         return Chapter(SLUG, TITLE, absent_blocks(run))
     return Chapter(SLUG, TITLE, [*mask_blocks(run, sft), *loss_blocks(run, sft, figure_dir),
-                                 *accuracy_blocks(run, sft, figure_dir), *sample_blocks(run, sft)])
+                                 *accuracy_blocks(run, sft, figure_dir), *copying_blocks(sft),
+                                 *sample_blocks(run, sft), *exercise_blocks(run, sft)])
