@@ -254,7 +254,7 @@ def test_the_sft_chapter_shows_the_tunings_numbers(project):
     for name in ("base", "tuned"):  # the copying table: each model's two readings and how much the second gains
         which = copying[name]
         drop = 100 * (1 - which["second_read"] / which["first_read"])
-        assert f"{name} {which['first_read']:.3f} {which['second_read']:.3f} {drop:.0f} %" in words, name
+        assert f"{name} {which['first_read']:.3f} {which['second_read']:.3f} {drop:.1f} %" in words, name
     assert f"dvc exp run -S sft.max_steps={2 * metrics['steps']}" in words
 
 

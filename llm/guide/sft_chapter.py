@@ -171,7 +171,7 @@ def copying_blocks(sft: SFTRun) -> list:
     base, tuned = copying["base"], copying["tuned"]
 
     def drop(which: dict) -> str:
-        return f"{100 * (1 - which['second_read'] / which['first_read']):.0f} %"
+        return f"{100 * (1 - which['second_read'] / which['first_read']):.1f} %"
 
     return [
         Text(f"Can the model read at all? A reading question is answered by finding a name in the prompt and saying "
