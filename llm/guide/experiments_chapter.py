@@ -481,7 +481,7 @@ def experiments_chapter(run: Run, figure_dir: Path, run_id: str | None,
     tuned = sum(r.stage == "sft" for r in listed)
     if tuned:
         blocks.append(Text(f"The experiment also holds {tuned} run{'s' if tuned > 1 else ''} of the sft stage "
-                           "(instruction tuning, chapter 9), scored by task accuracy, not compared here."))
+                           "(the chapter on instruction tuning), scored by task accuracy, not compared here."))
     return Chapter("experiments", "Your experiments", blocks + experiment_exercises(run))
 
 
