@@ -472,25 +472,34 @@ def start_system_metrics(run_id: str, uri: str, resumed: bool) -> Any:
     of its own, so it never holds a stage; with `resumed`, continuing the steps a reopened run logged."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed,
-                                   tracking_uri=uri)
+    class Monitor(SystemMetricsMonitor):
+        """MLflow's monitor with a loop that samples at the end of each interval and once more when it stops, so the
+        last part of a run (all of one shorter than the interval) has its point too. Sampling stays on the monitor's
+        thread: psutil measures CPU use since the calling thread's previous call (a first call says 0)."""
+
+        def monitor(self) -> None:
+            self.collect_metrics()  # the start of the first interval
+            for part in self.monitors:
+                part.clear_metrics()
+            while True:
+                stopping = self._shutdown_event.wait(self.sampling_interval)
+                self.collect_metrics()
+                try:
+                    self.publish_metrics(self.aggregate_metrics())
+                except Exception:  # a tracker failing: the run's own records report it; the machine's are let go
+                    return
+                if stopping:
+                    return
+
+    monitor = Monitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed, tracking_uri=uri)
     monitor.start()
     return monitor
 
 
 def stop_system_metrics(monitor: Any) -> None:
-    """On the tracker thread, before the run ends: stop sampling and log a last point, which covers the samples
-    since the last one logged (MLflow's monitor drops those when it stops), so a run shorter than the interval
-    has one too."""
-    if monitor is None:
-        return
-    monitor.finish()
-    try:
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-    except Exception as err:  # the machine's last point is worth less than the run's end, which comes next
-        log.info("MLflow: the last system metrics were not logged (%s)", first_line(err))
+    """On the tracker thread, before the run ends: the monitor's last point, and its thread stopped."""
+    if monitor is not None:
+        monitor.finish()
 
 
 class UntrackedRun:

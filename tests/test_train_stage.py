@@ -104,6 +104,8 @@ def test_the_training_run_records_its_inputs_the_machine_and_a_run_card(workdir,
     # The machine during the training, from MLflow's system metrics monitor: at least its last point.
     for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage"):
         assert client.get_metric_history(run.info.run_id, f"system/{key}"), key
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert cpu[-1].value > 0, "the last point measures the run's end, on the monitor's thread"
 
 
 def test_rerunning_a_finished_training_reopens_its_run_and_keeps_its_history(workdir, trained):
