@@ -20,11 +20,13 @@ MAX_PIECE_CHARS = 4096
 _SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
 
 
-def split_text(text: str, chunk_chars: int) -> list[str]:
+def split_text(text: str, chunk_chars: int, hard_cuts: bool = True) -> list[str]:
     """Cut `text` into pieces of about `chunk_chars` characters at safe places (see _SAFE_CUT).
 
     Where no safe place lies within twice `chunk_chars` (a long run without spaces, as in Chinese), the
-    cut is made at `chunk_chars` regardless: the bytes are kept, only a merge across the cut is lost.
+    cut is made at `chunk_chars` regardless: the bytes are kept, only a merge across the cut is lost. With
+    `hard_cuts` False it is made at the next safe place instead, however far (or not at all), so that the
+    pieces encode to exactly the ids of the whole text.
     The result depends on the text alone, so encoding is the same whatever the batching.
     """
     if len(text) <= chunk_chars:
@@ -32,6 +34,10 @@ def split_text(text: str, chunk_chars: int) -> list[str]:
     pieces, start = [], 0
     while len(text) - start > chunk_chars:
         cut = _SAFE_CUT.search(text, start + chunk_chars, start + 2 * chunk_chars)
+        if cut is None and not hard_cuts:
+            cut = _SAFE_CUT.search(text, start + chunk_chars)
+            if cut is None:
+                break
         if cut is None and len(text) - start <= 2 * chunk_chars:
             break  # the rest is short enough to stay whole
         end = cut.start() if cut else start + chunk_chars
@@ -76,10 +82,11 @@ def split_for_training(text: str, max_piece_chars: int, chunk_chars: int) -> lis
     without spaces) costs it pieces of `max_piece_chars`, not one huge word whose merges cost time that grows
     faster than its length. For speed, in strings of about `chunk_chars` (the trainer's cost per string):
     pieces joined where the join changes no pre-token, or, when no piece was cut, split_text's chunks of the
-    whole text (which change none either)."""
+    whole text, cut only at safe places (which change none either: a cut made where no safe place is near would
+    split a word the encoder keeps whole)."""
     pieces, cut = _pieces(text, max_piece_chars)
     if not cut:
-        return split_text(text, chunk_chars)
+        return split_text(text, chunk_chars, hard_cuts=False)
     chunks, run, run_chars = [], [], 0
     for piece in pieces:
         if run and (run_chars >= chunk_chars or not _joinable(piece)):

@@ -11,7 +11,19 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from llm.configs.evaluate import EvaluateConfig
-from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, literal, write_html, write_pdf
+from llm.guide.document import (
+    Aside,
+    Chapter,
+    Exercise,
+    Figure,
+    Pre,
+    Table,
+    Text,
+    Tokens,
+    literal,
+    write_html,
+    write_pdf,
+)
 from llm.guide.run_chapters import generation_chapter
 from llm.model_io import load_model_dir
 from llm.report import Sample, markdown_text, read_samples, write_reports
@@ -101,17 +113,22 @@ def test_the_guide_shows_hostile_text_as_text(tmp_path, hostile_reports):
     chapters = [generation_chapter(run, tmp_path / "guide" / "figures"),
                 Chapter("hostile", HOSTILE, [Text(literal(HOSTILE)), Table((HOSTILE,), [(HOSTILE,)]),
                                              Figure("figures/next_token.png", HOSTILE), Tokens([(HOSTILE, 5)]),
-                                             Pre(HOSTILE)])]
+                                             Pre(HOSTILE), Aside(HOSTILE, (literal(HOSTILE),)),
+                                             Exercise(HOSTILE, literal(HOSTILE), literal(HOSTILE),
+                                                      result=literal(HOSTILE))])]
     write_html(tmp_path / "guide" / "index.html", HOSTILE, literal(HOSTILE), chapters)
     page = Elements((tmp_path / "guide" / "index.html").read_text())
     assert {tag for tag, _ in page.tags} <= {"html", "head", "meta", "title", "link", "style", "body", "header",
                                              "h1", "p", "a", "nav", "ol", "li", "section", "h2", "pre", "code",
                                              "table", "thead", "tbody", "tr", "th", "td", "figure", "img",
-                                             "figcaption", "span", "sub"}
+                                             "figcaption", "span", "sub",
+                                             # the guide's own: an aside, an exercise's box and headings, a table's
+                                             # scrolling frame, a sample's prompt in bold
+                                             "aside", "div", "h4", "strong", "b"}
     assert [attrs["src"] for tag, attrs in page.tags if tag == "img"] == ["figures/next_token.png"] * 2
     assert not any(name.startswith("on") for _, attrs in page.tags for name in attrs)
     text = "".join(page.text)
-    assert text.count(HOSTILE) >= 7  # title, subtitle, chapter heading and contents, each block
+    assert text.count(HOSTILE) >= 12  # title, subtitle, chapter heading and contents, each block (an exercise: 4)
     assert f"Sample 1: {HOSTILE.splitlines()[0]} (seed {cfg.seed})" in text  # the sample's title, backquotes kept
     write_pdf(tmp_path / "guide" / "guide.pdf", tmp_path / "guide", HOSTILE, literal(HOSTILE), chapters)
     assert (tmp_path / "guide" / "guide.pdf").read_bytes().startswith(b"%PDF")
