@@ -293,3 +293,22 @@ def guide_project(tmp_path_factory, data_project) -> Path:
         assert result.returncode == 0, result.stderr[-3000:]
         print(f"{command[0]}: {time.monotonic() - start:.1f} s")
     return work
+
+
+def caught_attention(model, ids: list[int], monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v, out) of each layer, as the model's forward pass hands them to scaled_dot_product_attention."""
+    caught = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def catching(q, k, v, **kwargs):
+        out = sdpa(q, k, v, **kwargs)
+        caught.append((q, k, v, out))
+        return out
+
+    import llm.model
+
+    monkeypatch.setattr(llm.model.F, "scaled_dot_product_attention", catching)
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    monkeypatch.undo()
+    return caught

@@ -16,7 +16,6 @@ import torch
 import yaml
 from PIL import Image
 
-import llm.model
 from llm.attention import probe_ids, read_record
 from llm.chat import ChatTokens, Conversation, Message, encode_conversation, encode_prompt
 from llm.configs.data import DataConfig
@@ -30,7 +29,7 @@ from llm.model_io import load_model_dir
 from llm.sft import read_tuning_data
 from llm.shards import open_shard, read_meta
 from llm.tasks import MAX_ANSWER_TOKENS
-from tests.conftest import make_model_dir, only_mlflow_run, read_json, run_stage
+from tests.conftest import caught_attention, make_model_dir, only_mlflow_run, read_json, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -118,18 +117,7 @@ def test_attention_step_by_step_is_what_the_model_computes(tmp_path, sample_toke
     scaled_dot_product_attention (caught there), and the weights are softmax(QK^T / sqrt(d)) under the mask."""
     model, tokenizer = load_model_dir(make_model_dir(tmp_path / "model", sample_tokenizer_path, **parts))
     ids = tokenizer.encode("To be, or not to be").ids
-    caught = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def catching(q, k, v, **kwargs):
-        out = sdpa(q, k, v, **kwargs)
-        caught.append((q, k, v, out))
-        return out
-
-    monkeypatch.setattr(llm.model.F, "scaled_dot_product_attention", catching)
-    with torch.no_grad():
-        model(torch.tensor([ids]))
-    monkeypatch.undo()
+    caught = caught_attention(model, ids, monkeypatch)
     n_rep = model.config.n_head // model.config.n_kv_head
     for layer, (q, k, v, out) in enumerate(caught):
         for head in range(model.config.n_head):

@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-import llm.model
 from llm.attention import probe_ids, read_record
 from llm.configs.evaluate import EvaluateConfig
 from llm.guide import figures
@@ -30,7 +29,7 @@ from llm.guide.model_chapters import (
 )
 from llm.model import GPT, GPTConfig, initial_model
 from llm.model_io import load_model_dir
-from tests.conftest import make_model_dir
+from tests.conftest import caught_attention, make_model_dir
 
 MODERN = {"gpt2": [], "llama": ["SwiGLU", "untied head"],
           "modern": ["QK-norm", "ReLU²", "untied head", "logit softcap", "zero-init"]}
@@ -61,23 +60,6 @@ def final_model(project: Path) -> tuple[GPT, list[int]]:
     _, text = read_record(project / "plots/attention.safetensors")
     ids = probe_ids(tokenizer, text, tokenizer.token_to_id("<|endoftext|>"), model.config.block_size)
     return model.eval(), ids
-
-
-def caught_attention(model: GPT, ids: list[int], monkeypatch) -> list[tuple[torch.Tensor, ...]]:
-    """(q, k, v, out) of each layer, as the model's forward pass hands them to scaled_dot_product_attention."""
-    caught = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def catching(q, k, v, **kwargs):
-        out = sdpa(q, k, v, **kwargs)
-        caught.append((q, k, v, out))
-        return out
-
-    monkeypatch.setattr(llm.model.F, "scaled_dot_product_attention", catching)
-    with torch.no_grad():
-        model(torch.tensor([ids]))
-    monkeypatch.undo()
-    return caught
 
 
 def test_the_worked_row_is_the_models_own_attention(guide_project, monkeypatch):
