@@ -239,12 +239,18 @@ def test_every_heatmap_has_its_colour_bar_and_minus_infinity_its_own_colour(tmp_
     scores = np.arange(16.0).reshape(4, 4) - 8
     masked = np.where(np.tril(np.ones((4, 4), dtype=bool)), scores, -np.inf)
     labels = ["a", "b", "c", "d"]
-    figures.matrices([("scores", scores, "RdBu_r"), ("masked", masked, "RdBu_r"), ("w", np.eye(4), "viridis")],
-                     labels, tmp_path / "m.png", col_labels=labels, columns=2)
+    mask = np.where(np.tril(np.ones((4, 4), dtype=bool)), 0.0, -np.inf)
+    figures.matrices([("scores", scores, "RdBu_r"), ("masked", masked, "RdBu_r"), ("w", np.eye(4), "viridis"),
+                      ("mask", mask, "RdBu_r")], labels, tmp_path / "m.png", col_labels=labels, columns=2)
     figures.attention_heads(np.ones((2, 3, 4, 4)) / 4, labels, "heads", tmp_path / "h.png")
     matrices, heads = drawn
     images = [ax.images[0] for ax in matrices.axes if ax.images]
-    assert len(images) == 3 and sum(1 for ax in matrices.axes if ax.get_label() == "<colorbar>") == 3
+    bars = [ax for ax in matrices.axes if ax.get_label() == "<colorbar>"]
+    assert len(images) == 4 and len(bars) == 4
+    # A mask (only 0 and −∞) is two colours, and its bar names them, not a scale of values it does not hold.
+    assert [label.get_text() for label in bars[3].get_yticklabels()] == ["−∞", "0"]
+    kept, removed = images[3].cmap(images[3].norm(1.0)), images[3].cmap(images[3].norm(0.0))
+    assert np.allclose(kept[:3], 1) and np.allclose(removed[:3], images[1].cmap.get_bad()[:3])
     assert sum(1 for ax in heads.axes if ax.get_label() == "<colorbar>") == 1 and len(heads.axes) == 2 * 3 + 1
     bad = images[1].cmap.get_bad()
     assert tuple(np.round(bad[:3], 3)) == tuple(np.round([int(figures.MASKED_COLOUR[i:i + 2], 16) / 255

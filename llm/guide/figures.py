@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.patches import FancyBboxPatch, Rectangle
 from PIL import Image
 
@@ -98,6 +99,14 @@ def _heatmap(ax: plt.Axes, fig: plt.Figure, matrix: np.ndarray, cmap: str, title
     finite = matrix[np.isfinite(matrix)]
     colours = plt.get_cmap(cmap).with_extremes(bad=MASKED_COLOUR)
     shown = np.ma.masked_invalid(matrix)
+    if finite.size and not finite.any() and np.isneginf(matrix).any():  # a mask: only 0 and −∞, two colours
+        image = ax.imshow(np.isfinite(matrix).astype(float), cmap=ListedColormap([MASKED_COLOUR, "white"]),
+                          vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=8.5)
+        bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, ticks=[0.25, 0.75])
+        bar.ax.set_yticklabels(["−∞", "0"], fontsize=LABEL_PT)
+        bar.outline.set_edgecolor("#999999")
+        return
     if cmap == "RdBu_r":  # signed values: white at zero
         bound = float(np.abs(finite).max()) if finite.size else 0.0
         bound = bound or 1.0  # all zero (the mask's kept cells): still white at zero, on a scale of its own

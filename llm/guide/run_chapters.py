@@ -316,8 +316,16 @@ def variant_rows(variants: list[Variant]) -> list[tuple[str, ...]]:
              f"{v.time_ratio:.2f}x") for v in variants]
 
 
+SAME_TIME = 0.05  # a ratio within this of 1 is called the same time: two timed steps on a CPU vary by that much
+
+
+def speed_word(ratio: float) -> str:
+    """faster, slower, or about the same: how a time ratio against float32 reads, with SAME_TIME's margin."""
+    return "about the same" if abs(ratio - 1) <= SAME_TIME else "faster" if ratio < 1 else "slower"
+
+
 def faster_or_slower(ratio: float) -> str:
-    return f"{ratio:.2f}x the time of float32 ({'faster' if ratio < 1 else 'slower'})"
+    return f"{ratio:.2f}x the time of float32 ({speed_word(ratio)})"
 
 
 def bf16_text(bf16: Variant, fast_bf16: bool, trained_dtype: str) -> str:
@@ -325,7 +333,7 @@ def bf16_text(bf16: Variant, fast_bf16: bool, trained_dtype: str) -> str:
     CPU's flags (llm.train.has_fast_bf16)."""
     units = ("This CPU has bf16 units (AVX-512 BF16 or AMX)" if fast_bf16 else
              "This CPU has no bf16 units (neither AVX-512 BF16 nor AMX): torch emulates bf16 in software here")
-    if bf16.time_ratio < 1:
+    if speed_word(bf16.time_ratio) != "slower":
         verdict = f"and bf16 autocast took {faster_or_slower(bf16.time_ratio)}"
     elif fast_bf16:
         verdict = (f"yet bf16 autocast took {faster_or_slower(bf16.time_ratio)}: at this model's size the casts to "
@@ -366,7 +374,7 @@ def memory_blocks(run: Run) -> list:
         Text(f"Activation checkpointing (`train.activation_checkpointing`) keeps only each block's input and "
              f"recomputes the rest of the block during the backward pass: here it kept "
              f"{checkpointing.memory_ratio:.2f}x the activations and took {faster_or_slower(checkpointing.time_ratio)}"
-             ", the price of running each block's forward pass twice."),
+             ": it runs each block's forward pass twice, which costs more the larger the model and the batch."),
         Text(bf16_text(bf16, has_fast_bf16(torch.device("cpu")), run.train_metrics["dtype"])),
     ]
 
