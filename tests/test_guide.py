@@ -230,7 +230,8 @@ def test_the_sft_chapter_shows_the_tunings_numbers(project):
     assert metrics["tasks"], "the tiny tuning scored some task"
     for task, score in metrics["tasks"].items():
         row = " ".join([f"{score['n']:,}", *(percent(score[k]) for k in ("chance", "base_accuracy", "sft_accuracy"))])
-        assert re.search(rf"{task} (reading|knowledge|writing|other) {re.escape(row)}", words), task
+        scoring = "choice" if score["scoring"].startswith("choice") else "format"  # the table's word for it
+        assert re.search(rf"{task} (reading|knowledge|writing|other) {re.escape(row)} {scoring}\b", words), task
     compared = [s for s in metrics["tasks"].values() if s["base_accuracy"] is not None]
     better = sum(s["sft_accuracy"] > s["base_accuracy"] for s in compared)
     assert f"beats the base model on {better} of the {len(compared)} tasks" in words

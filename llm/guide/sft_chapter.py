@@ -12,7 +12,7 @@ from llm.guide.document import Chapter, Exercise, Figure, Pre, Table, Text, Toke
 from llm.guide.inputs import Run, SFTRun
 from llm.history import HistoryRow
 from llm.sft_data import Question
-from llm.tasks import MAX_ANSWER_TOKENS, GPTAnswerer, answer_question
+from llm.tasks import MAX_ANSWER_TOKENS, SCORING, GPTAnswerer, answer_question
 from llm.tokenizer import token_text
 
 SLUG, TITLE = "sft", "Instruction tuning"
@@ -103,6 +103,12 @@ def percent(value: float | None) -> str:
     return "not scored" if value is None else f"{100 * value:.1f} %"
 
 
+def scoring_name(scoring: str) -> str:
+    """The table's one word for how a task is scored (llm.tasks.SCORING: the paragraph above the table says each
+    in full); a scoring of another name is shown whole."""
+    return next((name for name, text in SCORING.items() if text == scoring), scoring)
+
+
 def accuracy_blocks(run: Run, sft: SFTRun, figure_dir: Path) -> list:
     tasks, shots = sft.metrics["tasks"], run.settings.sft.shots
     names = list(tasks)
@@ -123,7 +129,7 @@ def accuracy_blocks(run: Run, sft: SFTRun, figure_dir: Path) -> list:
     if not names:
         return blocks + [Text("No task had held-out questions to score.")]
     rows = [(task, kind(task), f"{s['n']:,}", percent(s["chance"]), percent(s.get("base_accuracy")),
-             percent(s["sft_accuracy"]), s["scoring"]) for task, s in tasks.items()]
+             percent(s["sft_accuracy"]), scoring_name(s["scoring"])) for task, s in tasks.items()]
     figures.accuracy_bars(names, [tasks[t].get("base_accuracy") for t in names],
                           [tasks[t]["sft_accuracy"] for t in names], [tasks[t]["chance"] for t in names],
                           figure_dir / "sft_accuracy.png")
