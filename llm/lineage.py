@@ -252,12 +252,12 @@ class RunCard:
         tags.update({f"card.wall_seconds.{stage}": f"{s:.1f}" for stage, s in self.stage_seconds.items()})
         return tags
 
-    def markdown(self, train_seconds: float | None = None) -> str:
+    def markdown(self, train_seconds: float | None = None, stage: str = "train") -> str:
         rows = [("CPU", self.cpu_model), ("CPU bf16 in hardware", "yes" if self.cpu_bf16 else "no"),
                 ("CPU cores", str(self.cpu_cores)), ("GPU", self.gpu), ("device", self.device),
                 ("dtype", self.dtype), ("processes", str(self.world_size)), ("torch", self.torch),
                 ("Python", self.python)]
-        times = {**self.stage_seconds, **({"train": train_seconds} if train_seconds is not None else {})}
+        times = {**self.stage_seconds, **({stage: train_seconds} if train_seconds is not None else {})}
         lines = ["# Run card", "", "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows), "",
                  "## Wall time per stage", ""]
         if times:
@@ -309,17 +309,29 @@ def training_lineage(tokens: Path, tokenizer: Path, meta: TokensMeta, changes: P
                      device: str, dtype: str, world_size: int, cpu_bf16: bool) -> Lineage:
     """The lineage of a training on the shards in `tokens` (made with `tokenizer`); `changes` are the params that
     differ from the committed params file (changed_params; None when there is none to compare with)."""
+    return _lineage([tokens, tokenizer], token_datasets(tokens, meta, tokenizer), changes, device, dtype, world_size,
+                    cpu_bf16)
+
+
+def tuning_lineage(inputs: list[Path], changes: ParamChanges | None, device: str, dtype: str,
+                   cpu_bf16: bool) -> Lineage:
+    """The lineage of an instruction tuning that read `inputs` (the base model's folder, the cleaned corpus): its
+    name, the git and dvc.lock tags of those inputs and the card, as a training's; no token datasets (it reads no
+    shards: its conversations are identified in its checkpoint's fingerprint)."""
+    return _lineage(inputs, [], changes, device, dtype, 1, cpu_bf16)
+
+
+def _lineage(inputs: list[Path], datasets: list[InputDataset], changes: ParamChanges | None, device: str,
+             dtype: str, world_size: int, cpu_bf16: bool) -> Lineage:
     root = workspace_root()
     lock = read_lock(root / "dvc.lock")
-    inputs = [_relative(p, root) for p in (tokens, tokenizer)]
-    upstream = upstream_stages(lock, inputs)
+    upstream = upstream_stages(lock, [_relative(p, root) for p in inputs])
     dirty = dirty_files(root, NOT_DIRTYING)
     outputs = {tag_key(f"dvc.{name}.{out}"): md5 for name, stage in upstream.items() for out, md5 in stage.outs.items()}
     tags = {"git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
             **({"git_dirty_files": " ".join(dirty)[:MAX_TAG]} if dirty else {}), **outputs, **change_tags(changes)}
     card = run_card(device, dtype, world_size, cpu_bf16, stage_seconds(root, upstream))
-    return Lineage(run_name(changes, os.environ.get("DVC_EXP_NAME")), token_datasets(tokens, meta, tokenizer),
-                   {**tags, **card.tags()}, card)
+    return Lineage(run_name(changes, os.environ.get("DVC_EXP_NAME")), datasets, {**tags, **card.tags()}, card)
 
 
 def _relative(path: Path, root: Path) -> str:

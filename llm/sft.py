@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from llm.documents import iter_documents
 from llm.errors import ConfigError, InputError, Interrupted
 from llm.fileio import sha256_file, write_json_atomic
 from llm.history import HistoryRow, write_history_csv
+from llm.lineage import ParamChanges, RunCard, tuning_lineage
 from llm.model import GPT, IGNORE, GPTConfig, tied_aliases
 from llm.model_io import load_model_dir, save_model_dir
 from llm.model_registry import log_tuned_model
@@ -40,8 +42,8 @@ from llm.sft_data import READING_TASKS, SFTSet, build_sft_set
 from llm.signals import StopSignals
 from llm.split import is_val
 from llm.tasks import TaskScore, context_copying, score_tasks
-from llm.tracking import MODEL_RUN_FILE, TrackedRun, model_run_record, read_model_run, start_training_run
-from llm.train import Trainer, TrainingData, TrainResult, code_sha256
+from llm.tracking import MODEL_RUN_FILE, TrackedRun, log_run_card, model_run_record, read_model_run, start_training_run
+from llm.train import Trainer, TrainingData, TrainResult, code_sha256, has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,12 @@ def copying_texts(sft_set: SFTSet, tokenizer: Tokenizer, tokens: ChatTokens) -> 
 
 
 def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, paths: SFTPaths,
-            params: dict[str, Any]) -> dict[str, Any]:
+            params: dict[str, Any], changes: ParamChanges | None = None) -> dict[str, Any]:
     """Tune, score and write the outputs; the metrics written. `params` are the run's settings, as MLflow records
-    them. SIGINT and SIGTERM stop the tuning after a step and a checkpoint, as training's do."""
+    them; `changes`, those that differ from the committed params file (they name the run, as a training's:
+    llm/lineage.py; None when there is none to compare with). SIGINT and SIGTERM stop the tuning after a step and
+    a checkpoint, as training's do."""
+    started = time.monotonic()
     base, tokenizer = load_model_dir(paths.base)
     tokens = ChatTokens.from_tokenizer(tokenizer, paths.base / "tokenizer.json")
     block_size = base.config.block_size
@@ -198,7 +203,7 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
              sum(data.dropped.values()), len(data.val))
     runtime = Runtime(device=default_device())
     with StopSignals() as stop:  # only around the tuning: a signal while scoring stops the stage at once
-        result, run = tune(base, cfg, data, tokens.eot, paths, mlflow_cfg, params, runtime, stop)
+        result, run, card = tune(base, cfg, data, tokens.eot, paths, mlflow_cfg, params, runtime, stop, changes)
     tuned = GPT(base.config)
     tuned.load_state_dict({**result.weights, **{a: result.weights[n] for a, n in tied_aliases(tuned).items()}})
     try:
@@ -214,14 +219,17 @@ def run_sft(cfg: SFTConfig, data_cfg: DataConfig, mlflow_cfg: MlflowConfig, path
     metrics = {"tasks": score_table(base_scores, tuned_scores), **result.metrics,
                "train_conversations": len(data.train), "dropped": data.dropped, "counts": data.sft_set.counts,
                "base_model": str(paths.base), "context_copying": copying, "mlflow_run_id": run.run_id}
+    log_run_card(run, card, time.monotonic() - started, stage="sft")
     write_sft_outputs(metrics, result, base.config, run, paths)
     return metrics
 
 
 def tune(base: GPT, cfg: SFTConfig, data: TuningData, pad_id: int, paths: SFTPaths, mlflow_cfg: MlflowConfig,
-         params: dict[str, Any], runtime: Runtime, stop: StopSignals) -> tuple[TrainResult, TrackedRun]:
+         params: dict[str, Any], runtime: Runtime, stop: StopSignals,
+         changes: ParamChanges | None = None) -> tuple[TrainResult, TrackedRun, RunCard]:
     """The tuning: the Trainer resumed (or started from the base weights) and run, logged to an MLflow run tagged
-    with the base model's run."""
+    with the base model's run and named, tagged and carded as a training's (llm/lineage.py); (the result, the
+    run, the card to log once the stage's time is known)."""
     block_size = base.config.block_size
     base_weights = {name: t.detach().clone() for name, t in base.state_dict().items()}
     data_for_trainer = training_data(data, block_size, pad_id, sha256_file(paths.base / "model.safetensors"))
@@ -229,8 +237,11 @@ def tune(base: GPT, cfg: SFTConfig, data: TuningData, pad_id: int, paths: SFTPat
                       initial_weights=base_weights)
     progress, tracker_run_id = trainer.resume()
     base_run = read_model_run(paths.base)
+    lineage = tuning_lineage([paths.base, paths.clean], changes, runtime.device.type, trainer.cfg.dtype,
+                             has_fast_bf16(torch.device("cpu")))
     run = start_training_run(mlflow_cfg, params, runtime.device.type, 1, tracker_run_id,
-                             tags={"stage": "sft", "base_run_id": base_run.run_id if base_run else "none"})
+                             tags={"stage": "sft", "base_run_id": base_run.run_id if base_run else "none"},
+                             lineage=lineage)
     try:
         with TrainProgress(cfg.max_steps) as bar:
             def on_log(row: HistoryRow) -> None:
@@ -238,7 +249,7 @@ def tune(base: GPT, cfg: SFTConfig, data: TuningData, pad_id: int, paths: SFTPat
                 run.log_metrics({f"sft_{k}": v for k, v in row.to_dict().items() if k != "step" and v is not None},
                                 step=row.step)
 
-            return trainer.fit(progress, on_log=on_log, stop=stop, tracker_run_id=run.run_id), run
+            return trainer.fit(progress, on_log=on_log, stop=stop, tracker_run_id=run.run_id), run, lineage.card
     except BaseException as err:
         run.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
         raise

@@ -560,12 +560,13 @@ def start_training_run(cfg: MlflowConfig, params: dict[str, Any], device: str, w
     return run
 
 
-def log_run_card(run: TrackedRun, card: RunCard, train_seconds: float) -> None:
-    """A training's run card (llm/lineage.py) as run_card.md, and its wall time as a tag beside the card's others."""
+def log_run_card(run: TrackedRun, card: RunCard, train_seconds: float, stage: str = "train") -> None:
+    """A training's run card (llm/lineage.py) as run_card.md, and the wall time of its `stage` as a tag beside the
+    card's others."""
 
     def task(client: Any, run_id: str) -> None:
-        client.set_tag(run_id, "card.wall_seconds.train", f"{train_seconds:.1f}")
-        client.log_text(run_id, card.markdown(train_seconds), "run_card.md")
+        client.set_tag(run_id, f"card.wall_seconds.{stage}", f"{train_seconds:.1f}")
+        client.log_text(run_id, card.markdown(train_seconds, stage), "run_card.md")
 
     run.call("the run card", task)
 

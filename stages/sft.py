@@ -22,9 +22,13 @@ def sft(
     from llm.configs.data import DataConfig
     from llm.configs.mlflow import MlflowConfig
     from llm.configs.sft import SFTConfig
+    from llm.lineage import changed_params, committed_text
     from llm.sft import SFTPaths, run_sft
+    from stages.params import committed_params
 
     cfg = load_params(params, sft=SFTConfig, data=DataConfig, mlflow=MlflowConfig)
     source = None if cfg.sft.source == "builtin" else conversations
     paths = SFTPaths(model, clean, source, checkpoints, out, metrics, plots)
-    run_sft(cfg.sft, cfg.data, cfg.mlflow, paths, cfg.to_dict())
+    committed = committed_params(committed_text(params))
+    run_sft(cfg.sft, cfg.data, cfg.mlflow, paths, cfg.to_dict(),
+            changes=None if committed is None else changed_params(cfg.raw, committed))

@@ -19,7 +19,7 @@ from llm.model_io import load_model_dir
 from llm.sft import ConversationBatches, SFTPaths, run_sft
 from llm.tokenizer import load_tokenizer
 from llm.train import Trainer, TrainingData
-from tests.conftest import make_model_dir
+from tests.conftest import make_model_dir, only_mlflow_run
 
 NAMES = ["HAMLET", "OPHELIA", "POLONIUS", "LAERTES", "HORATIO", "GERTRUDE", "CLAUDIUS", "OSRIC"]
 WORDS = ["the", "king", "my", "lord", "sweet", "night", "day", "love", "death", "heaven", "grief", "honour",
@@ -127,7 +127,8 @@ def test_the_sft_run_writes_a_model_metrics_and_a_loss_table(chat_tokenizer_path
     paths = SFTPaths(base_dir, clean, None, tmp_path / "ckpt", tmp_path / "sft", tmp_path / "sft.json",
                      tmp_path / "sft.csv")
     mlflow = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="sft-test")
-    metrics = run_sft(cfg, DataConfig(val_fraction=0.25), mlflow, paths, {"sft": {"max_steps": 4}})
+    metrics = run_sft(cfg, DataConfig(val_fraction=0.25), mlflow, paths, {"sft": {"max_steps": 4}},
+                      changes={"sft.max_steps": (300, 4)})
     assert json.loads(paths.metrics.read_text())["tasks"] == metrics["tasks"]
     assert metrics["tasks"], "at least one task was scored"
     for task, score in metrics["tasks"].items():
@@ -135,6 +136,12 @@ def test_the_sft_run_writes_a_model_metrics_and_a_loss_table(chat_tokenizer_path
         for which in ("base_accuracy", "sft_accuracy"):
             assert score[which] is None or 0 <= score[which] <= 1, (task, which)
     assert metrics["steps"] == 4
+    # The tuning's MLflow run is named and tagged after what differs from the committed params, and carded, as a
+    # training's run is.
+    client, run = only_mlflow_run(mlflow.tracking_uri, "sft-test")
+    assert run.info.run_name == "max_steps=4" and run.data.tags["params_changed.sft.max_steps"] == "300 -> 4"
+    assert run.data.tags["stage"] == "sft" and float(run.data.tags["card.wall_seconds.sft"]) > 0
+    assert run.data.tags["card.cpu_cores"] and "run_card.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
     copying = json.loads(paths.metrics.read_text())["context_copying"]
     for which in ("base", "tuned"):  # the held-out reading prompts, each read twice by each model
         assert copying[which]["texts"] > 0 and copying[which]["first_read"] > 0 and copying[which]["second_read"] > 0
