@@ -312,3 +312,20 @@ def caught_attention(model, ids: list[int], monkeypatch) -> list[tuple[torch.Ten
         model(torch.tensor([ids]))
     monkeypatch.undo()
     return caught
+
+
+@pytest.fixture(scope="session")
+def served_guide(guide_project: Path):
+    """guide_project's reports/guide/ over HTTP on loopback, as a browser reads a site: its base URL."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(guide_project / "reports/guide"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

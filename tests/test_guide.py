@@ -2,12 +2,9 @@
 that is the model's (recomputed here independently), a page that loads whole in headless Chromium, a PDF with
 a page per chapter, the folder logged to the training's MLflow run."""
 
-import functools
 import html
-import http.server
 import math
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,21 +132,7 @@ def test_attention_step_by_step_is_what_the_model_computes(tmp_path, sample_toke
             np.testing.assert_allclose(steps["out"], out[0, head].numpy(), atol=1e-5)
 
 
-@pytest.fixture
-def served(project):
-    """reports/guide/ over HTTP on loopback, as a browser reads a site."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(project / "reports/guide"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_the_page_loads_every_image_in_headless_chromium_without_errors(served, project):
+def test_the_page_loads_every_image_in_headless_chromium_without_errors(served_guide, project):
     from playwright.sync_api import sync_playwright
 
     problems = []
@@ -160,7 +143,7 @@ def test_the_page_loads_every_image_in_headless_chromium_without_errors(served, 
         tab.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         tab.on("pageerror", lambda error: problems.append(str(error)))
         tab.on("requestfailed", lambda request: problems.append(f"failed: {request.url}"))
-        tab.goto(f"{served}/index.html", wait_until="load")
+        tab.goto(f"{served_guide}/index.html", wait_until="load")
         images = tab.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
                               "i.naturalWidth])")
         sections = tab.evaluate("document.querySelectorAll('section h2').length")

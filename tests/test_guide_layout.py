@@ -2,12 +2,9 @@
 (1280 px) and a phone (390 px) width, and every page of the PDF (read with pypdf: no PDF renderer is installed
 here, so a page counts as rendered when its content stream parses and yields its text and images)."""
 
-import functools
 import hashlib
 import html
-import http.server
 import re
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,20 +14,6 @@ pytestmark = pytest.mark.slow
 
 SMALLEST_PT = 7.0  # no text in a figure smaller than this on an A4 page
 FIGURE_DPI = 110  # what the guide's PNGs are drawn at (llm.plots.save_figure)
-
-
-@pytest.fixture(scope="module")
-def served(guide_project):
-    """reports/guide/ over HTTP on loopback, as a browser reads a site."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(guide_project / "reports/guide"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def look(url: str, width: int) -> dict:
@@ -59,8 +42,8 @@ def look(url: str, width: int) -> dict:
 
 
 @pytest.mark.parametrize("width", [1280, 390])
-def test_the_page_fits_the_screen_and_shows_every_image(served, width):
-    seen = look(f"{served}/index.html", width)
+def test_the_page_fits_the_screen_and_shows_every_image(served_guide, width):
+    seen = look(f"{served_guide}/index.html", width)
     assert seen["problems"] == []
     assert seen["scroll"] <= seen["inner"], "nothing makes the page wider than the window"
     assert seen["images"], "the guide has figures"
