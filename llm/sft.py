@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def conversation_files(source: Path) -> list[Path]:
     raise InputError(f"sft.source: {source} is no .jsonl file nor a folder holding any")
 
 
-def tuning_data(cfg: SFTConfig, documents: list[tuple[str, str]], tokenizer: Tokenizer, tokens: ChatTokens,
+def tuning_data(cfg: SFTConfig, documents: Iterable[tuple[str, str]], tokenizer: Tokenizer, tokens: ChatTokens,
                 block_size: int, pretrained: Callable[[str], bool], conversations_dir: Path | None) -> TuningData:
     """The built-in set from the cleaned corpus (its held-out questions always; its training conversations unless
     `conversations_dir` holds the fetched JSONL of another sft.source), encoded and cut to the context."""
@@ -141,7 +141,8 @@ def read_tuning_data(cfg: SFTConfig, data_cfg: DataConfig, clean: Path, tokenize
     def pretrained(doc_id: str) -> bool:
         return not is_val(doc_id, data_cfg.seed, data_cfg.val_fraction)
 
-    return tuning_data(cfg, list(iter_documents(clean)), tokenizer, tokens, block_size, pretrained, conversations_dir)
+    # Streamed: only the plays parsed from it are kept, never the whole corpus.
+    return tuning_data(cfg, iter_documents(clean), tokenizer, tokens, block_size, pretrained, conversations_dir)
 
 
 def training_data(data: TuningData, block_size: int, pad_id: int, base_sha256: str) -> TrainingData:
