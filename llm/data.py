@@ -2,6 +2,12 @@
 
 A batch is a pure function of (seed, step, micro_step, rank, world size): runs are reproducible, and a resumed run
 draws exactly the windows an uninterrupted one would, with no data position to save.
+
+Periodic rows (train.periodic_rows): a share of the training windows is replaced by its own first few tokens (a
+period of PERIOD_TOKENS) repeated to the row's end. Every token after the first period is then predictable only by
+finding where the current token came before in the row and copying what followed it: an induction head, the
+skill a reading question needs (answer with a name found in the passage). Natural text rewards it too seldom for
+a small model to learn it in a short run (docs/benchmarks.md, "Teaching the base model to copy").
 """
 
 from pathlib import Path
@@ -13,13 +19,16 @@ from llm.errors import InputError
 from llm.shards import open_shard
 
 VAL_STREAM = 1 << 30  # step number reserved for the fixed validation batches
+PERIOD_TOKENS = (8, 64)  # a periodic row's period, drawn uniformly between these (inclusive)
 
 
 class TokenWindows:
     """Samples (x, y) windows from one split's shards; a window never crosses a shard boundary."""
 
-    def __init__(self, shard_paths: list[Path], block_size: int, vocab_size: int, name: str) -> None:
-        """`name` says which shards these are in errors ("data/tokens: the val split")."""
+    def __init__(self, shard_paths: list[Path], block_size: int, vocab_size: int, name: str,
+                 periodic_rows: float = 0.0) -> None:
+        """`name` says which shards these are in errors ("data/tokens: the val split"); `periodic_rows` is the
+        share of rows made periodic (module docstring)."""
         self.shards = [open_shard(path, vocab_size=vocab_size) for path in shard_paths]
         self.block_size = block_size
         # Number of window starts in each shard; shards too short for one window are never drawn.
@@ -29,6 +38,7 @@ class TokenWindows:
                              "lower model.block_size or add data")
         self.shard_weights = self.window_starts / self.window_starts.sum()
         self.num_tokens = sum(len(s) for s in self.shards)
+        self.periodic_rows = periodic_rows
 
     def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, world_size: int = 1, micro_step: int = 0,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +52,12 @@ class TokenWindows:
         which = rng.choice(len(self.shards), size=size, p=self.shard_weights)
         starts = rng.integers(0, self.window_starts[which])
         rows = np.empty((batch_size, self.block_size + 1), dtype=np.int64)
+        if self.periodic_rows:  # drawn after the windows: a share of 0 draws the windows it always did
+            periods = np.where(rng.random(size) < self.periodic_rows, rng.integers(*PERIOD_TOKENS, size, endpoint=True), 0)
         for i, row in enumerate(range(rank * batch_size, (rank + 1) * batch_size)):
             rows[i] = self.shards[which[row]][starts[row] : starts[row] + self.block_size + 1]
+            if self.periodic_rows and periods[row]:
+                rows[i] = np.resize(rows[i, :periods[row]], self.block_size + 1)  # the period, repeated
         window = torch.from_numpy(rows)
         x, y = window[:, :-1], window[:, 1:]
         if torch.device(device).type == "cuda":

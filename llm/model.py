@@ -89,6 +89,15 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, n_embd): the token shift's input for position pos
+
+    def fill_from(self, prefix: "KVCache") -> None:
+        """Start from a batch-1 cache's positions, copied into every row of this one."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][:, :, :prefix.pos] = prefix.keys[layer][:, :, :prefix.pos]
+            self.values[layer][:, :, :prefix.pos] = prefix.values[layer][:, :, :prefix.pos]
+        self.pos = prefix.pos
+        self.last_embedding = prefix.last_embedding
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T; return all keys and values so far."""
@@ -214,6 +223,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.token_shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.head == "tied":
@@ -223,6 +233,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        if self.token_shift is not None:
+            nn.init.zeros_(self.token_shift.weight)  # the model starts as if it had no shift
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -247,7 +259,7 @@ class GPT(nn.Module):
         place of None. While training (train mode, gradients on), targets give (None, loss): the logits are not
         kept (ChunkedHeadLoss). With a cache, idx continues the sequence the cache holds (positions cache.pos
         onwards)."""
-        x, rope = self.embed(idx, start=cache.pos if cache is not None else 0)
+        x, rope = self.embed(idx, start=cache.pos if cache is not None else 0, cache=cache)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
@@ -268,13 +280,21 @@ class GPT(nn.Module):
         return logits, loss
 
     def embed(
-        self, idx: torch.Tensor, start: int = 0
+        self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Token (and learned position) embeddings of positions start..start+T, and the rope tables for them."""
+        """Token (and learned position) embeddings of positions start..start+T, and the rope tables for them. The
+        token shift's previous embedding before idx comes from `cache` (none before position 0)."""
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
+        if self.token_shift is not None:
+            before = cache.last_embedding if cache is not None and start > 0 else None
+            if before is None:
+                before = torch.zeros_like(x[:, :1])
+            if cache is not None:
+                cache.last_embedding = x[:, -1:]
+            x = x + self.token_shift(torch.cat([before.expand(x.size(0), -1, -1), x[:, :-1]], dim=1))
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))

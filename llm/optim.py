@@ -100,8 +100,8 @@ def _like(whole: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
-    """The weights Muon trains: the 2-D matrices inside the transformer blocks."""
-    return name.startswith("blocks.") and param.dim() == 2
+    """The weights Muon trains: the 2-D matrices inside the transformer blocks, and the token shift's."""
+    return (name.startswith("blocks.") or name.startswith("token_shift.")) and param.dim() == 2
 
 
 def peak_lrs(cfg: TrainConfig) -> dict[str, float]:

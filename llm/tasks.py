@@ -84,10 +84,7 @@ class GPTAnswerer:
         if len(prompt) > 1:  # the prompt's last token is fed with the answers: it predicts their first token
             once = model.new_cache(1)
             model(torch.tensor([prompt[:-1]], device=device), cache=once)
-            for layer in range(len(cache.keys)):
-                cache.keys[layer][:, :, :once.pos] = once.keys[layer][:, :, :once.pos]
-                cache.values[layer][:, :, :once.pos] = once.values[layer][:, :, :once.pos]
-            cache.pos = once.pos
+            cache.fill_from(once)
         width = max(map(len, answers))
         # Each row: the prompt's last token, then the answer; padding comes after an answer, so it cannot change
         # the logits of the answer's own positions (causal attention), and its targets are masked out.

@@ -136,10 +136,12 @@ class TrainingData:
     identity: dict[str, Any]  # JSON that changes when the data (or the starting weights) do: in the fingerprint
 
 
-def pretraining_data(meta: TokensMeta, tokens_dir: Path, block_size: int, vocab_size: int) -> TrainingData:
-    """Random windows of the token shards' train and val splits."""
+def pretraining_data(meta: TokensMeta, tokens_dir: Path, block_size: int, vocab_size: int,
+                     periodic_rows: float = 0.0) -> TrainingData:
+    """Random windows of the token shards' train and val splits; `periodic_rows` of the train rows periodic."""
     train, val = (TokenWindows(meta.shard_paths(tokens_dir, split), block_size, vocab_size,
-                               f"{tokens_dir}: the {split} split") for split in ("train", "val"))
+                               f"{tokens_dir}: the {split} split", periodic_rows if split == "train" else 0.0)
+                  for split in ("train", "val"))
     identity = {"tokenizer_sha256": meta.tokenizer_sha256, "splits": dataclasses.asdict(meta)["splits"]}
     return TrainingData(train, val, identity)
 
@@ -424,7 +426,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, tokens_dir: Path, checkpoint_d
     """Train from scratch, or resume from the newest checkpoint of this run in `checkpoint_dir`: a Trainer set
     up, resumed and run to the end (see Trainer.fit for `on_log`, `stop_after`, `stop`)."""
     runtime = runtime if isinstance(runtime, Runtime) else Runtime(device=torch.device(runtime))
-    data = pretraining_data(read_meta(tokens_dir), tokens_dir, model_cfg.block_size, model_cfg.vocab_size)
+    data = pretraining_data(read_meta(tokens_dir), tokens_dir, model_cfg.block_size, model_cfg.vocab_size,
+                            cfg.periodic_rows)
     trainer = Trainer(model_cfg, cfg, data, checkpoint_dir, runtime, attention_ids)
     progress, _ = trainer.resume()
     return trainer.fit(progress, on_log=on_log, stop_after=stop_after, stop=stop)

@@ -86,7 +86,8 @@ def run_training(params: dict[str, Any], model: ModelConfig, cfg: TrainConfig, m
     with StopSignals() as stop, distributed_runtime() as runtime:
         if not runtime.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        data = pretraining_data(inputs.meta, paths.tokens, inputs.model_cfg.block_size, inputs.model_cfg.vocab_size)
+        data = pretraining_data(inputs.meta, paths.tokens, inputs.model_cfg.block_size, inputs.model_cfg.vocab_size,
+                                cfg.periodic_rows)
         trainer = Trainer(inputs.model_cfg, cfg, data, paths.checkpoints, runtime, inputs.attention_ids)
         if cfg.dtype == "auto":
             log.info("train.dtype auto: %s on this %s", trainer.cfg.dtype, runtime.device.type)

@@ -11,7 +11,7 @@ from llm.model_io import load_model_dir
 from tests.conftest import ROOT, make_model_dir, run_stage
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=["gpt2", "llama", "modern"])  # modern: the token shift's state crosses cache calls
 def model_and_tokenizer(request, tmp_path, sample_tokenizer_path):
     return load_model_dir(make_model_dir(tmp_path / request.param, sample_tokenizer_path, arch=request.param))
 

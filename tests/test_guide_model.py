@@ -32,7 +32,7 @@ from llm.model_io import load_model_dir
 from tests.conftest import caught_attention, make_model_dir
 
 MODERN = {"gpt2": [], "llama": ["SwiGLU", "untied head"],
-          "modern": ["QK-norm", "ReLU²", "untied head", "logit softcap", "zero-init"]}
+          "modern": ["QK-norm", "ReLU²", "untied head", "logit softcap", "zero-init", "token shift"]}
 
 
 def section(project: Path, slug: str) -> str:

@@ -42,7 +42,7 @@ def tiny_model() -> GPT:
     return GPT(GPTConfig(arch="modern", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97))
 
 
-def test_muon_trains_the_matrices_inside_the_blocks_and_adamw_the_rest():
+def test_muon_trains_the_matrices_inside_the_blocks_and_the_token_shift_and_adamw_the_rest():
     model = tiny_model()
     adamw, muon = configure_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
@@ -51,7 +51,8 @@ def test_muon_trains_the_matrices_inside_the_blocks_and_adamw_the_rest():
     names = {id(p): name for name, p in model.named_parameters()}
     assert by_muon.isdisjoint(by_adamw) and by_muon | by_adamw == set(names)
     matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    assert sorted(names[i] for i in by_muon) == sorted(f"blocks.{i}.{m}.weight" for i in range(2) for m in matrices)
+    assert sorted(names[i] for i in by_muon) == sorted(
+        ["token_shift.weight", *(f"blocks.{i}.{m}.weight" for i in range(2) for m in matrices)])
     set_lr([adamw, muon], 0.5)
     assert len(adamw.param_groups) == 1, "no empty group: the modern model has no 1-D weights"
     assert adamw.param_groups[0]["lr"] == 5e-4 and muon.param_groups[0]["lr"] == 0.01

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from llm.checkpoint import checkpoint_dirs
 from llm.configs.train import TrainConfig
-from llm.data import TokenWindows
+from llm.data import PERIOD_TOKENS, TokenWindows
 from llm.errors import InputError, TrainingDiverged
-from llm.model import GPTConfig
+from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter, SplitMeta, TokensMeta, read_meta, write_meta
 from llm.throughput import ThroughputMeter, peak_flops
 from llm.train import has_fast_bf16, resolve_dtype, train
@@ -63,6 +63,46 @@ def test_windows_are_a_pure_function_of_seed_step_and_ranks_slice_the_global_bat
     assert (x1[:, 1:] == y1[:, :-1]).all()
     halves = [data.batch(4, seed=1, step=5, rank=rank, world_size=2)[0] for rank in (0, 1)]
     assert (torch.cat(halves) == x1).all(), "2 ranks x 4 windows are the 8 windows of one process"
+
+
+def test_periodic_rows_repeat_their_first_period_and_leave_the_other_windows_as_they_were(tokens_dir):
+    paths = read_meta(tokens_dir).shard_paths(tokens_dir, "train")
+    plain = TokenWindows(paths, block_size=32, vocab_size=VOCAB, name="train")
+    mixed = TokenWindows(paths, block_size=32, vocab_size=VOCAB, name="train", periodic_rows=0.5)
+    periodic = 0
+    for step in range(20):
+        x, y = plain.batch(8, seed=1, step=step)
+        mx, my = mixed.batch(8, seed=1, step=step)
+        assert (mx[:, 1:] == my[:, :-1]).all()
+        for row, mrow, mlast in zip(x, mx, my[:, -1], strict=True):
+            window = torch.cat([mrow, mlast[None]])
+            if (mrow == row).all():
+                continue
+            periodic += 1
+            # The row is its own first `period` tokens (those of the plain window) repeated to the end.
+            period = next(p for p in range(PERIOD_TOKENS[0], PERIOD_TOKENS[1] + 1)
+                          if (window[p:] == window[:-p]).all())
+            assert (window[:period] == row[:period]).all()
+    assert 40 <= periodic <= 120, f"{periodic} of 160 rows periodic, half expected"
+    halves = [mixed.batch(4, seed=1, step=3, rank=rank, world_size=2)[0] for rank in (0, 1)]
+    assert (torch.cat(halves) == mixed.batch(8, seed=1, step=3)[0]).all(), "ranks slice the same global batch"
+
+
+def test_the_token_shift_adds_the_previous_tokens_embedding_only():
+    cfg = model_config("modern", dropout=0.0)
+    assert cfg.token_shift and not model_config("llama").token_shift
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    assert not model.token_shift.weight.any(), "starts at zero: a new model computes what it would without it"
+    with torch.no_grad():
+        model.token_shift.weight.normal_()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    changed = idx.clone()
+    changed[0, 5] = (idx[0, 5] + 1) % VOCAB
+    x, _ = model.embed(idx)
+    cx, _ = model.embed(changed)
+    differs = (x != cx).any(dim=-1)[0].tolist()
+    assert differs == [i in (5, 6) for i in range(12)], "token 5 reaches its own position and the next only"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -18,15 +18,16 @@ PART_CHOICES = {name: typing.get_args(kind) for name, kind in
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 (2019), as nanoGPT builds it.
     "gpt2": {"positions": "learned", "norm": "layernorm", "norm_gain": True, "mlp": "gelu", "head": "tied",
-             "bias": True, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False},
+             "bias": True, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False, "token_shift": False},
     # Llama (2023).
     "llama": {"positions": "rope", "norm": "rmsnorm", "norm_gain": True, "mlp": "swiglu", "head": "untied",
-              "bias": False, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False},
+              "bias": False, "qk_norm": False, "logit_softcap": 0.0, "zero_init": False, "token_shift": False},
     # What the strongest small-model recipes of 2024-25 share (modded-nanogpt's speedrun, nanochat): norms
     # without gains, queries and keys normalised, squared ReLU, a logit softcap, and every output
-    # projection (and the head) starting at zero, so each block starts as the identity.
+    # projection (and the head) starting at zero, so each block starts as the identity; and a token shift
+    # (modded-nanogpt's "smear"), which lets one attention layer copy from the context.
     "modern": {"positions": "rope", "norm": "rmsnorm", "norm_gain": False, "mlp": "relu2", "head": "untied",
-               "bias": False, "qk_norm": True, "logit_softcap": 15.0, "zero_init": True},
+               "bias": False, "qk_norm": True, "logit_softcap": 15.0, "zero_init": True, "token_shift": True},
 }
 ARCHS = tuple(PRESETS)
 Arch = Literal[ARCHS]  # the preset names
@@ -51,6 +52,10 @@ class ModelConfig(Validated):
     qk_norm: bool | None = None  # RMS-normalise each head's queries and keys before attention
     logit_softcap: float | None = param(None, ge=0, note="0 turns it off")  # logits = c * tanh(logits / c)
     zero_init: bool | None = None  # output projections (and an untied head) start at zero
+    # Each position's input adds a learned linear map (starting at zero) of the previous token's embedding, so
+    # a key can say which token came before it: attention can then find where the current token came before and
+    # copy what followed it (an induction head) in one layer instead of two.
+    token_shift: bool | None = None
     section: InitVar[str] = "model"  # the params section named in errors (from_mapping passes the one it read)
 
     def resolve(self) -> None:

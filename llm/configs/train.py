@@ -21,6 +21,9 @@ class TrainConfig(Validated):
     beta1: float = param(0.9, ge=0, lt=1)
     beta2: float = param(0.95, ge=0, lt=1)
     grad_clip: float = param(1.0, ge=0)  # max global gradient norm; 0 disables clipping
+    # share of training rows made periodic: their first 8-64 tokens repeated to the end, which teaches the model to
+    # copy from its context (llm/data.py); 0 = natural text only
+    periodic_rows: float = param(0.0, ge=0, le=1)
     # adamw: AdamW for every weight. muon: Muon for the 2-D weights inside the blocks, AdamW (lr above) for
     # embeddings, the head, norms and biases.
     optimizer: Literal["adamw", "muon"] = "adamw"

@@ -156,6 +156,12 @@ def modern_parts(cfg: GPTConfig) -> list[tuple[str, str]]:
                                       f"{math.log(cfg.vocab_size):.3f}, a uniform guess" if cfg.head == "untied"
                                       else "")
                                    + "."))
+    if cfg.token_shift:
+        parts.append(("token shift", f"each position's input adds a learned {cfg.n_embd} × {cfg.n_embd} map of the "
+                                     "previous token's embedding (starting at zero), so a key can say which token "
+                                     "came before it: one attention layer can then find where the current token "
+                                     "appeared earlier and copy what followed it, the skill a reading question "
+                                     "needs."))
     return parts
 
 
