@@ -53,7 +53,8 @@ class TokenWindows:
         starts = rng.integers(0, self.window_starts[which])
         rows = np.empty((batch_size, self.block_size + 1), dtype=np.int64)
         if self.periodic_rows:  # drawn after the windows: a share of 0 draws the windows it always did
-            periods = np.where(rng.random(size) < self.periodic_rows, rng.integers(*PERIOD_TOKENS, size, endpoint=True), 0)
+            chosen = rng.random(size) < self.periodic_rows
+            periods = np.where(chosen, rng.integers(*PERIOD_TOKENS, size, endpoint=True), 0)
         for i, row in enumerate(range(rank * batch_size, (rank + 1) * batch_size)):
             rows[i] = self.shards[which[row]][starts[row] : starts[row] + self.block_size + 1]
             if self.periodic_rows and periods[row]:

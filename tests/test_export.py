@@ -166,6 +166,7 @@ def test_a_tokenizer_without_endoftext_is_an_input_error(tmp_path, sample_tokeni
     ({"arch": "llama", "mlp": "relu2"}, "model.mlp"),
     ({"arch": "llama", "qk_norm": True}, "model.qk_norm"),
     ({"arch": "llama", "logit_softcap": 30.0}, "model.logit_softcap"),
+    ({"arch": "llama", "token_shift": True}, "model.token_shift"),
     ({"arch": "gpt2", "head": "untied"}, "model.head"),
     ({"arch": "gpt2", "n_kv_head": 1}, "model.n_kv_head"),
 ])

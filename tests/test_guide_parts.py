@@ -8,6 +8,7 @@ from llm.guide.data_chapters import memmap_growth, specimen_spans
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
 from llm.guide.evolution_chapter import mean_distance
 from llm.guide.model_chapters import activation_shapes, component_table, row_entropy, weight_stds
+from llm.guide.sft_chapter import copying_meaning
 from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter
 from llm.tokenizer import BYTES, load_tokenizer, token_bytes, token_label, token_text
@@ -163,3 +164,11 @@ def test_the_tokenizer_chapter_says_what_a_character_budget_left_out():
     assert trained_on(everything, 10**8) == ("It was trained on all 40 train documents, 1,000 characters "
                                              "(`tokenizer.max_train_chars`, 100,000,000, is more than they hold).")
     assert trained_on({"vocab_size": 300}, 0) == ""
+
+
+def test_the_copying_paragraph_follows_the_measured_drop_and_says_where_copying_came_from():
+    copies, flat = {"first_read": 4.0, "second_read": 3.0}, {"first_read": 4.0, "second_read": 3.95}
+    taught = copying_meaning(copies, 0.3)
+    assert "has begun to copy" in taught and "30 % of its rows periodic" in taught
+    assert "cannot look a name up" in copying_meaning(flat, 0.3)
+    assert "natural text only" in copying_meaning(flat, 0.0) and "has begun" not in copying_meaning(flat, 0.0)
