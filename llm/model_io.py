@@ -36,8 +36,10 @@ def save_model_dir(out: Path, model_cfg: GPTConfig, weights: dict[str, torch.Ten
 def read_model_config(model_dir: Path) -> GPTConfig:
     path = Path(model_dir) / "config.json"
     try:
-        # A model saved before the token shift existed has none: its config.json names no token_shift.
-        return from_mapping(GPTConfig, {"token_shift": False, **json.loads(path.read_text())}, "config.json")
+        values = json.loads(path.read_text())
+        if isinstance(values, dict):  # a model saved before the token shift existed has none: no token_shift key
+            values = {"token_shift": False, **values}
+        return from_mapping(GPTConfig, values, "config.json")
     except FileNotFoundError:
         raise InputError(f"{path}: not found; train a model first (the train stage writes models/final/)") from None
     except (OSError, ValueError, ConfigError) as err:

@@ -35,9 +35,12 @@ def test_a_conversation_on_stdin_answers_each_message_and_reset_starts_over(tmp_
     dialogue = "Who speaks first?\n\n/reset\nWho speaks first?\n/quit\nnever read\n"
     result = run_stage(tmp_path, "chat", "--model", tuned, *GREEDY, stdin=dialogue)
     assert result.returncode == 0, result.stderr
-    answers = result.stdout.split("\n")[:-1]
-    assert len(answers) == 2, "one answer per message; the blank line and what follows /quit are not messages"
-    assert answers[0] == answers[1], "after /reset the same question in the same (greedy) state: the same answer"
+    # Each answer ends with a newline (an answer may hold newlines itself: the model is random). Two messages, the
+    # same question in the same (greedy) state after /reset: the same answer twice, and nothing else.
+    half = len(result.stdout) // 2
+    answer = result.stdout[:half]
+    assert answer.endswith("\n") and len(answer) > 1 and result.stdout == answer * 2, \
+        "one answer per message; the blank line and what follows /quit are not messages"
     assert "starts over" in result.stderr
 
 

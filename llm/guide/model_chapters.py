@@ -55,6 +55,9 @@ def component_table(model: GPT) -> list[tuple[str, str, int, int]]:
                      params.get("wpe", 0), 0))
     else:
         rows.append(("positions (RoPE)", "queries and keys rotated by an angle that grows with position", 0, 0))
+    if cfg.token_shift:
+        rows.append(("token shift", f"a {cfg.n_embd} × {cfg.n_embd} map of the previous token's embedding, added",
+                     params.get("token_shift", 0), matmul_flops("token_shift")))
     rows += [
         (f"attention x {cfg.n_layer}", f"{cfg.n_head} heads of {cfg.head_dim}: each position reads earlier ones",
          params.get("attention", 0), matmul_flops(".attn.")),
