@@ -46,6 +46,7 @@ INVALID = [  # (section, key, value): each is refused, the error naming section.
     ("train", "dtype", "fp8"), ("train", "strategy", "zero"), ("train", "muon_momentum", 1.0),
     ("train", "grad_clip", -1.0), ("train", "grad_clip", float("inf")), ("train", "weight_decay", float("nan")),
     ("train", "seed", -5), ("train", "max_restarts", -1), ("train", "beta2", 1.0), ("train", "compile", "yes"),
+    ("train", "periodic_rows", 1.5), ("train", "periodic_rows", -0.1), ("model", "token_shift", "yes"),
     ("evaluate", "temperature", float("nan")), ("evaluate", "temperature", -1.0), ("evaluate", "top_p", 0.0),
     ("evaluate", "top_k", -1), ("evaluate", "prompts", []), ("evaluate", "max_new_tokens", 0),
     ("evaluate", "seed", 2**63), ("mlflow", "tracking_uri", ""), ("mlflow", "experiment", " "),
