@@ -321,6 +321,8 @@ def test_a_locked_or_corrupt_tracker_neither_stops_nor_stalls_the_guide(workdir,
     assert files(tmp_path / "locked") == files(tmp_path / "corrupt")
     for name in ("corrupt", "locked"):  # the page's timings are measured as it is built: its words differ
         assert "The runs could not be listed: MLflow at " in (tmp_path / name / "index.html").read_text()
+    # The memmap figure is measured too: the pages a read maps depend on what the page cache holds (the kernel maps
+    # cached pages around a faulting one), which the first build changes for the second.
     for name in files(tmp_path / "locked"):
-        if name.suffix in (".png", ".gif"):
+        if name.suffix in (".png", ".gif") and name.name != "memmap.png":
             assert (tmp_path / "locked" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes(), name
