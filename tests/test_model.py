@@ -205,6 +205,22 @@ def test_a_config_json_without_the_parts_loads_as_its_preset():
     assert from_mapping(GPTConfig, old, "config.json") == tiny("llama")
 
 
+def test_a_modern_model_saved_before_the_token_shift_loads_without_one(tmp_path, sample_tokenizer_path):
+    """Its config.json names every part but token_shift, and its weights hold no token_shift.weight: the preset's
+    shift (on for modern) would not fit them."""
+    import json
+
+    from llm.model_io import load_model_dir
+    from tests.conftest import make_model_dir
+
+    folder = make_model_dir(tmp_path / "old", sample_tokenizer_path, arch="modern", token_shift=False)
+    config = json.loads((folder / "config.json").read_text())
+    del config["token_shift"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model_dir(folder)
+    assert model.config.token_shift is False and model.token_shift is None
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ({"mlp": "tanh"}, "model.mlp"), ({"positions": "alibi"}, "model.positions"), ({"norm": "batchnorm"}, "model.norm"),
     ({"head": "shared"}, "model.head"), ({"n_kv_head": 3, "n_head": 4}, "model.n_kv_head"),
