@@ -2,19 +2,23 @@
 log one MLflow run, and run as two "nodes" on loopback."""
 
 import concurrent.futures
+import contextlib
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT, TINY_MODEL, free_port, only_mlflow_run, read_json, run_stage, write_params
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+LAUNCH_TIMEOUT_S = 300
 
 TRAIN = {"batch_size": 4, "grad_accum_steps": 2, "max_steps": 8, "warmup_steps": 2, "eval_interval": 4,
          "eval_batches": 2, "log_interval": 1, "checkpoint_interval": 4, "dtype": "float32", "lr": 0.003,
@@ -47,11 +51,36 @@ def train_options(out: Path) -> list[str]:
 
 def launch(project: Path, out: Path, launcher: list[str], env: dict | None = None,
            fail_at: int | None = None) -> subprocess.CompletedProcess:
-    """The train stage under torchrun; with `fail_at`, rank 0 dies after logging that step (tests/fault_worker.py)."""
+    """The train stage under torchrun; with `fail_at`, rank 0 dies after logging that step (tests/fault_worker.py).
+    A launch that runs past LAUNCH_TIMEOUT_S fails the test with every worker's Python stacks (see stop_hung)."""
     entry = ["stages", "train"] if fail_at is None else ["tests.fault_worker", str(fail_at)]
     cmd = [str(BIN / "torchrun"), *launcher, "-m", *entry, *train_options(out)]
-    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    with subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = stop_hung(process)
+            first_dump = stderr.find("Fatal Python error")
+            stacks = stderr[first_dump:] if first_dump >= 0 else stderr[-12000:]
+            pytest.fail(f"torchrun ran past {LAUNCH_TIMEOUT_S} s; where its workers were:\n{stacks[:12000]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def stop_hung(process: subprocess.Popen) -> tuple[str, str]:
+    """Stop a hung launch and its whole process group, none left behind to load the machine for the tests after
+    it. torchrun and its workers get SIGABRT first: faulthandler (PYTHONFAULTHANDLER) prints every thread's
+    Python stack to the stderr read here, which says where a hang is."""
+    launcher = psutil.Process(process.pid)
+    processes = [*launcher.children(recursive=True), launcher]
+    for each in processes:  # one at a time, so that their stacks do not interleave
+        with contextlib.suppress(psutil.NoSuchProcess):
+            each.send_signal(signal.SIGABRT)
+            each.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):  # the group's last process may have died of its SIGABRT
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.communicate()
 
 
 def torchrun(project: Path, name: str, nproc: int, train: dict | None = None, launcher: list[str] | None = None,
