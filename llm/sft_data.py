@@ -73,6 +73,10 @@ _NAME = re.compile(r"(?:[0-9]+ )?[A-Z][A-Za-z'\-]*\.?(?: (?:[A-Z][A-Za-z'\-]*\.?
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
+# A question writes a character's name in quotes. A byte-level BPE token carries the space before it: " MENENIUS"
+# is other tokens than the heading "MENENIUS." at a line's start (here ĠM EN ENIUS against MENENIUS), so a small model
+# cannot find the name it is asked about by matching tokens, and answers with a name it knows instead. After a quote
+# the name has its heading's tokens.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "first_speaker": (
         "{passage}\n\nWho speaks first in this passage?",
@@ -81,10 +85,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{passage}\n\nQuestion: who is the first to speak above?",
     ),
     "next_speaker": (
-        "{passage}\n\nWho speaks right after {name}?",
-        "Read this passage from a play.\n\n{passage}\n\nWhich character speaks next after {name}?",
-        "Here is part of a scene:\n\n{passage}\n\nWho answers {name}?",
-        "{passage}\n\nQuestion: in the passage above, who speaks after {name}?",
+        "{passage}\n\nWho speaks right after \"{name}\"?",
+        "Read this passage from a play.\n\n{passage}\n\nWhich character speaks next after \"{name}\"?",
+        "Here is part of a scene:\n\n{passage}\n\nWho answers \"{name}\"?",
+        "{passage}\n\nQuestion: in the passage above, who speaks after \"{name}\"?",
     ),
     "who_said": (
         "{passage}\n\nWho says \"{line}\"?",
@@ -111,10 +115,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Question: in {title}, which character speaks the line \"{line}\"?",
     ),
     "verse_in_voice": (
-        "Write {n} lines of verse in the voice of {name} from {title}.",
-        "Compose {n_word} lines as {name} might speak them in {title}.",
-        "Give me a speech of {n} lines for {name}, in the style of {title}.",
-        "As {name} from {title}, speak {n_word} lines of verse.",
+        "Write {n} lines of verse in the voice of \"{name}\" from {title}.",
+        "Compose {n_word} lines as \"{name}\" might speak them in {title}.",
+        "Give me a speech of {n} lines for \"{name}\", in the style of {title}.",
+        "As \"{name}\" from {title}, speak {n_word} lines of verse.",
     ),
 }
 

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llm.config import EOT
+from llm.configs.tokenizer import TokenizerConfig
 from llm.guide.data_chapters import memmap_growth, specimen_spans
 from llm.guide.document import Chapter, Figure, Pre, Table, Text, Tokens, write_html
 from llm.guide.evolution_chapter import mean_distance
 from llm.guide.model_chapters import activation_shapes, component_table, row_entropy, weight_stds
-from llm.guide.sft_chapter import copying_meaning
+from llm.guide.sft_chapter import copying_meaning, name_spellings
 from llm.model import GPT, GPTConfig
 from llm.shards import ShardWriter
-from llm.tokenizer import BYTES, load_tokenizer, token_bytes, token_label, token_text
+from llm.tokenizer import BYTES, load_tokenizer, token_bytes, token_label, token_text, train_tokenizer
 
 
 def test_the_byte_alphabet_maps_back_to_every_byte_once():
@@ -172,3 +174,13 @@ def test_the_copying_paragraph_follows_the_measured_drop_and_says_where_copying_
     assert "has begun to copy" in taught and "30 % of its rows periodic" in taught
     assert "cannot look a name up" in copying_meaning(flat, 0.3)
     assert "natural text only" in copying_meaning(flat, 0.0) and "has begun" not in copying_meaning(flat, 0.0)
+
+
+def test_a_name_after_a_space_is_other_tokens_and_after_a_quote_the_heading_s():
+
+    heads = "".join(f"MENENIUS.\nWords of line {i}.\n\n[Enter MENENIUS.]\n\n" for i in range(20))
+    tokenizer = train_tokenizer([heads], TokenizerConfig(vocab_size=300, min_frequency=2, special_tokens=(EOT,)))
+    spelt = name_spellings(tokenizer, "MENENIUS")
+    assert tokenizer.decode(spelt["space"]) == " MENENIUS" and tokenizer.decode(spelt["heading"]) == "MENENIUS"
+    assert spelt["space"][0] not in spelt["heading"], "the first token carries the space"
+    assert spelt["quote"] == spelt["heading"]

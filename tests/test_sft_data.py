@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from llm.chat import Conversation
+from llm.config import EOT
 from llm.configs.sft import SFTConfig
+from llm.configs.tokenizer import TokenizerConfig
 from llm.documents import DocumentShardWriter, iter_documents
 from llm.errors import ConfigError
 from llm.sft_data import (
@@ -24,6 +26,7 @@ from llm.sft_data import (
     speaker_heading,
 )
 from llm.tasks import format_ok
+from llm.tokenizer import train_tokenizer
 
 WORDS = ("gentle", "noble", "bitter", "golden", "silent", "weary", "merry", "sullen", "proud", "pale", "sweet", "wild")
 FAMILIES = ("ASH", "BAY", "COLE", "DALE", "ELM", "FENN", "GALE", "HART", "IVES", "JUDD", "KEMP", "LARK")
@@ -229,6 +232,26 @@ def test_every_answer_is_right_by_construction(corpus) -> None:
                 asked = re.search(r"\b(\d|two|three|four) lines\b", prompt).group(1)
                 assert {"two": 2, "three": 3, "four": 4}.get(asked, asked) in (len(lines), str(len(lines)))
                 assert format_ok(q.answer, q.answer) and q.candidates is None
+
+
+def test_a_name_a_question_asks_about_has_the_tokens_of_its_heading(corpus) -> None:
+    """The asked name (next_speaker, verse_in_voice) is quoted, so that a byte-level tokenizer gives it the tokens the
+    speaker's heading has at a line's start; written after a space, its first token would carry the space."""
+    documents, plays = corpus
+    tokenizer = train_tokenizer((text for _, text in documents),
+                                TokenizerConfig(vocab_size=600, min_frequency=2, special_tokens=(EOT,)))
+    sft = build_sft_set(documents, CFG)
+    for task in ("next_speaker", "verse_in_voice"):
+        assert sft.questions[task]
+        for q in sft.questions[task]:
+            question = q.messages[0].content.rsplit("\n\n", 1)[-1]  # after the passage, if there is one
+            if task == "verse_in_voice":
+                name = q.answer.split("\n")[0].removesuffix(".")
+            else:
+                speakers = next(speakers for _, speakers in plays.values() if q.answer in speakers)
+                name = next(name for name in speakers if name in question)
+            name_ids, asked = tokenizer.encode(name).ids, tokenizer.encode(question).ids  # the name as a heading has it
+            assert any(asked[i:i + len(name_ids)] == name_ids for i in range(len(asked))), (name, question)
 
 
 def test_what_does_not_fit_is_dropped_and_counted(corpus) -> None:

@@ -210,6 +210,52 @@ def copying_blocks(sft: SFTRun, periodic_rows: float) -> list:
     ]
 
 
+def name_spellings(tokenizer: Tokenizer, name: str) -> dict[str, list[int]]:
+    """The token ids of `name` where a speech's heading has it (a line's start), after a space (as a sentence writes
+    it: the space belongs to the name's first token, or is a token of its own where the vocabulary has no merge for
+    it), and after a quote (as the questions write it; the quote is a token apart)."""
+    quote = tokenizer.encode(' "').ids
+    return {"heading": tokenizer.encode(name).ids, "space": tokenizer.encode(" " + name).ids,
+            "quote": tokenizer.encode(f' "{name}').ids[len(quote):]}
+
+
+def holds(ids: list[int], part: list[int]) -> bool:
+    """Whether `part` is a run of `ids`."""
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def name_blocks(run: Run, sft: SFTRun) -> list:
+    """Why a question quotes the name it asks about, shown on a held-out verse question's name."""
+    verse = sft.questions.get("verse_in_voice") or []
+    if not verse:
+        return []
+    name = verse[0].answer.split("\n")[0].removesuffix(".")
+    spelt = name_spellings(run.tokenizer, name)
+    if holds(spelt["space"], spelt["heading"]):
+        verdict = "Here the heading's tokens happen to be inside the other; for most names of the corpus they are not."
+    else:
+        verdict = ("Matching tokens cannot find one from the other; only a model that has learnt each name's two "
+                   "spellings could.")
+    quoted = ("has its heading's tokens" if spelt["quote"] == spelt["heading"] else
+              "is still other tokens than its heading with this tokenizer")
+
+    def spans(ids: list[int]) -> Tokens:
+        return Tokens([(token_text(run.tokenizer, i), i) for i in ids])
+
+    return [
+        Text(f"Copying matches tokens, not letters. A byte-level BPE token carries the space before it, so a name "
+             f"written after a space is, as a rule, other tokens than the same name heading a speech at a line's "
+             f"start. "
+             f"{name} after a space:"),
+        spans(spelt["space"]),
+        Text("and as the heading of a speech:"),
+        spans(spelt["heading"]),
+        Text(f"{verdict} The questions therefore write the name they ask about in quotes (\"{name}\"): the quote is "
+             f"a token apart, and the name after it {quoted}. Do the same in `python -m stages chat`: "
+             "`Who speaks right after \"ROMEO\"?`, the name in capitals as the plays head speeches."),
+    ]
+
+
 def exercise_blocks(run: Run, sft: SFTRun) -> list:
     cfg = run.settings.sft
     return [
@@ -285,5 +331,5 @@ def sft_chapter(run: Run, figure_dir: Path) -> Chapter:
         return Chapter(SLUG, TITLE, absent_blocks(run))
     return Chapter(SLUG, TITLE, [*mask_blocks(run, sft), *loss_blocks(run, sft, figure_dir),
                                  *accuracy_blocks(run, sft, figure_dir),
-                                 *copying_blocks(sft, run.settings.train.periodic_rows),
+                                 *copying_blocks(sft, run.settings.train.periodic_rows), *name_blocks(run, sft),
                                  *sample_blocks(run, sft), *exercise_blocks(run, sft)])
