@@ -245,8 +245,7 @@ def name_blocks(run: Run, sft: SFTRun) -> list:
     return [
         Text(f"Copying matches tokens, not letters. A byte-level BPE token carries the space before it, so a name "
              f"written after a space is, as a rule, other tokens than the same name heading a speech at a line's "
-             f"start. "
-             f"{name} after a space:"),
+             f"start. {name} after a space:"),
         spans(spelt["space"]),
         Text("and as the heading of a speech:"),
         spans(spelt["heading"]),
