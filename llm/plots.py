@@ -1,6 +1,7 @@
 """PNG figures for reports/: loss curves and attention heatmaps. Only this module imports matplotlib (the guide's
 figures, llm/guide/figures.py, take it from here)."""
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -39,31 +40,51 @@ def plot_loss(train_csv: Path, path: Path) -> None:
     save_figure(fig, path)
 
 
+MAX_TICKS = 24  # token labels a side at most: 7 pt text needs about 0.1 inch a row
+
+
+def token_ticks(count: int) -> list[int]:
+    """The rows (or columns) that get a token label: all of them, or every k-th when they would not fit."""
+    return list(range(0, count, math.ceil(count / MAX_TICKS)))
+
+
 def plot_attention(maps: np.ndarray, labels: list[str], title: str, path: Path) -> None:
-    """A grid of heatmaps, layers as rows and heads as columns; maps is (n_layer, n_head, T, T)."""
-    save_figure(attention_figure(maps, labels, title), path)
+    """attention_figure, with its colour bar, as a PNG."""
+    save_figure(attention_figure(maps, labels, title, colorbar=True), path)
 
 
-def attention_figure(maps: np.ndarray, labels: list[str] | None, title: str) -> plt.Figure:
-    """plot_attention's figure; without labels, no token names on the axes (the frames of an animation)."""
+def attention_figure(maps: np.ndarray, labels: list[str] | None, title: str, panel: float | None = None,
+                     colorbar: bool = False, label_pt: float = 6) -> plt.Figure:
+    """Every head of every layer, maps (n_layer, n_head, T, T): layers as rows, heads as columns, the weights on one
+    colour scale from 0 to 1 (its colour bar drawn with `colorbar`). Token labels on the first column and the last
+    row, as many as fit (`label_pt` points); without labels none (the frames of an animation, one canvas size for
+    all). `panel`: inches a heatmap, by default enough for a label per token."""
     n_layer, n_head, T, _ = maps.shape
-    size = 1.2 + 0.09 * T
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
+    panel = panel or 1.2 + 0.09 * T
+    margins = (1.6 * colorbar, 1.2 if labels else 0.4)  # inches: the colour bar; the token labels and the title
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(panel * n_head + margins[0], panel * n_layer + margins[1]),
+                             squeeze=False, layout="constrained")
+    ticks = token_ticks(T) if panel / T >= 0.1 else token_ticks(T)[::2]
+    image = None
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer][head]
-            ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+            image = ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if layer == 0:
-                ax.set_title(f"head {head}", fontsize=8)
+                ax.set_title(f"head {head}", fontsize=8.5)
             if head == 0:
-                ax.set_ylabel(f"layer {layer}", fontsize=8)
+                ax.set_ylabel(f"layer {layer}", fontsize=8.5)
                 if labels:
-                    ax.set_yticks(range(T), labels, fontsize=5)
+                    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=label_pt)
             if layer == n_layer - 1 and labels:
-                ax.set_xticks(range(T), labels, fontsize=5, rotation=90)
-    fig.suptitle(title)
+                ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=label_pt, rotation=90)
+    if colorbar:
+        bar = fig.colorbar(image, ax=axes, fraction=0.04, pad=0.02, shrink=min(1.0, 3 / n_layer + 0.2))
+        bar.ax.tick_params(labelsize=label_pt)
+        bar.set_label("attention weight", fontsize=label_pt)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 

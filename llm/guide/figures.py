@@ -11,7 +11,7 @@ from matplotlib.patches import FancyBboxPatch, Rectangle
 from PIL import Image
 
 from llm.fileio import atomic_path
-from llm.plots import attention_figure, plt, save_figure
+from llm.plots import attention_figure, plt, save_figure, token_ticks
 
 PAGE_WIDTH = 6.8  # inches: the PDF's text width (A4 less margins); a figure this wide is set at its drawn size
 MIN_HEIGHT = PAGE_WIDTH / 2.2  # inches: a figure scaled to a phone's 390 px is still 150 px tall or more
@@ -86,12 +86,6 @@ def curves(panels: list[tuple[str, str, str, list[tuple[str, list[float], list[f
 
 HIGHLIGHT_COLOUR = "#f4a582"  # the slice of a matrix the text is about (a head)
 MASKED_COLOUR = "#8c8c8c"  # a −∞ (masked) cell: grey, unlike any value of the colour maps used (white is 0)
-MAX_TICKS = 24  # token labels a side at most: 7 pt text needs about 0.1 inch a row
-
-
-def _token_ticks(count: int) -> list[int]:
-    """The rows (or columns) that get a token label: all of them, or every k-th when they would not fit."""
-    return list(range(0, count, math.ceil(count / MAX_TICKS)))
 
 
 def _heatmap(ax: plt.Axes, fig: plt.Figure, matrix: np.ndarray, cmap: str, title: str) -> None:
@@ -141,7 +135,7 @@ def matrices(panels: list[tuple[str, np.ndarray, str]], row_labels: list[str], p
     height = max(panel_height * rows, MIN_HEIGHT)
     fig, axes = plt.subplots(rows, columns, figsize=(panel_width * columns, height), squeeze=False,
                              layout="constrained")
-    ticks = _token_ticks(T)
+    ticks = token_ticks(T)
     for ax, (title, matrix, cmap) in zip(axes.flat, panels, strict=False):
         _heatmap(ax, fig, matrix, cmap, title)
         if highlight_row is not None:
@@ -159,32 +153,9 @@ def matrices(panels: list[tuple[str, np.ndarray, str]], row_labels: list[str], p
 
 
 def attention_heads(maps: np.ndarray, labels: list[str], title: str, path: Path) -> None:
-    """Every head of every layer, maps (n_layer, n_head, T, T): layers as rows, heads as columns, the weights
-    on one colour scale from 0 to 1, with its colour bar; token labels on the first column and the last row."""
-    n_layer, n_head, T, _ = maps.shape
-    panel = min(2.2, (PAGE_WIDTH - 1.6) / n_head)
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(panel * n_head + 1.6, panel * n_layer + 1.2),
-                             squeeze=False, layout="constrained")
-    ticks = _token_ticks(T) if panel / T >= 0.1 else _token_ticks(T)[::2]
-    image = None
-    for layer in range(n_layer):
-        for head in range(n_head):
-            ax = axes[layer][head]
-            image = ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if layer == 0:
-                ax.set_title(f"head {head}", fontsize=8.5)
-            if head == 0:
-                ax.set_ylabel(f"layer {layer}", fontsize=8.5)
-                ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=LABEL_PT)
-            if layer == n_layer - 1:
-                ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=LABEL_PT, rotation=90)
-    bar = fig.colorbar(image, ax=axes, fraction=0.04, pad=0.02, shrink=min(1.0, 3 / n_layer + 0.2))
-    bar.ax.tick_params(labelsize=LABEL_PT)
-    bar.set_label("attention weight", fontsize=LABEL_PT)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
+    """Every head of every layer (llm.plots.attention_figure), as wide as the page allows, with its colour bar."""
+    panel = min(2.2, (PAGE_WIDTH - 1.6) / maps.shape[1])
+    save_figure(attention_figure(maps, labels, title, panel=panel, colorbar=True, label_pt=LABEL_PT), path)
 
 
 # --- diagrams ----------------------------------------------------------------------------------------------
