@@ -177,7 +177,6 @@ def test_the_copying_paragraph_follows_the_measured_drop_and_says_where_copying_
 
 
 def test_a_name_after_a_space_is_other_tokens_and_after_a_quote_the_heading_s():
-
     heads = "".join(f"MENENIUS.\nWords of line {i}.\n\n[Enter MENENIUS.]\n\n" for i in range(20))
     tokenizer = train_tokenizer([heads], TokenizerConfig(vocab_size=300, min_frequency=2, special_tokens=(EOT,)))
     spelt = name_spellings(tokenizer, "MENENIUS")
